@@ -1,0 +1,173 @@
+"""The ``prima-node`` command line.
+
+Errors a user can act on (a bad model file, a bad option) print one line and exit with status 2;
+only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import PrimaError
+
+DEMO_DIR = Path.home() / ".cache" / "prima" / "models"
+
+
+def _progress(label: str):  # type: ignore[no-untyped-def]
+    """A one-line progress bar on stderr (no dependency, quiet when not a terminal)."""
+    tty = sys.stderr.isatty()
+
+    def update(done: int, total: int) -> None:
+        if not tty and done != total:
+            return
+        width = 30
+        fill = width * done // max(1, total)
+        end = "\n" if done == total else ""
+        sys.stderr.write(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}{end}")
+        sys.stderr.flush()
+
+    return update
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from .synth.writer import write_model
+
+    t0 = time.perf_counter()
+    out = write_model(args.out, arch=args.arch, preset=args.preset, quant=args.quant,
+                      seed=args.seed, vocab=args.vocab, n_layer=args.layers,
+                      progress=_progress(f"writing {Path(args.out).name}"))
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB, {args.arch} {args.preset} {args.quant}, "
+          f"{args.vocab} vocabulary, random weights) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_bench
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    result = run_bench(args.model, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                       gen_tokens=args.gen_tokens, repeats=args.repeats,
+                       with_llama=not args.no_llama, log=log)
+    print(result.to_json() if args.json else format_table(result))
+    return 0
+
+
+def _piece(model_tokens: list[str] | None, tid: int) -> str:
+    if not model_tokens or tid >= len(model_tokens):
+        return f"<{tid}>"
+    return model_tokens[tid].replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy generation on token ids (the text layer comes with the tokenizer)."""
+    import numpy as np
+
+    from .engine.model import Model
+
+    path = Path(args.model) if args.model else _demo_model()
+    with Model.open(path, threads=args.threads, n_ctx=args.ctx) as model:
+        tokens = model.file.get("tokenizer.ggml.tokens")
+        prompt = [int(t) for t in args.prompt_ids] if args.prompt_ids else [
+            int(t) for t in np.random.default_rng(0).integers(1, model.config.n_vocab, 16)]
+        print(f"model {path.name}: {model.config.arch.name}, {model.config.n_layer} layers, "
+              f"{model.config.n_vocab} tokens; {model.threads} threads")
+        print("prompt ids:", " ".join(map(str, prompt)))
+        t0 = time.perf_counter()
+        logits = model.forward(prompt)
+        t_prefill = time.perf_counter() - t0
+        out: list[int] = []
+        t1 = time.perf_counter()
+        for _ in range(args.tokens):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            sys.stdout.write(_piece(tokens, tok))
+            sys.stdout.flush()
+            logits = model.forward([tok])
+        t_decode = time.perf_counter() - t1
+        print()
+        print(f"prefill {len(prompt)} tokens: {len(prompt) / t_prefill:.1f} tokens/s; decode "
+              f"{len(out)} tokens: {1e3 * t_decode / max(1, len(out)):.1f} ms/token")
+    return 0
+
+
+def _demo_model() -> Path:
+    from .synth.writer import write_model
+
+    path = DEMO_DIR / "demo-llama-small-Q8_0.gguf"
+    if not path.exists():
+        print(f"writing the built-in demo model to {path} (random weights: it produces "
+              "nonsense; point --model at a real GGUF for real answers)", file=sys.stderr)
+        write_model(path, "llama", "small", "Q8_0", progress=_progress("demo model"))
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import JSON_FIELDS
+    from .synth.presets import PRESETS
+    from .synth.writer import MAKE_TYPES
+
+    p = argparse.ArgumentParser(prog="prima-node", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-model", help="write a synthetic GGUF model (random weights)")
+    mk.add_argument("out", help="output .gguf path")
+    mk.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
+    mk.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                    help="tiny: a few MB; small: tens of MB; 1b: Llama-3.2-1B shapes")
+    mk.add_argument("--quant", choices=list(MAKE_TYPES), default="F16",
+                    help="file type, with llama.cpp's per-tensor mixture")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--vocab", choices=["bpe", "spm"], default="bpe",
+                    help="bpe: byte-level BPE (Llama 3 / Qwen); spm: SentencePiece (Llama 2)")
+    mk.add_argument("--layers", type=int, default=None, help="override the preset's depth")
+    mk.set_defaults(func=cmd_make_model)
+
+    fields = "\n".join(f"  {k}: {v}" for k, v in JSON_FIELDS.items())
+    bn = sub.add_parser(
+        "bench", help="decode/prefill speed vs llama.cpp and memory bandwidth",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure this engine and llama.cpp (when llama_cpp is importable) on the "
+                    "same file and threads, in one run.",
+        epilog=f"--json fields:\n{fields}")
+    bn.add_argument("--model", required=True)
+    bn.add_argument("--threads", type=int, default=2)
+    bn.add_argument("--prompt-tokens", type=int, default=128)
+    bn.add_argument("--gen-tokens", type=int, default=32)
+    bn.add_argument("--repeats", type=int, default=2, help="alternating runs; the best counts")
+    bn.add_argument("--no-llama", action="store_true", help="skip the llama.cpp reference")
+    bn.add_argument("--json", action="store_true", help="print one JSON object")
+    bn.set_defaults(func=cmd_bench)
+
+    gen = sub.add_parser("generate", help="greedy generation from token ids (single node)")
+    gen.add_argument("--model", help="GGUF file (default: the built-in demo model)")
+    gen.add_argument("--prompt-ids", nargs="*", help="prompt token ids")
+    gen.add_argument("--tokens", type=int, default=32)
+    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--ctx", type=int, default=2048)
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PrimaError as exc:
+        print(f"prima-node: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"prima-node: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The executor: embedding, windows of transformer layers with their KV caches, output head."""

@@ -1,0 +1,27 @@
+"""Errors a user can act on.
+
+Every failure that reaches a user (CLI, API, Home Assistant) is one of these, with a message that
+names the thing at fault and what would work instead, so no caller has to decode a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PrimaError(Exception):
+    """Base of every error the node reports to its user."""
+
+
+class ModelLoadError(PrimaError):
+    """A model file cannot be used: unreadable, truncated, or of an unsupported kind.
+
+    Raised before any state is kept, so a failed load leaves nothing half-open behind.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ContextOverflowError(PrimaError):
+    """More positions were asked of a KV cache than it was sized for."""

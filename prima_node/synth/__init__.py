@@ -1,0 +1,1 @@
+"""Synthetic-model tooling: GGUF files with random weights and a real tokenizer."""

@@ -1,0 +1,118 @@
+"""The executor: tight agreement with the numpy reference, and the window/session API a ring
+node relies on (windows compose, sessions are independent, KV truncation, context limits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ModelFactory
+from reference_model import ReferenceModel
+
+from prima_node import ContextOverflowError, Model
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K"]
+
+
+def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(1, vocab, n)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", QUANTS)
+def test_logits_match_numpy_reference(make_model: ModelFactory, arch: str, quant: str) -> None:
+    path = make_model(arch, "tiny", quant)
+    with Model.open(path, n_ctx=128, threads=2, kv_dtype="f32") as m:
+        ids = _prompt(33, m.config.n_vocab)
+        got = m.logits(ids)
+    ref = ReferenceModel(str(path)).logits(ids)
+    # float32 arithmetic against float64 on identical weights: only float32 rounding remains
+    # (~1e-7 per operation, grown through a few layers); a layout or formula error is O(1)
+    rel = np.abs(got - ref).max() / ref.std()
+    assert rel < 2e-5, f"{arch} {quant}: max |diff| / std = {rel:.2e}"
+
+
+def test_llama_spm_vocab_and_untied_head(make_model: ModelFactory) -> None:
+    path = make_model("llama", "small", "Q4_K_M", vocab="spm", layers=2)
+    with Model.open(path, n_ctx=64, kv_dtype="f32") as m:
+        assert not m.config.tied_embeddings and m.config.rope_factors is None
+        ids = _prompt(20, m.config.n_vocab)
+        got = m.logits(ids)
+    ref = ReferenceModel(str(path)).logits(ids)
+    assert np.abs(got - ref).max() / ref.std() < 2e-5
+
+
+def test_windows_compose_to_full_forward(make_model: ModelFactory) -> None:
+    with Model.open(make_model("qwen3", "small", "Q8_0"), n_ctx=64) as m:
+        ids = _prompt(12, m.config.n_vocab)
+        full = m.logits(ids)
+        cuts = [0, 2, 3, m.config.n_layer]
+        windows = [m.window(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+        pos = np.arange(len(ids))
+        h = m.embed(ids)
+        for w in windows:
+            h = w.forward(h, pos, session="s")
+        np.testing.assert_allclose(m.head(h[-1:])[0], full, rtol=0, atol=1e-4 * full.std())
+
+
+def test_incremental_decode_equals_full_prompt(make_model: ModelFactory) -> None:
+    with Model.open(make_model("llama", "tiny", "Q4_K_M"), n_ctx=64) as m:
+        ids = _prompt(30, m.config.n_vocab)
+        full = m.logits(ids)
+        m.forward(ids[:10], session="a")
+        m.forward(ids[10:29], session="a")
+        step = m.forward(ids[29:], session="a")
+        np.testing.assert_allclose(step, full, rtol=0, atol=1e-4 * full.std())
+
+
+def test_sessions_are_independent_and_truncation_reuses_prefix(make_model: ModelFactory) -> None:
+    with Model.open(make_model("qwen2", "tiny", "Q8_0"), n_ctx=64) as m:
+        a, b = _prompt(20, m.config.n_vocab, 1), _prompt(20, m.config.n_vocab, 2)
+        ref_b = m.logits(b)
+        m.forward(a, session="a")
+        out_b = m.forward(b, session="b")
+        np.testing.assert_allclose(out_b, ref_b, rtol=0, atol=1e-4 * ref_b.std())
+        # prefix reuse: keep the 12 shared positions of session a and evaluate a new tail
+        tail = _prompt(5, m.config.n_vocab, 3)
+        win = m._require_full()
+        win.truncate("a", 12)
+        assert win.n_cached("a") == 12
+        reused = m.forward(tail, session="a")
+        fresh = m.logits(a[:12] + tail)
+        np.testing.assert_allclose(reused, fresh, rtol=0, atol=1e-4 * fresh.std())
+
+
+def test_context_limit_is_a_clear_error(make_model: ModelFactory) -> None:
+    with Model.open(make_model("llama", "tiny", "F16"), n_ctx=16) as m:
+        with pytest.raises(ContextOverflowError, match="beyond the context of 16"):
+            m.logits(list(range(1, 18)))
+        m.forward(list(range(1, 16)), session="x")
+        with pytest.raises(ContextOverflowError):
+            m.forward([1, 2], session="x")
+        # the failed call lost nothing: the session still continues from position 15
+        assert m._require_full().n_cached("x") == 15
+        m.forward([3], session="x")
+
+
+def test_bad_positions_and_tokens_are_rejected(make_model: ModelFactory) -> None:
+    with Model.open(make_model("llama", "tiny", "F16"), n_ctx=32) as m:
+        w = m.window(0, 1)
+        h = m.embed([1, 2, 3])
+        with pytest.raises(ValueError, match="consecutive"):
+            w.forward(h, np.array([0, 2, 3]))
+        with pytest.raises(ValueError, match="truncate"):
+            w.forward(h, np.array([5, 6, 7]))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            m.embed([m.config.n_vocab])
+        with pytest.raises(ValueError, match="outside the model"):
+            m.window(0, m.config.n_layer + 1)
+
+
+def test_layer_byte_ranges_cover_exactly_the_layer(make_model: ModelFactory) -> None:
+    path = make_model("qwen2", "tiny", "Q4_K_M")
+    with Model.open(path, n_ctx=32) as m:
+        w = m.window(1, 2)
+        names = [n for n in m.file.tensors if n.startswith("blk.1.")]
+        assert len(w.byte_ranges()) == len(names) == len(m.layer_byte_ranges(1))
+        assert w.weight_bytes == sum(m.file.tensors[n].n_bytes for n in names)
+        assert w.byte_ranges() == m.layer_byte_ranges(1)

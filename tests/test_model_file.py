@@ -1,0 +1,184 @@
+"""Bad model files fail at open with one clear error naming the file and what is wrong."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import ModelFactory
+
+from prima_node import Model, ModelLoadError
+from prima_node.model_file import ModelFile
+
+
+def _open_error(path: Path) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        Model.open(path, n_ctx=64)
+    msg = str(info.value)
+    assert str(path) in msg, "the error must name the file"
+    assert "Traceback" not in msg
+    return msg
+
+
+def _copy(src: Path, dst: Path, size: int | None = None) -> Path:
+    shutil.copyfile(src, dst)
+    if size is not None:
+        with open(dst, "r+b") as fh:
+            fh.truncate(size)
+    return dst
+
+
+def _rewrite(src: Path, dst: Path, drop_key: str | None = None, drop_tensor: str | None = None,
+             set_key: tuple[str, object] | None = None,
+             retype: tuple[str, gguf.GGMLQuantizationType] | None = None) -> Path:
+    """Copy a GGUF through gguf-py's writer, altering one key or tensor."""
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", drop_key):
+            continue
+        value = field.contents()
+        if set_key and name == set_key[0]:
+            value = set_key[1]
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    if set_key and not r.get_field(set_key[0]):
+        w.add_string(set_key[0], str(set_key[1]))
+    for t in r.tensors:
+        if t.name == drop_tensor:
+            continue
+        if retype and t.name == retype[0]:
+            block, size = gguf.GGML_QUANT_SIZES[retype[1]]
+            w.add_tensor(t.name, np.zeros((int(t.shape[1]), int(t.shape[0]) // block * size),
+                                          np.uint8), raw_dtype=retype[1])
+            continue
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture
+def good(make_model: ModelFactory) -> Path:
+    return make_model("qwen2", "tiny", "Q8_0")
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    assert "no such file" in _open_error(tmp_path / "absent.gguf")
+    assert "directory" in _open_error(tmp_path)
+
+
+def test_wrong_magic(tmp_path: Path) -> None:
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(b'{"__metadata__": {}}' + b"\0" * 100)
+    msg = _open_error(p)
+    assert "not a GGUF file" in msg and "GGUF" in msg
+
+
+def test_unsupported_version(good: Path, tmp_path: Path) -> None:
+    p = _copy(good, tmp_path / "v9.gguf")
+    with open(p, "r+b") as fh:
+        fh.seek(4)
+        fh.write(struct.pack("<I", 9))
+    msg = _open_error(p)
+    assert "version 9" in msg and "supported: 2, 3" in msg
+
+
+@pytest.mark.parametrize("where", ["header", "metadata", "tensor data"])
+def test_truncated(good: Path, tmp_path: Path, where: str) -> None:
+    size = good.stat().st_size
+    cut = {"header": 10, "metadata": 2000, "tensor data": size - 1000}[where]
+    msg = _open_error(_copy(good, tmp_path / "cut.gguf", cut))
+    assert "truncated" in msg
+    if where == "tensor data":
+        assert "output" in msg or "blk." in msg, "names the tensor whose data is missing"
+
+
+def test_unsupported_architecture(good: Path, tmp_path: Path) -> None:
+    p = _rewrite(good, tmp_path / "arch.gguf")
+    # rename the architecture key in place: same length keeps the layout valid
+    data = bytearray(p.read_bytes())
+    i = data.index(b"qwen2", data.index(b"general.architecture"))
+    data[i:i + 5] = b"gemma"
+    p.write_bytes(bytes(data))
+    msg = _open_error(p)
+    assert "'gemma'" in msg and "llama" in msg and "qwen3" in msg
+
+
+def test_unsupported_tensor_type(good: Path, tmp_path: Path) -> None:
+    p = _rewrite(good, tmp_path / "q2k.gguf",
+                 retype=("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.Q2_K))
+    msg = _open_error(p)
+    assert "blk.0.ffn_up.weight" in msg and "Q2_K" in msg and "Q4_K" in msg
+
+
+def test_unknown_tensor_type_code(good: Path, tmp_path: Path) -> None:
+    p = _copy(good, tmp_path / "code.gguf")
+    data = bytearray(p.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 250)
+    p.write_bytes(bytes(data))
+    msg = _open_error(p)
+    assert "blk.0.attn_q.weight" in msg and "unknown type 250" in msg
+
+
+def test_offset_beyond_file(good: Path, tmp_path: Path) -> None:
+    p = _copy(good, tmp_path / "offset.gguf")
+    data = bytearray(p.read_bytes())
+    name = b"blk.1.ffn_down.weight"
+    at = data.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<Q", data, at + 4 + 8 * n_dims + 4, 1 << 40)
+    p.write_bytes(bytes(data))
+    msg = _open_error(p)
+    assert "blk.1.ffn_down.weight" in msg and "ends at byte" in msg
+
+
+def test_missing_tensor(good: Path, tmp_path: Path) -> None:
+    msg = _open_error(_rewrite(good, tmp_path / "t.gguf", drop_tensor="blk.1.attn_k.bias"))
+    assert "'blk.1.attn_k.bias'" in msg and "missing" in msg
+
+
+def test_missing_key(good: Path, tmp_path: Path) -> None:
+    msg = _open_error(_rewrite(good, tmp_path / "k.gguf", drop_key="qwen2.block_count"))
+    assert "'qwen2.block_count'" in msg and "missing" in msg
+
+
+def test_unsupported_rope_scaling(good: Path, tmp_path: Path) -> None:
+    msg = _open_error(_rewrite(good, tmp_path / "yarn.gguf",
+                               set_key=("qwen2.rope.scaling.type", "yarn")))
+    assert "yarn" in msg and "linear" in msg
+
+
+def test_failed_open_leaves_nothing_open(good: Path, tmp_path: Path) -> None:
+    import psutil
+
+    p = _rewrite(good, tmp_path / "t.gguf", drop_tensor="output_norm.weight")
+    proc = psutil.Process()
+    before = {m.path for m in proc.memory_maps()}
+    for _ in range(3):
+        _open_error(p)
+    import gc
+
+    gc.collect()
+    assert str(p) not in {m.path for m in proc.memory_maps()} - before
+
+
+def test_tensor_byte_ranges_inside_file(good: Path) -> None:
+    mf = ModelFile.open(good)
+    try:
+        ranges = sorted(t.byte_range for t in mf.tensors.values())
+        assert all(0 < a < b <= mf.size for a, b in ranges)
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(ranges, ranges[1:], strict=False))
+    finally:
+        mf.close()
