@@ -33,7 +33,7 @@ def configure() -> None:
     if os.environ.get("NUMBA_CACHE_DIR"):
         return  # the user chose a place
     base = Path(os.environ.get("PRIMA_CACHE", Path.home() / ".cache" / "prima"))
-    numba.config.CACHE_DIR = str(base / "numba" / _digest())
+    numba.config.CACHE_DIR = str(base / "numba" / _digest())  # type: ignore[attr-defined]
 
 
 configure()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import PrimaError
@@ -17,7 +17,7 @@ from .errors import PrimaError
 DEMO_DIR = Path.home() / ".cache" / "prima" / "models"
 
 
-def _progress(label: str):  # type: ignore[no-untyped-def]
+def _progress(label: str) -> Callable[[int, int], None]:
     """A one-line progress bar on stderr (no dependency, quiet when not a terminal)."""
     tty = sys.stderr.isatty()
 

@@ -9,6 +9,7 @@ at open with one message naming the file and the key or tensor at fault.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator
@@ -48,7 +49,7 @@ class TensorInfo:
         return self.offset, self.offset + self.n_bytes
 
 
-class _Problem(Exception):
+class _DefectError(Exception):
     """A defect found while parsing; turned into a ModelLoadError naming the file."""
 
 
@@ -64,7 +65,7 @@ class _CheckedReader(GGUFReader):
         itemsize = np.dtype(dtype).itemsize
         end = int(offset) + itemsize * int(count)
         if end > len(self.data):
-            raise _Problem(
+            raise _DefectError(
                 f"the file ends at byte {len(self.data)} but its header needs bytes up to {end}: "
                 "the file is truncated (an incomplete download or copy?)"
             )
@@ -79,26 +80,26 @@ class _CheckedReader(GGUFReader):
             try:
                 qtype = GGMLQuantizationType(code)
             except ValueError:
-                raise _Problem(
+                raise _DefectError(
                     f"tensor {name!r} has type {type_name(code)}, which this engine cannot run; "
                     f"supported types: {SUPPORTED_NAMES}"
                 ) from None
             block, type_size = GGML_QUANT_SIZES[qtype]
             n_elems = int(np.prod(dims.astype(np.uint64))) if len(dims) else 1
             if len(dims) and int(dims[0]) % block:
-                raise _Problem(
+                raise _DefectError(
                     f"tensor {name!r} has rows of {int(dims[0])} values, not a multiple of "
                     f"the {qtype.name} block size {block}: the file is corrupt"
                 )
             start = start_offs + int(offset_tensor[0])
             end = start + n_elems // block * type_size
             if start % self.alignment:
-                raise _Problem(
+                raise _DefectError(
                     f"tensor {name!r} starts at byte {start}, which is not aligned to "
                     f"{self.alignment}: the file is corrupt"
                 )
             if end > size:
-                raise _Problem(
+                raise _DefectError(
                     f"tensor {name!r} needs bytes {start}..{end} but the file ends at byte "
                     f"{size}: the file is truncated (an incomplete download or copy?)"
                 )
@@ -131,7 +132,7 @@ class ModelFile:
         _check_header(p)
         try:
             reader = _CheckedReader(p, "r")
-        except _Problem as exc:
+        except _DefectError as exc:
             raise ModelLoadError(p, str(exc)) from None
         except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as exc:
             raise ModelLoadError(p, f"the GGUF metadata is corrupt ({exc})") from None
@@ -196,10 +197,9 @@ class ModelFile:
             base = getattr(mm, "_mmap", None)
             del mm
             if base is not None:
-                try:
+                # still referenced by live views: the OS unmaps when they go
+                with contextlib.suppress(BufferError):
                     base.close()
-                except BufferError:
-                    pass  # still referenced by live views; the OS unmaps when they go
 
     def _require_reader(self) -> GGUFReader:
         if self._reader is None:

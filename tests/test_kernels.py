@@ -66,12 +66,8 @@ def test_embedding_rows_match_reference() -> None:
                                rtol=1e-6, atol=1e-7)
 
 
-def test_large_tiled_prefill_matches_matvec() -> None:
+def test_large_tiled_prefill_matches_reference() -> None:
     # more rows than one BLAS tile: tiles must be stitched without gaps or overlap
     info = random_tensor(Q.Q4_K, 4 * 256 + 17, 2048, seed=11)
-    w = Weight(info)
-    assert w.tile_rows < w.n_rows
-    x = np.random.default_rng(1).normal(0, 1, (9, 2048)).astype(np.float32)
-    full = w.matmul(x)
-    for t in (0, 8):
-        np.testing.assert_allclose(full[t], w.matvec(x[t]), rtol=2e-5, atol=2e-4)
+    assert Weight(info).tile_rows < info.shape[0]
+    _check_products(info)

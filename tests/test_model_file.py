@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import struct
 from pathlib import Path
@@ -179,6 +180,6 @@ def test_tensor_byte_ranges_inside_file(good: Path) -> None:
     try:
         ranges = sorted(t.byte_range for t in mf.tensors.values())
         assert all(0 < a < b <= mf.size for a, b in ranges)
-        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(ranges, ranges[1:], strict=False))
+        assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(ranges))
     finally:
         mf.close()

@@ -38,7 +38,7 @@ def set_threads(threads: int) -> None:
     import numba
     from threadpoolctl import threadpool_limits
 
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     threadpool_limits(threads)
 
 
@@ -66,7 +66,8 @@ class Model:
 
         ``kv_dtype`` "f16" (default, as llama.cpp) or "f32" (twice the memory, no rounding).
         """
-        kv = {"f16": np.float16, "f32": np.float32}.get(kv_dtype)
+        kv_types: dict[str, type[np.floating]] = {"f16": np.float16, "f32": np.float32}
+        kv = kv_types.get(kv_dtype)
         if kv is None:
             raise ValueError("kv_dtype must be 'f16' or 'f32'")
         if n_ctx < 1:

@@ -74,7 +74,7 @@ def kv_value(v):  # pragma: no cover - replaced by the overload inside compiled 
 
 
 @overload(kv_value, inline="always")
-def _kv_value(v):  # type: ignore[no-untyped-def]
+def _kv_value(v: types.Type) -> object:
     if v == types.uint16:
         return lambda v: half_to_f32(v)
     return lambda v: v

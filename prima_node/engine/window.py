@@ -182,7 +182,7 @@ class LayerWindow:
         q = q.reshape(t, cfg.n_head, hd)
         k = k.reshape(t, cfg.n_head_kv, hd)
         v = v.reshape(t, cfg.n_head_kv, hd)
-        if lw.q_norm is not None:
+        if lw.q_norm is not None and lw.k_norm is not None:
             q = ops.rms_norm(q, lw.q_norm, cfg.rms_eps)
             k = ops.rms_norm(k, lw.k_norm, cfg.rms_eps)
         ops.apply_rope(q, cos, sin, cfg.arch.rope_neox)

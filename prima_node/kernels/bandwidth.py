@@ -21,9 +21,10 @@ def _read_all(buf, chunks):
     step = (n + chunks - 1) // chunks
     acc = np.zeros(chunks, dtype=np.uint64)
     for c in prange(chunks):
+        seg = buf[c * step: min(n, (c + 1) * step)]  # slice: keeps the loop vectorised
         s = np.uint64(0)
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s ^= buf[i]
+        for i in range(seg.size):
+            s ^= seg[i]
         acc[c] = s
     return acc
 

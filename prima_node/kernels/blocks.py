@@ -20,6 +20,8 @@ vectorisation: measured 10x slower (1.3 vs 13 GB/s of Q8_0 per core).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
@@ -33,7 +35,7 @@ F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = range(10)
 PF = 1536
 
 _F = np.float32
-_JIT = {"inline": "always", "fastmath": True, "cache": True}
+_JIT: dict[str, Any] = {"inline": "always", "fastmath": True, "cache": True}
 
 
 @njit(**_JIT)

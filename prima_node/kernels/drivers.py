@@ -13,56 +13,56 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import blocks as B
+from . import blocks
 
 _F = np.float32
 
 
 @njit(inline="always", fastmath=True, cache=True)
 def _dot(kind, w8, wi8, w16, rb, x, xs16, k, n16, n32):
-    if kind == B.Q4_K:
-        return B.dot_q4_k(w8, w16, rb, x, xs16, k // 256, n32)
-    if kind == B.Q6_K:
-        return B.dot_q6_k(w8, wi8, w16, rb, x, xs16, k // 256, n16)
-    if kind == B.Q8_0:
-        return B.dot_q8_0(wi8, w16, rb, x, k // 32, n32)
-    if kind == B.Q5_K:
-        return B.dot_q5_k(w8, w16, rb, x, xs16, k // 256, n32)
-    if kind == B.Q4_0:
-        return B.dot_q4_0(w8, w16, rb, x, xs16, k // 32, n16)
-    if kind == B.Q4_1:
-        return B.dot_q4_1(w8, w16, rb, x, xs16, k // 32, n16)
-    if kind == B.Q5_0:
-        return B.dot_q5_0(w8, w16, rb, x, xs16, k // 32, n16)
-    if kind == B.Q5_1:
-        return B.dot_q5_1(w8, w16, rb, x, xs16, k // 32, n16)
-    if kind == B.F16:
-        return B.dot_f16(w16, rb, x, k)
-    return B.dot_bf16(w16, rb, x, k)
+    if kind == blocks.Q4_K:
+        return blocks.dot_q4_k(w8, w16, rb, x, xs16, k // 256, n32)
+    if kind == blocks.Q6_K:
+        return blocks.dot_q6_k(w8, wi8, w16, rb, x, xs16, k // 256, n16)
+    if kind == blocks.Q8_0:
+        return blocks.dot_q8_0(wi8, w16, rb, x, k // 32, n32)
+    if kind == blocks.Q5_K:
+        return blocks.dot_q5_k(w8, w16, rb, x, xs16, k // 256, n32)
+    if kind == blocks.Q4_0:
+        return blocks.dot_q4_0(w8, w16, rb, x, xs16, k // 32, n16)
+    if kind == blocks.Q4_1:
+        return blocks.dot_q4_1(w8, w16, rb, x, xs16, k // 32, n16)
+    if kind == blocks.Q5_0:
+        return blocks.dot_q5_0(w8, w16, rb, x, xs16, k // 32, n16)
+    if kind == blocks.Q5_1:
+        return blocks.dot_q5_1(w8, w16, rb, x, xs16, k // 32, n16)
+    if kind == blocks.F16:
+        return blocks.dot_f16(w16, rb, x, k)
+    return blocks.dot_bf16(w16, rb, x, k)
 
 
 @njit(inline="always", fastmath=True, cache=True)
 def _deq(kind, w8, wi8, w16, rb, out, k, n16, n32):
-    if kind == B.Q4_K:
-        B.deq_q4_k(w8, w16, rb, out, k // 256, n32)
-    elif kind == B.Q6_K:
-        B.deq_q6_k(w8, wi8, w16, rb, out, k // 256, n16)
-    elif kind == B.Q8_0:
-        B.deq_q8_0(wi8, w16, rb, out, k // 32, n32)
-    elif kind == B.Q5_K:
-        B.deq_q5_k(w8, w16, rb, out, k // 256, n32)
-    elif kind == B.Q4_0:
-        B.deq_q4_0(w8, w16, rb, out, k // 32, n16)
-    elif kind == B.Q4_1:
-        B.deq_q4_1(w8, w16, rb, out, k // 32, n16)
-    elif kind == B.Q5_0:
-        B.deq_q5_0(w8, w16, rb, out, k // 32, n16)
-    elif kind == B.Q5_1:
-        B.deq_q5_1(w8, w16, rb, out, k // 32, n16)
-    elif kind == B.F16:
-        B.deq_f16(w16, rb, out, k)
+    if kind == blocks.Q4_K:
+        blocks.deq_q4_k(w8, w16, rb, out, k // 256, n32)
+    elif kind == blocks.Q6_K:
+        blocks.deq_q6_k(w8, wi8, w16, rb, out, k // 256, n16)
+    elif kind == blocks.Q8_0:
+        blocks.deq_q8_0(wi8, w16, rb, out, k // 32, n32)
+    elif kind == blocks.Q5_K:
+        blocks.deq_q5_k(w8, w16, rb, out, k // 256, n32)
+    elif kind == blocks.Q4_0:
+        blocks.deq_q4_0(w8, w16, rb, out, k // 32, n16)
+    elif kind == blocks.Q4_1:
+        blocks.deq_q4_1(w8, w16, rb, out, k // 32, n16)
+    elif kind == blocks.Q5_0:
+        blocks.deq_q5_0(w8, w16, rb, out, k // 32, n16)
+    elif kind == blocks.Q5_1:
+        blocks.deq_q5_1(w8, w16, rb, out, k // 32, n16)
+    elif kind == blocks.F16:
+        blocks.deq_f16(w16, rb, out, k)
     else:
-        B.deq_bf16(w16, rb, out, k)
+        blocks.deq_bf16(w16, rb, out, k)
 
 
 @njit(fastmath=True, cache=True)
