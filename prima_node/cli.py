@@ -7,6 +7,7 @@ only genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,10 +60,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _piece(model_tokens: list[str] | None, tid: int) -> str:
-    if not model_tokens or tid >= len(model_tokens):
-        return f"<{tid}>"
-    return model_tokens[tid].replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n")
+def _detokenizer(tokens: list[str] | None, model_kind: str | None) -> Callable[[int], bytes]:
+    """Bytes of a token id, enough to show generated text until the text layer exists."""
+    from .synth.vocab import bytes_to_unicode
+
+    if not tokens:
+        return lambda tid: f"<{tid}>".encode()
+    if model_kind == "gpt2":
+        decoder = {c: b for b, c in bytes_to_unicode().items()}
+        return lambda tid: bytes(decoder.get(c, 63) for c in tokens[tid])
+
+    def spm(tid: int) -> bytes:
+        piece = tokens[tid]
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    return spm
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -73,21 +87,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     path = Path(args.model) if args.model else _demo_model()
     with Model.open(path, threads=args.threads, n_ctx=args.ctx) as model:
-        tokens = model.file.get("tokenizer.ggml.tokens")
+        piece = _detokenizer(model.file.get("tokenizer.ggml.tokens"),
+                             model.file.get("tokenizer.ggml.model"))
         prompt = [int(t) for t in args.prompt_ids] if args.prompt_ids else [
             int(t) for t in np.random.default_rng(0).integers(1, model.config.n_vocab, 16)]
         print(f"model {path.name}: {model.config.arch.name}, {model.config.n_layer} layers, "
               f"{model.config.n_vocab} tokens; {model.threads} threads")
         print("prompt ids:", " ".join(map(str, prompt)))
+        print("(loading compiled kernels; the first run on a machine compiles them, ~1 minute)",
+              file=sys.stderr)
+        model.warm_up()
         t0 = time.perf_counter()
         logits = model.forward(prompt)
         t_prefill = time.perf_counter() - t0
         out: list[int] = []
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split chars
         t1 = time.perf_counter()
         for _ in range(args.tokens):
             tok = int(np.argmax(logits))
             out.append(tok)
-            sys.stdout.write(_piece(tokens, tok))
+            sys.stdout.write(utf8.decode(piece(tok)))
             sys.stdout.flush()
             logits = model.forward([tok])
         t_decode = time.perf_counter() - t1

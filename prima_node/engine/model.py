@@ -135,6 +135,14 @@ class Model:
         finally:
             full.drop("logits")
 
+    def warm_up(self) -> None:
+        """Compile (first run on a machine) or load the kernels this model uses, so that the
+        first request is not the one that pays for it."""
+        full = self._require_full()
+        self.forward([1] * 5, session="warm-up", start_pos=0)  # batched path
+        self.forward([1], session="warm-up")  # decode path
+        full.drop("warm-up")
+
     def clear(self, session: str = "default") -> None:
         self._require_full().clear(session)
 

@@ -73,11 +73,19 @@ def kv_value(v):  # pragma: no cover - replaced by the overload inside compiled 
     raise NotImplementedError
 
 
-@overload(kv_value, inline="always")
-def _kv_value(v: types.Type) -> object:
+@overload(kv_value)
+def _kv_value(v):  # numba compares this signature with the implementations: no annotations
     if v == types.uint16:
-        return lambda v: half_to_f32(v)
-    return lambda v: v
+
+        def from_half(v):
+            return half_to_f32(v)
+
+        return from_half
+
+    def same(v):
+        return v
+
+    return same
 
 
 @njit(parallel=True, fastmath=True, cache=True)
