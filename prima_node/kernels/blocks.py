@@ -275,109 +275,94 @@ def _scale_min_k4(sc, j):
 
 
 @njit(**_JIT)
-def dot_q4_k(w8, w16, rb, x, xs16, nb, n):
-    """Q4_K (144 B / 256): d, dmin, 12 scale bytes, 128 nibble bytes; 8 sub-blocks of 32."""
+def _dot_k_affine(w8, w16, rb, x, xs16, nb, n, size, qs_at, fifth_bit):
+    """Q4_K (144 B / 256) and Q5_K (176 B / 256): d, dmin, 12 packed 6-bit scale/min bytes,
+    for Q5_K 32 bytes of fifth bits, then 128 nibble bytes; 8 sub-blocks of 32 values, each
+    value = d * scale * q - dmin * min. ``fifth_bit`` is a constant at each call site, so the
+    compiler removes the branch from the loop.
+    """
     acc = _F(0.0)
     for b in range(nb):
-        o = rb + b * 144
-        _pf(w8, o, 144)
+        o = rb + b * size
+        _pf(w8, o, size)
         d = half_to_f32(w16[o >> 1])
         dmin = half_to_f32(w16[(o >> 1) + 1])
         sc = w8[o + 4: o + 16]
+        qh = w8[o + 16: o + 48]
         xg = xs16[b * 16: b * 16 + 16]
         sumq = _F(0.0)
         summ = _F(0.0)
         for j in range(4):
             sc1, m1 = _scale_min_k4(sc, 2 * j)
             sc2, m2 = _scale_min_k4(sc, 2 * j + 1)
-            qs = w8[o + 16 + 32 * j: o + 48 + 32 * j]
+            qs = w8[o + qs_at + 32 * j: o + qs_at + 32 + 32 * j]
             xb = x[b * 256 + 64 * j: b * 256 + 64 * j + 64]
+            sh1 = 2 * j
+            sh2 = 2 * j + 1
             s1 = _F(0.0)
             s2 = _F(0.0)
             for i in range(n):
                 q = qs[i]
-                s1 += _F(q & 15) * xb[i]
-                s2 += _F(q >> 4) * xb[32 + i]
+                lo = q & 15
+                hi = q >> 4
+                if fifth_bit:
+                    h = qh[i]
+                    lo |= ((h >> sh1) & 1) << 4
+                    hi |= ((h >> sh2) & 1) << 4
+                s1 += _F(lo) * xb[i]
+                s2 += _F(hi) * xb[32 + i]
             sumq += sc1 * s1 + sc2 * s2
             summ += m1 * (xg[4 * j] + xg[4 * j + 1]) + m2 * (xg[4 * j + 2] + xg[4 * j + 3])
         acc += d * sumq - dmin * summ
     return acc
+
+
+@njit(**_JIT)
+def _deq_k_affine(w8, w16, rb, out, nb, n, size, qs_at, fifth_bit):
+    for b in range(nb):
+        o = rb + b * size
+        d = half_to_f32(w16[o >> 1])
+        dmin = half_to_f32(w16[(o >> 1) + 1])
+        sc = w8[o + 4: o + 16]
+        qh = w8[o + 16: o + 48]
+        for j in range(4):
+            sc1, m1 = _scale_min_k4(sc, 2 * j)
+            sc2, m2 = _scale_min_k4(sc, 2 * j + 1)
+            d1, mm1, d2, mm2 = d * sc1, dmin * m1, d * sc2, dmin * m2
+            qs = w8[o + qs_at + 32 * j: o + qs_at + 32 + 32 * j]
+            ob = out[b * 256 + 64 * j: b * 256 + 64 * j + 64]
+            sh1 = 2 * j
+            sh2 = 2 * j + 1
+            for i in range(n):
+                q = qs[i]
+                lo = q & 15
+                hi = q >> 4
+                if fifth_bit:
+                    h = qh[i]
+                    lo |= ((h >> sh1) & 1) << 4
+                    hi |= ((h >> sh2) & 1) << 4
+                ob[i] = d1 * _F(lo) - mm1
+                ob[32 + i] = d2 * _F(hi) - mm2
+
+
+@njit(**_JIT)
+def dot_q4_k(w8, w16, rb, x, xs16, nb, n):
+    return _dot_k_affine(w8, w16, rb, x, xs16, nb, n, 144, 16, False)
 
 
 @njit(**_JIT)
 def deq_q4_k(w8, w16, rb, out, nb, n):
-    for b in range(nb):
-        o = rb + b * 144
-        d = half_to_f32(w16[o >> 1])
-        dmin = half_to_f32(w16[(o >> 1) + 1])
-        sc = w8[o + 4: o + 16]
-        for j in range(4):
-            sc1, m1 = _scale_min_k4(sc, 2 * j)
-            sc2, m2 = _scale_min_k4(sc, 2 * j + 1)
-            d1, mm1, d2, mm2 = d * sc1, dmin * m1, d * sc2, dmin * m2
-            qs = w8[o + 16 + 32 * j: o + 48 + 32 * j]
-            ob = out[b * 256 + 64 * j: b * 256 + 64 * j + 64]
-            for i in range(n):
-                q = qs[i]
-                ob[i] = d1 * _F(q & 15) - mm1
-                ob[32 + i] = d2 * _F(q >> 4) - mm2
+    _deq_k_affine(w8, w16, rb, out, nb, n, 144, 16, False)
 
 
 @njit(**_JIT)
 def dot_q5_k(w8, w16, rb, x, xs16, nb, n):
-    """Q5_K (176 B / 256): as Q4_K plus 32 bytes of fifth bits (qh) before the nibbles."""
-    acc = _F(0.0)
-    for b in range(nb):
-        o = rb + b * 176
-        _pf(w8, o, 176)
-        d = half_to_f32(w16[o >> 1])
-        dmin = half_to_f32(w16[(o >> 1) + 1])
-        sc = w8[o + 4: o + 16]
-        qh = w8[o + 16: o + 48]
-        xg = xs16[b * 16: b * 16 + 16]
-        sumq = _F(0.0)
-        summ = _F(0.0)
-        for j in range(4):
-            sc1, m1 = _scale_min_k4(sc, 2 * j)
-            sc2, m2 = _scale_min_k4(sc, 2 * j + 1)
-            qs = w8[o + 48 + 32 * j: o + 80 + 32 * j]
-            xb = x[b * 256 + 64 * j: b * 256 + 64 * j + 64]
-            sh1 = 2 * j
-            sh2 = 2 * j + 1
-            s1 = _F(0.0)
-            s2 = _F(0.0)
-            for i in range(n):
-                q = qs[i]
-                h = qh[i]
-                s1 += _F((q & 15) | (((h >> sh1) & 1) << 4)) * xb[i]
-                s2 += _F((q >> 4) | (((h >> sh2) & 1) << 4)) * xb[32 + i]
-            sumq += sc1 * s1 + sc2 * s2
-            summ += m1 * (xg[4 * j] + xg[4 * j + 1]) + m2 * (xg[4 * j + 2] + xg[4 * j + 3])
-        acc += d * sumq - dmin * summ
-    return acc
+    return _dot_k_affine(w8, w16, rb, x, xs16, nb, n, 176, 48, True)
 
 
 @njit(**_JIT)
 def deq_q5_k(w8, w16, rb, out, nb, n):
-    for b in range(nb):
-        o = rb + b * 176
-        d = half_to_f32(w16[o >> 1])
-        dmin = half_to_f32(w16[(o >> 1) + 1])
-        sc = w8[o + 4: o + 16]
-        qh = w8[o + 16: o + 48]
-        for j in range(4):
-            sc1, m1 = _scale_min_k4(sc, 2 * j)
-            sc2, m2 = _scale_min_k4(sc, 2 * j + 1)
-            d1, mm1, d2, mm2 = d * sc1, dmin * m1, d * sc2, dmin * m2
-            qs = w8[o + 48 + 32 * j: o + 80 + 32 * j]
-            ob = out[b * 256 + 64 * j: b * 256 + 64 * j + 64]
-            sh1 = 2 * j
-            sh2 = 2 * j + 1
-            for i in range(n):
-                q = qs[i]
-                h = qh[i]
-                ob[i] = d1 * _F((q & 15) | (((h >> sh1) & 1) << 4)) - mm1
-                ob[32 + i] = d2 * _F((q >> 4) | (((h >> sh2) & 1) << 4)) - mm2
+    _deq_k_affine(w8, w16, rb, out, nb, n, 176, 48, True)
 
 
 @njit(**_JIT)
