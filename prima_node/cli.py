@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import PrimaError
 
@@ -127,12 +128,19 @@ def _demo_model() -> Path:
     return path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming it and where help is, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import JSON_FIELDS
     from .synth.presets import PRESETS
     from .synth.writer import MAKE_TYPES
 
-    p = argparse.ArgumentParser(prog="prima-node", description=__doc__)
+    p = _Parser(prog="prima-node", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     mk = sub.add_parser("make-model", help="write a synthetic GGUF model (random weights)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from .errors import ModelLoadError
 from .quant_types import SUPPORTED_NAMES, SUPPORTED_TYPES, type_name
@@ -53,13 +53,40 @@ class _DefectError(Exception):
     """A defect found while parsing; turned into a ModelLoadError naming the file."""
 
 
+#: Metadata arrays longer than this stay one view of the map, decoded only when asked for.
+LAZY_ARRAY = 1024
+
+
 class _CheckedReader(GGUFReader):
-    """gguf's reader, made to fail with a clear reason on truncated or inconsistent files.
+    """gguf's reader, made to fail with a clear reason on truncated or inconsistent files, and
+    to keep large metadata arrays (vocabularies, merges) in the file instead of the heap.
 
     The stock reader silently slices past the end of the map and then fails later with an
     unrelated numpy error; here every read is bounds-checked and tensor records are validated
-    before they are turned into views.
+    before they are turned into views. It also builds one numpy object per array element: a
+    Llama 3 vocabulary (128k tokens, 280k merges) then costs 600 MB of heap, more than some
+    devices can spare, so long arrays are kept as a single view instead (see ``lazy_array``).
     """
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        itype = int(self._get(orig_offs, np.uint32)[0])
+        count = int(self._get(orig_offs + 4, np.uint64)[0])
+        if count <= LAZY_ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        start = orig_offs + 12
+        if itype == GGUFValueType.STRING:
+            end = _skip_strings(self.data, start, count)
+        else:
+            nptype = self.gguf_scalar_to_np.get(GGUFValueType(itype))
+            if nptype is None:
+                raise _DefectError(f"metadata array of type {itype} is not supported")
+            end = start + count * np.dtype(nptype).itemsize
+            self._get(start, np.uint8, end - start)  # bounds check
+        parts = [np.array([itype], np.uint32), np.array([count], np.uint64),
+                 self.data[start:end]]
+        return end - orig_offs, parts, [2], [GGUFValueType.ARRAY, GGUFValueType(itype)]
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
         itemsize = np.dtype(dtype).itemsize
@@ -159,7 +186,7 @@ class ModelFile:
         field = self._require_reader().get_field(key)
         if field is None:
             return default
-        value = field.contents()
+        value = lazy_array(field) if _is_lazy(field) else field.contents()
         self._values[key] = value
         return value
 
@@ -173,7 +200,9 @@ class ModelFile:
     def array_length(self, key: str) -> int | None:
         """Length of an array-valued key without decoding it (vocabularies are large)."""
         field = self._require_reader().get_field(key)
-        return None if field is None else len(field.data)
+        if field is None:
+            return None
+        return int(field.parts[4][0]) if _is_lazy(field) else len(field.data)
 
     def keys(self) -> Iterator[str]:
         return iter(self._require_reader().fields.keys())
@@ -205,6 +234,44 @@ class ModelFile:
         if self._reader is None:
             raise ValueError(f"{self.path} is closed")
         return self._reader
+
+
+def _skip_strings(data: np.ndarray, start: int, count: int) -> int:
+    """End offset of ``count`` length-prefixed strings starting at ``start`` (bounds-checked)."""
+    mv = data.data  # the buffer itself: struct reads without copying
+    size = len(mv)
+    off = start
+    for _ in range(count):
+        if off + 8 > size:
+            raise _DefectError("the file is truncated inside a metadata string array")
+        (n,) = struct.unpack_from("<Q", mv, off)
+        off += 8 + n
+    if off > size:
+        raise _DefectError("the file is truncated inside a metadata string array")
+    return off
+
+
+def _is_lazy(field: Any) -> bool:
+    # a key's field is [key length, key, value type] + the parts from _get_field_parts
+    return bool(field.types and field.types[0] == GGUFValueType.ARRAY and len(field.parts) == 6
+                and int(field.parts[4][0]) > LAZY_ARRAY)
+
+
+def lazy_array(field: Any) -> list[Any]:
+    """Decode a long metadata array kept as one view by the reader."""
+    itype = GGUFValueType(int(field.parts[3][0]))
+    count = int(field.parts[4][0])
+    region = field.parts[5]
+    if itype != GGUFValueType.STRING:
+        return list(region.view(GGUFReader.gguf_scalar_to_np[itype]).tolist())
+    raw = region.tobytes()
+    out = []
+    off = 0
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", raw, off)
+        out.append(raw[off + 8: off + 8 + n].decode("utf-8", errors="replace"))
+        off += 8 + n
+    return out
 
 
 def _check_header(path: Path) -> None:

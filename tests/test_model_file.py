@@ -183,3 +183,46 @@ def test_tensor_byte_ranges_inside_file(good: Path) -> None:
         assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(ranges))
     finally:
         mf.close()
+
+
+def _vocab_only_file(path: Path, n_tokens: int) -> Path:
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_token_list([f"tok{i}-\u00e9\u4e2d" for i in range(n_tokens)])
+    w.add_token_types([1 + i % 3 for i in range(n_tokens)])
+    w.add_token_merges([f"a{i} b{i}" for i in range(2 * n_tokens)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_large_vocabulary_stays_in_the_file(tmp_path: Path) -> None:
+    """A Llama-3-sized vocabulary must not be copied into the heap at open (gguf-py's reader
+    alone holds ~600 MB for one), and must decode exactly like gguf-py when asked for."""
+    import re
+
+    def rss_anon_mib() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"RssAnon:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+    p = _vocab_only_file(tmp_path / "vocab.gguf", 128_000)
+    before = rss_anon_mib()
+    mf = ModelFile.open(p)
+    grown = rss_anon_mib() - before
+    try:
+        assert grown < 16, f"opening grew the heap by {grown:.0f} MiB"
+        assert mf.array_length("tokenizer.ggml.tokens") == 128_000
+        ref = gguf.GGUFReader(p)
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+            assert mf.get(key) == ref.fields[key].contents(), key
+    finally:
+        mf.close()
+
+
+def test_truncated_inside_vocabulary(tmp_path: Path) -> None:
+    p = _vocab_only_file(tmp_path / "vocab.gguf", 5000)
+    with open(p, "r+b") as fh:
+        fh.truncate(30_000)
+    with pytest.raises(ModelLoadError, match="truncated"):
+        ModelFile.open(p)
