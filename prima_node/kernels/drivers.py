@@ -104,9 +104,15 @@ def matmul_fused(kind, w8, wi8, w16, row_bytes, X, out, n16, n32):
                              n32)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def dequant_rows(kind, w8, wi8, w16, row_bytes, r0, out, n16, n32):
-    """Rows r0 .. r0 + len(out) of W as float32 (a tile for the BLAS prefill path)."""
+    """Rows r0 .. r0 + len(out) of W as float32 (a tile for the BLAS prefill path).
+
+    Runs on the calling thread alone, on purpose: it alternates with multi-threaded BLAS, and
+    on a 2-core machine numba's and OpenBLAS's worker threads spin-waiting against each other
+    made both 3x slower; dequantising is a small part of a prefill (one pass over the weights
+    against 2 x tokens flops per weight in the GEMM).
+    """
     k = out.shape[1]
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         _deq(kind, w8, wi8, w16, (r0 + i) * row_bytes, out[i], k, n16, n32)
