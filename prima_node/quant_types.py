@@ -6,7 +6,7 @@ compiled, and so the planner can size layers without importing numba.
 
 from __future__ import annotations
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 Q = GGMLQuantizationType
 
@@ -17,17 +17,6 @@ SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (
 )
 
 SUPPORTED_NAMES = ", ".join(t.name for t in SUPPORTED_TYPES)
-
-
-def block_geometry(qtype: GGMLQuantizationType) -> tuple[int, int]:
-    """(weights per block, bytes per block) of a type."""
-    return GGML_QUANT_SIZES[qtype]
-
-
-def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
-    """Bytes one row of ``n_cols`` weights takes in the file."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    return n_cols // block * size
 
 
 def type_name(code: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,3 +29,13 @@ def make_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
         return made[key]
 
     return factory
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show the measured llama.cpp conformance table after the run (not a test of its own)."""
+    module = sys.modules.get("test_conformance")
+    lines = module.summary_lines() if module is not None else []
+    if lines:
+        terminalreporter.section("conformance with llama.cpp (max |logit diff| / std)")
+        for line in lines:
+            terminalreporter.write_line(line)
