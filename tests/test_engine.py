@@ -94,6 +94,10 @@ def test_context_limit_is_a_clear_error(make_model: ModelFactory) -> None:
         # the failed call lost nothing: the session still continues from position 15
         assert m._require_full().n_cached("x") == 15
         m.forward([3], session="x")
+        # a prompt over the limit fails before its first chunk runs: no partial cache
+        with pytest.raises(ContextOverflowError, match="larger n_ctx"):
+            m.forward(list(range(1, 21)), session="y", batch=8)
+        assert m._require_full().n_cached("y") == 0
 
 
 def test_bad_positions_and_tokens_are_rejected(make_model: ModelFactory) -> None:

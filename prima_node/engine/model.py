@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..arch.config import ModelConfig, load_config
-from ..errors import ModelLoadError
+from ..errors import ContextOverflowError, ModelLoadError
 from ..kernels import Weight
 from ..model_file import ModelFile
 from . import ops
@@ -118,6 +118,10 @@ class Model:
         if ids.size == 0:
             raise ValueError("no tokens to evaluate")
         pos0 = full.n_cached(session) if start_pos is None else start_pos
+        if pos0 + ids.size > self.n_ctx:  # refuse before any chunk runs: nothing half-done
+            raise ContextOverflowError(
+                f"{ids.size} tokens from position {pos0} go beyond the context of {self.n_ctx} "
+                "tokens (open the model with a larger n_ctx, or shorten the prompt)")
         h = None
         for a in range(0, ids.size, batch):
             chunk = ids[a:a + batch]
@@ -139,7 +143,8 @@ class Model:
         """Compile (first run on a machine) or load the kernels this model uses, so that the
         first request is not the one that pays for it."""
         full = self._require_full()
-        self.forward([1] * 5, session="warm-up", start_pos=0)  # batched path
+        self.forward([1] * 5, session="warm-up", start_pos=0)  # tiled BLAS path
+        self.forward([1] * 2, session="warm-up")  # fused small-batch path
         self.forward([1], session="warm-up")  # decode path
         full.drop("warm-up")
 

@@ -30,8 +30,9 @@ from ._intrinsics import bits_to_f32, half_to_f32, prefetch
 # Kernel kind codes (one per supported type with a kernel; F32 uses BLAS directly).
 F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = range(10)
 
-#: Bytes ahead of the current block to prefetch: far enough to hide DRAM latency at
-#: ~10 GB/s per core, near enough to stay inside L2.
+#: Bytes ahead of the current block to prefetch. Software prefetch of weights streaming from
+#: DRAM nearly doubled throughput in the prototype (shared perf-notes); this distance was not
+#: tuned on this machine.
 PF = 1536
 
 _F = np.float32
