@@ -25,3 +25,15 @@ class ModelLoadError(PrimaError):
 
 class ContextOverflowError(PrimaError):
     """More positions were asked of a KV cache than it was sized for."""
+
+
+class ChatTemplateError(PrimaError):
+    """A chat template refused the conversation (its ``raise_exception``) or failed to render.
+
+    The message carries the template's own words, e.g. "Conversation roles must alternate", which
+    is what a client needs to fix its request.
+    """
+
+
+class SchemaError(PrimaError):
+    """A JSON schema (or grammar) for constrained output cannot be compiled."""
