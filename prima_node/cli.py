@@ -7,7 +7,6 @@ only genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,60 +60,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detokenizer(tokens: list[str] | None, model_kind: str | None) -> Callable[[int], bytes]:
-    """Bytes of a token id, enough to show generated text until the text layer exists."""
-    from .synth.vocab import bytes_to_unicode
-
-    if not tokens:
-        return lambda tid: f"<{tid}>".encode()
-    if model_kind == "gpt2":
-        decoder = {c: b for b, c in bytes_to_unicode().items()}
-        return lambda tid: bytes(decoder.get(c, 63) for c in tokens[tid])
-
-    def spm(tid: int) -> bytes:
-        piece = tokens[tid]
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode()
-
-    return spm
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Greedy generation on token ids (the text layer comes with the tokenizer)."""
-    import numpy as np
+    from .cli_text import cmd_generate as run
 
-    from .engine.model import Model
+    return run(args, _demo_model)
 
-    path = Path(args.model) if args.model else _demo_model()
-    with Model.open(path, threads=args.threads, n_ctx=args.ctx) as model:
-        piece = _detokenizer(model.file.get("tokenizer.ggml.tokens"),
-                             model.file.get("tokenizer.ggml.model"))
-        prompt = [int(t) for t in args.prompt_ids] if args.prompt_ids else [
-            int(t) for t in np.random.default_rng(0).integers(1, model.config.n_vocab, 16)]
-        print(f"model {path.name}: {model.config.arch.name}, {model.config.n_layer} layers, "
-              f"{model.config.n_vocab} tokens; {model.threads} threads")
-        print("prompt ids:", " ".join(map(str, prompt)))
-        print("(loading compiled kernels; the first run on a machine compiles them, ~1 minute)",
-              file=sys.stderr)
-        model.warm_up()
-        t0 = time.perf_counter()
-        logits = model.forward(prompt)
-        t_prefill = time.perf_counter() - t0
-        out: list[int] = []
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split chars
-        t1 = time.perf_counter()
-        for _ in range(args.tokens):
-            tok = int(np.argmax(logits))
-            out.append(tok)
-            sys.stdout.write(utf8.decode(piece(tok)))
-            sys.stdout.flush()
-            logits = model.forward([tok])
-        t_decode = time.perf_counter() - t1
-        print()
-        print(f"prefill {len(prompt)} tokens: {len(prompt) / t_prefill:.1f} tokens/s; decode "
-              f"{len(out)} tokens: {1e3 * t_decode / max(1, len(out)):.1f} ms/token")
-    return 0
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .cli_text import cmd_chat as run
+
+    return run(args, _demo_model)
 
 
 def _demo_model() -> Path:
@@ -172,13 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.set_defaults(func=cmd_bench)
 
-    gen = sub.add_parser("generate", help="greedy generation from token ids (single node)")
-    gen.add_argument("--model", help="GGUF file (default: the built-in demo model)")
-    gen.add_argument("--prompt-ids", nargs="*", help="prompt token ids")
-    gen.add_argument("--tokens", type=int, default=32)
-    gen.add_argument("--threads", type=int, default=None)
-    gen.add_argument("--ctx", type=int, default=2048)
+    from .cli_text import add_model_args, add_sampling_args
+
+    gen = sub.add_parser(
+        "generate", help="answer one prompt or conversation (single node), then show speed",
+        description="Render the prompt with the model's chat template, stream the answer, then "
+                    "print prefill tokens/s, decode ms/token and token counts.")
+    add_model_args(gen)
+    src = gen.add_argument_group("input")
+    src.add_argument("--prompt", help="the user's message (default: a short demo question)")
+    src.add_argument("--messages", metavar="FILE.json",
+                     help="a conversation: a list of OpenAI-style messages, or "
+                          "{\"messages\": [...], \"tools\": [...]}")
+    src.add_argument("--system", help="system prompt (replaces any in --messages)")
+    src.add_argument("--tools", metavar="FILE.json", help="tools in OpenAI's shape")
+    src.add_argument("--raw", action="store_true",
+                     help="no chat template: the prompt is continued as plain text")
+    add_sampling_args(gen)
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, tool_calls, finish_reason, timings)")
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal (single node)",
+                          description="History is kept and its KV cache reused; Ctrl-C stops "
+                                      "the current answer, Ctrl-D quits, /reset forgets.")
+    add_model_args(chat)
+    chat.add_argument("--system", help="system prompt")
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
     return p
 
 

@@ -168,29 +168,14 @@ def test_bench_json(make_model: ModelFactory) -> None:
     assert result["weight_bytes_per_token"] < path.stat().st_size
 
 
-def test_generate(make_model: ModelFactory) -> None:
-    path = make_model("llama", "tiny", "Q8_0")
-    proc = _ok(cli("generate", "--model", str(path), "--tokens", "5", "--threads", "1"))
-    assert path.name in proc.stdout
-    assert "prompt ids:" in proc.stdout
-    assert "decode 5 tokens" in proc.stdout
-
-
-def test_generate_with_given_prompt_ids(make_model: ModelFactory) -> None:
-    path = make_model("llama", "tiny", "Q8_0")
-    proc = _ok(cli("generate", "--model", str(path), "--tokens", "3", "--threads", "1",
-                   "--prompt-ids", "5", "17", "300"))
-    assert "prompt ids: 5 17 300" in proc.stdout
-
-
 def test_generate_rejects_a_non_gguf_file(tmp_path: Path) -> None:
     bogus = tmp_path / "weights.gguf"
     bogus.write_text("this is not a model\n")
-    line = _one_line_error(cli("generate", "--model", str(bogus), "--tokens", "2"))
+    line = _one_line_error(cli("generate", "--model", str(bogus), "--max-tokens", "2"))
     assert str(bogus) in line and "GGUF" in line
 
 
 def test_generate_reports_a_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.gguf"
-    line = _one_line_error(cli("generate", "--model", str(missing), "--tokens", "2"))
+    line = _one_line_error(cli("generate", "--model", str(missing), "--max-tokens", "2"))
     assert str(missing) in line

@@ -151,6 +151,18 @@ class Model:
     def clear(self, session: str = "default") -> None:
         self._require_full().clear(session)
 
+    def n_cached(self, session: str = "default") -> int:
+        """Positions held in a session's KV cache."""
+        return self._require_full().n_cached(session)
+
+    def truncate(self, session: str, n: int) -> None:
+        """Keep a session's first ``n`` positions: the prefix cache reuses them."""
+        self._require_full().truncate(session, n)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
     def layer_byte_ranges(self, layer: int) -> list[tuple[int, int]]:
         """File byte ranges of one layer's tensors (for the prefetcher)."""
         prefix = f"blk.{layer}."

@@ -1,0 +1,314 @@
+"""The generation loop: prompt in, text deltas, tool calls and timings out.
+
+One loop serves the CLI now and the API server and the ring head later. It only needs an
+``Executor`` (something that turns token ids into next-token logits with a per-session KV cache):
+the local ``Model`` is one, the ring's head will be another.
+
+Each session remembers which tokens its KV cache holds, so a request whose prompt starts with the
+previous conversation (Home Assistant resends a long, stable system prompt every turn; a chat
+resends its history) only prefills the new suffix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import ContextOverflowError
+from .text.chat_template import ChatTemplate, load_chat_template
+from .text.constraint import JsonConstraint
+from .text.sampler import Sampler, SamplingParams
+from .text.stops import StopStrings
+from .text.tokenizer import Tokenizer
+from .text.tool_calls import TextDelta, ToolCall, ToolCallParser
+
+log = logging.getLogger("prima_node.generate")
+
+__all__ = [
+    "Executor",
+    "Finished",
+    "GenerationOptions",
+    "Generator",
+    "TextDelta",
+    "Timings",
+    "ToolCall",
+]
+
+
+class Executor(Protocol):
+    """What the loop needs from whatever runs the transformer (one process or a ring)."""
+
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_vocab(self) -> int: ...
+    def forward(self, token_ids: Any, session: str = "default") -> np.ndarray: ...
+    def n_cached(self, session: str = "default") -> int: ...
+    def truncate(self, session: str, n: int) -> None: ...
+    def clear(self, session: str = "default") -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything about one request except the prompt."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None  # None: until end of generation or the context is full
+    stop: tuple[str, ...] = ()
+    json_schema: Mapping[str, Any] | None = None
+    json_mode: bool = False  # any JSON object (OpenAI's response_format json_object)
+    tool_format: str | None = None  # parse tool calls in this syntax (the template's)
+    special: bool = False  # show control tokens' text (implied by tool parsing)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Token counts and wall times of one generation."""
+
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the session's KV cache
+    prefill_s: float
+    completion_tokens: int
+    decode_s: float  # from the first sampled token to the end
+    decode_steps: int  # forward passes after the prefill (one per generated token fed back)
+    first_token_s: float  # request start to the first sampled token
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "decode_steps": self.decode_steps,
+            "first_token_s": round(self.first_token_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+            "decode_ms_per_token": round(self.decode_ms_per_token, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every generation."""
+
+    finish_reason: str  # "stop" | "length" | "tool_calls"
+    timings: Timings
+    tokens: tuple[int, ...]  # the generated ids (end-of-generation token excluded)
+    seed: int
+
+
+Event = TextDelta | ToolCall | Finished
+
+
+class Generator:
+    """A model ready to talk: executor + tokenizer + chat template, and the prefix cache."""
+
+    def __init__(self, executor: Executor, tokenizer: Tokenizer, template: ChatTemplate) -> None:
+        if tokenizer.n_vocab != executor.n_vocab:
+            raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model's "
+                             f"output has {executor.n_vocab}")
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.template = template
+        self._cached: dict[str, list[int]] = {}  # the ids each session's KV cache holds
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, threads: int | None = None,
+             n_ctx: int = 4096) -> Generator:
+        """Load a GGUF for local generation (the model, its tokenizer and its chat template)."""
+        from .engine.model import Model
+
+        model = Model.open(path, threads=threads, n_ctx=n_ctx)
+        try:
+            return cls(model, Tokenizer.from_model_file(model.file),
+                       load_chat_template(model.file))
+        except BaseException:
+            model.close()
+            raise
+
+    @property
+    def path(self) -> Path | None:
+        p = getattr(self.executor, "path", None)
+        return Path(p) if p is not None else None
+
+    def close(self) -> None:
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template.
+
+        The template writes BOS itself (Hugging Face convention), so the rendered text is
+        tokenised without adding specials but with special-token text recognised, as llama.cpp's
+        server does.
+        """
+        text = self.template.render([dict(m) for m in messages],
+                                    tools=[dict(t) for t in tools] if tools else None,
+                                    add_generation_prompt=add_generation_prompt,
+                                    **template_kwargs)
+        return self.tokenizer.encode(text, add_special=False, parse_special=True)
+
+    def text_prompt(self, text: str) -> list[int]:
+        """Token ids of raw text (BOS per the file's flags; special-token text stays text)."""
+        return self.tokenizer.encode(text, add_special=True, parse_special=False)
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def reset(self, session: str = "default") -> None:
+        """Forget a session's cached prefix."""
+        self._cached.pop(session, None)
+        self.executor.clear(session)
+
+    def cached_tokens(self, session: str = "default") -> int:
+        return len(self._cached.get(session, ()))
+
+    def _reuse_prefix(self, session: str, prompt: Sequence[int]) -> int:
+        """Cut the session's cache back to its common prefix with ``prompt``; its length.
+
+        At least the prompt's last token is always evaluated again: its logits choose the first
+        new token.
+        """
+        cached = self._cached.get(session, [])
+        held = self.executor.n_cached(session)
+        if held != len(cached):  # someone else used the session: trust nothing
+            cached = []
+        limit = min(len(cached), len(prompt) - 1)
+        n = 0
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        self.executor.truncate(session, n)
+        self._cached[session] = list(prompt[:n])
+        return n
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def generate(self, prompt: Sequence[int], options: GenerationOptions | None = None, *,
+                 session: str = "default") -> Iterator[Event]:
+        """Generate from prompt ids; yield ``TextDelta`` / ``ToolCall`` events, then ``Finished``.
+
+        Everything that can be refused is checked before any token is evaluated (context length,
+        sampling fields, the schema), so a refused request leaves the session as it was. Closing
+        the iterator early (a client went away) stops at the next token and keeps the session's
+        cache consistent with what was evaluated.
+        """
+        opts = options or GenerationOptions()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        n_ctx = self.executor.n_ctx
+        if len(prompt) >= n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(prompt)} tokens but the context holds {n_ctx} (and the "
+                f"answer needs at least one more): shorten the prompt or start the model with a "
+                f"larger context")
+        if opts.max_tokens is not None and opts.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {opts.max_tokens}")
+        bad = [t for t in prompt if not 0 <= t < self.tokenizer.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                             f"(0..{self.tokenizer.n_vocab - 1})")
+        opts.sampling.validate(self.tokenizer.n_vocab)
+        budget = n_ctx - len(prompt)
+        max_tokens = budget if opts.max_tokens is None else min(opts.max_tokens, budget)
+        constraint = None
+        if opts.json_schema is not None or opts.json_mode:
+            schema = dict(opts.json_schema) if opts.json_schema is not None else None
+            # the budget lets the constraint close the document in time rather than cut it off
+            constraint = JsonConstraint.compile(self.tokenizer, schema, max_tokens=max_tokens)
+        return self._run(prompt, opts, session, constraint, max_tokens)
+
+    def _run(self, prompt: list[int], opts: GenerationOptions, session: str,
+             constraint: JsonConstraint | None, max_tokens: int) -> Iterator[Event]:
+        tok = self.tokenizer
+        t_start = time.perf_counter()
+        sampler = Sampler(opts.sampling, tok.n_vocab, constraint)
+        sampler.feed_prompt(prompt)
+        special = opts.special or opts.tool_format is not None
+        detok = tok.stream(special=special)
+        stops = StopStrings(opts.stop)
+        parser = ToolCallParser(opts.tool_format)
+
+        cached = self._reuse_prefix(session, prompt)
+        history = self._cached[session]
+        out: list[int] = []
+        reason = "length"
+        stopped = saw_call = False
+        t_first = t_decode = 0.0
+        steps = 0
+        logits = self._forward(prompt[cached:], session, history)
+        t_prefill = time.perf_counter() - t_start
+        while True:
+            token = sampler.sample(logits)
+            now = time.perf_counter()
+            if not out:
+                t_first, t_decode = now - t_start, now
+            if token in tok.eog_ids:
+                reason = "stop"
+                break
+            out.append(token)
+            text, stopped = stops.feed(detok.feed(token))
+            for ev in parser.feed(text) if text else ():
+                saw_call |= isinstance(ev, ToolCall)
+                yield ev
+            if stopped:
+                reason = "stop"
+                break
+            if len(out) >= max_tokens:
+                break
+            logits = self._forward([token], session, history)
+            steps += 1
+        decode_s = time.perf_counter() - t_decode if out else 0.0
+        # what is still held back: a partial character, a partial stop string, an open call
+        tail = ""
+        if not stopped:
+            text, stopped = stops.feed(detok.flush())
+            tail = text if stopped else text + stops.flush()
+        for ev in [*(parser.feed(tail) if tail else ()), *parser.finish()]:
+            saw_call |= isinstance(ev, ToolCall)
+            yield ev
+        if saw_call:
+            reason = "tool_calls"
+        yield Finished(reason, Timings(
+            prompt_tokens=len(prompt), cached_tokens=cached, prefill_s=t_prefill,
+            completion_tokens=len(out), decode_s=decode_s, decode_steps=steps,
+            first_token_s=t_first),
+            tuple(out), sampler.seed)
+
+    def _forward(self, ids: list[int], session: str, history: list[int]) -> np.ndarray:
+        """Evaluate ids after the session's cache, keeping the record of what it holds honest."""
+        try:
+            logits = self.executor.forward(ids, session=session)
+        except BaseException:
+            # a chunk may have been half-written: nothing in this session can be trusted
+            self._cached.pop(session, None)
+            self.executor.clear(session)
+            raise
+        history.extend(ids)
+        return logits

@@ -1,0 +1,203 @@
+"""The generation loop on real synthetic models: KV reuse, prefix cache, stops, limits, seeds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest import ModelFactory
+
+from prima_node.errors import ContextOverflowError
+from prima_node.generate import Finished, GenerationOptions, Generator, TextDelta
+from prima_node.text.sampler import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def gen(make_model: ModelFactory) -> Iterator[Generator]:
+    with Generator.open(make_model("llama", "tiny", "Q8_0"), threads=1, n_ctx=256) as g:
+        yield g
+
+
+def run(g: Generator, ids: list[int], opts: GenerationOptions, session: str = "default"
+        ) -> tuple[str, Finished]:
+    text: list[str] = []
+    fin = None
+    for ev in g.generate(ids, opts, session=session):
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        elif isinstance(ev, Finished):
+            fin = ev
+    assert fin is not None, "every generation ends with a Finished event"
+    return "".join(text), fin
+
+
+def greedy_by_recompute(g: Generator, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from a full forward pass per step (no cache carried between steps)."""
+    model = g.executor
+    seq = list(ids)
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(model.logits(seq)))  # type: ignore[attr-defined]
+        if tok in g.tokenizer.eog_ids:
+            break
+        out.append(tok)
+        seq.append(tok)
+    return out
+
+
+def test_greedy_decode_with_the_kv_cache_matches_recomputing_everything(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "Is the kitchen light on?"}])
+    text, fin = run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=12), "a")
+    assert list(fin.tokens) == greedy_by_recompute(gen, ids, 12)
+    assert text == gen.tokenizer.decode(list(fin.tokens))
+    t = fin.timings
+    assert (t.prompt_tokens, t.cached_tokens, t.completion_tokens) == (len(ids), 0, len(fin.tokens))
+    assert fin.finish_reason == ("length" if len(fin.tokens) == 12 else "stop")
+
+
+def test_a_longer_conversation_only_prefills_its_new_suffix(gen: Generator) -> None:
+    gen.reset("b")
+    first = [{"role": "system", "content": "You control a smart home. Be brief."},
+             {"role": "user", "content": "Turn on the porch light."}]
+    ids1 = gen.chat_prompt(first)
+    _, fin1 = run(gen, ids1, GenerationOptions(sampling=GREEDY, max_tokens=4), "b")
+    answer = gen.tokenizer.decode(list(fin1.tokens))
+    second = [*first, {"role": "assistant", "content": answer},
+              {"role": "user", "content": "And the garage?"}]
+    ids2 = gen.chat_prompt(second)
+    held = ids1 + list(fin1.tokens[:fin1.timings.decode_steps])  # what was evaluated
+    limit = min(len(held), len(ids2) - 1)
+    common = next((i for i in range(limit) if held[i] != ids2[i]), limit)
+    assert common > len(ids1) // 2  # the test means something: most of the prompt is shared
+    _, warm = run(gen, ids2, GenerationOptions(sampling=GREEDY, max_tokens=6), "b")
+    assert warm.timings.cached_tokens == common
+    gen.reset("c")
+    _, cold = run(gen, ids2, GenerationOptions(sampling=GREEDY, max_tokens=6), "c")
+    assert cold.timings.cached_tokens == 0
+    assert warm.tokens == cold.tokens  # reusing the cache changes nothing but the time
+
+
+def test_the_same_prompt_again_reevaluates_only_its_last_token(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "What time is it?"}])
+    opts = GenerationOptions(sampling=GREEDY, max_tokens=3)
+    _, a = run(gen, ids, opts, "d")
+    _, b = run(gen, ids, opts, "d")
+    assert b.timings.cached_tokens == len(ids) - 1
+    assert a.tokens == b.tokens
+
+
+def test_same_seed_same_answer_and_other_seeds_differ(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "Tell me a story."}])
+
+    def sample(seed: int) -> tuple[int, ...]:
+        p = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=seed)
+        _, fin = run(gen, ids, GenerationOptions(sampling=p, max_tokens=16), "e")
+        assert fin.seed == seed
+        return fin.tokens
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) == 3
+
+
+def test_a_stop_string_across_tokens_ends_the_answer_before_it(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "List the rooms."}])
+    full, fin = run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=24), "f")
+    pieces = [gen.tokenizer.decode([t]) for t in fin.tokens]
+    # a stop string made of the end of one token and the start of the next
+    k = next(i for i in range(1, len(pieces)) if pieces[i - 1] and pieces[i])
+    stop = pieces[k - 1][-1:] + pieces[k][:1]
+    cut = full.index(stop)
+    text, fin2 = run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=24,
+                                                 stop=(stop,)), "f")
+    assert text == full[:cut]
+    assert fin2.finish_reason == "stop"
+
+
+def test_max_tokens_and_end_of_generation(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "Hi"}])
+    _, fin = run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=1), "g")
+    assert (fin.finish_reason, fin.timings.completion_tokens) == ("length", 1)
+    eos = gen.tokenizer.eos_id
+    assert eos is not None
+    force_eos = SamplingParams(temperature=0.0, logit_bias={eos: 1e4})
+    text, fin = run(gen, ids, GenerationOptions(sampling=force_eos, max_tokens=8), "g")
+    assert (text, fin.finish_reason, fin.tokens) == ("", "stop", ())
+
+
+def test_an_answer_never_runs_past_the_context(gen: Generator) -> None:
+    n_ctx = gen.executor.n_ctx
+    ids = gen.text_prompt("one two three")
+    ids = (ids * n_ctx)[: n_ctx - 3]
+    _, fin = run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=50), "h")
+    assert fin.finish_reason in ("length", "stop")
+    assert fin.timings.completion_tokens <= 3
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "Hello"}])
+    run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=2), "i")
+    held = gen.cached_tokens("i")
+    too_long = ids * (gen.executor.n_ctx // len(ids) + 1)
+    expected = rf"{len(too_long)} tokens.*{gen.executor.n_ctx}"
+    with pytest.raises(ContextOverflowError, match=expected):
+        gen.generate(too_long, GenerationOptions(), session="i")
+    assert gen.cached_tokens("i") == held  # the session is as it was
+
+
+def test_bad_requests_are_refused_with_the_field_named(gen: Generator) -> None:
+    ids = gen.text_prompt("hello")
+    with pytest.raises(ValueError, match="max_tokens"):
+        gen.generate(ids, GenerationOptions(max_tokens=0))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gen.generate([gen.tokenizer.n_vocab + 5], GenerationOptions())
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate([], GenerationOptions())
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate(ids, GenerationOptions(sampling=SamplingParams(top_p=1.5)))
+
+
+def test_closing_the_stream_stops_generation_and_keeps_the_cache_honest(gen: Generator) -> None:
+    ids = gen.chat_prompt([{"role": "user", "content": "Count to one hundred."}])
+    events = gen.generate(ids, GenerationOptions(sampling=GREEDY, max_tokens=50), session="j")
+    n = 0
+    for ev in events:
+        n += isinstance(ev, TextDelta)
+        if n == 3:
+            break
+    events.close()  # type: ignore[attr-defined]
+    held = gen.cached_tokens("j")
+    assert len(ids) <= held < len(ids) + 50
+    assert gen.executor.n_cached("j") == held
+    _, fin = run(gen, ids, GenerationOptions(sampling=GREEDY, max_tokens=5), "j")
+    assert fin.timings.cached_tokens == len(ids) - 1
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "room": {"type": "string", "maxLength": 20},
+        "brightness": {"type": "integer", "minimum": 0, "maximum": 100},
+        "on": {"type": "boolean"},
+    },
+    "required": ["room", "brightness", "on"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("arch,vocab", [("llama", "bpe"), ("qwen2", "bpe"), ("llama", "spm")])
+def test_json_schema_output_validates(make_model: ModelFactory, arch: str, vocab: str) -> None:
+    path: Path = make_model(arch, "tiny", "Q8_0", vocab=vocab)
+    with Generator.open(path, threads=1, n_ctx=512) as g:
+        ids = g.chat_prompt([{"role": "user", "content": "Set the kitchen light."}])
+        for seed in (1, 2):
+            p = SamplingParams(temperature=0.8, seed=seed)
+            text, fin = run(g, ids, GenerationOptions(sampling=p, max_tokens=200,
+                                                      json_schema=SCHEMA))
+            assert fin.finish_reason == "stop", text
+            jsonschema.validate(json.loads(text), SCHEMA)
