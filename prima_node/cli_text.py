@@ -69,8 +69,7 @@ def _read_json(path: str, what: str) -> Any:
         raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
-def options_from_args(args: argparse.Namespace, tool_format: str | None = None
-                      ) -> GenerationOptions:
+def options_from_args(args: argparse.Namespace) -> GenerationOptions:
     from .generate import GenerationOptions
     from .text.sampler import SamplingParams
 
@@ -84,7 +83,7 @@ def options_from_args(args: argparse.Namespace, tool_format: str | None = None
         raise ValueError(f"the JSON schema in {args.json_schema} must be an object")
     return GenerationOptions(sampling=sampling, max_tokens=args.max_tokens,
                              stop=tuple(args.stop), json_schema=schema,
-                             json_mode=args.json_mode, tool_format=tool_format)
+                             json_mode=args.json_mode)
 
 
 def open_generator(args: argparse.Namespace, demo: Callable[[], Path]) -> Generator:
@@ -94,7 +93,7 @@ def open_generator(args: argparse.Namespace, demo: Callable[[], Path]) -> Genera
     gen = Generator.open(path, threads=args.threads, n_ctx=args.ctx)
     print("(loading compiled kernels; the first run on a machine compiles them, ~1 minute)",
           file=sys.stderr, flush=True)
-    gen.executor.warm_up()  # type: ignore[attr-defined]
+    gen.executor.warm_up()
     return gen
 
 
@@ -164,21 +163,32 @@ def _messages_from(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
 
 
 def cmd_generate(args: argparse.Namespace, demo: Callable[[], Path]) -> int:
+    import dataclasses
+
+    # every option is checked before the model loads (which can take a minute the first time)
     if args.prompt is not None and args.messages:
         raise ValueError("give either --prompt or --messages, not both")
+    if args.raw and (args.messages or args.system or args.tools):
+        raise ValueError("--raw takes a --prompt only (no messages, system or tools)")
     messages, tools = _messages_from(args)
+    opts = options_from_args(args)
     with open_generator(args, demo) as gen:
         if args.raw:
-            if args.messages or args.system or tools:
-                raise ValueError("--raw takes a --prompt only (no messages, system or tools)")
             ids = gen.text_prompt(args.prompt or DEFAULT_PROMPT)
+            opts = dataclasses.replace(opts, continuation=True)
+            how = "no chat template (--raw)"
         else:
             ids = gen.chat_prompt(messages, tools=tools or None)
-        fmt = gen.template.tool_format if tools else None
-        opts = options_from_args(args, tool_format=fmt)
-        if not args.json and gen.path is not None:
-            print(f"[{gen.path.name}: {gen.template.name} chat template; "
-                  f"{len(ids)} prompt tokens]", file=sys.stderr, flush=True)
+            how = f"{gen.template.name} chat template"
+            if tools and gen.template.tool_format is None:
+                print("warning: this model's chat template has no tool-call syntax: the tools "
+                      "were given to the template, but calls cannot be recognised in the answer",
+                      file=sys.stderr)
+            elif tools:
+                opts = dataclasses.replace(opts, tool_format=gen.template.tool_format)
+        if not args.json:
+            print(f"[{gen.path.name}: {how}; {len(ids)} prompt tokens]", file=sys.stderr,
+                  flush=True)
         text, calls, fin = _stream(gen, ids, opts, None if args.json else sys.stdout)
         assert fin is not None
         if args.json:
@@ -195,14 +205,16 @@ def cmd_generate(args: argparse.Namespace, demo: Callable[[], Path]) -> int:
 def cmd_chat(args: argparse.Namespace, demo: Callable[[], Path],
              stdin: TextIO | None = None) -> int:
     """Interactive chat: history kept (and its KV cache reused), Ctrl-C stops the answer."""
+    from .errors import PrimaError
+
     stdin = stdin or sys.stdin
     tty = stdin.isatty()
+    opts = options_from_args(args)
     with open_generator(args, demo) as gen:
         base: list[dict[str, Any]] = []
         if args.system:
             base.append({"role": "system", "content": args.system})
         history = list(base)
-        opts = options_from_args(args)
         print(f"chatting with {gen.path.name if gen.path else 'the model'} "
               f"({gen.template.name} template). Ctrl-C stops an answer, Ctrl-D quits, "
               "/reset forgets the conversation.", file=sys.stderr, flush=True)
@@ -231,19 +243,17 @@ def cmd_chat(args: argparse.Namespace, demo: Callable[[], Path],
                 print("[conversation forgotten]", file=sys.stderr, flush=True)
                 continue
             history.append({"role": "user", "content": line})
-            ids = gen.chat_prompt(history)
-            if len(ids) >= gen.executor.n_ctx:
-                history.pop()
-                print(f"[the conversation is {len(ids)} tokens, beyond the context of "
-                      f"{gen.executor.n_ctx}: /reset or restart with a larger --ctx]",
-                      file=sys.stderr, flush=True)
-                continue
             text_parts: list[str] = []
             try:
+                ids = gen.chat_prompt(history)
                 _text, _calls, fin = _stream(gen, ids, opts, sys.stdout, text_parts)
                 print()
                 if fin is not None:
                     _print_stats(fin, sys.stderr)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr, flush=True)
+            except (PrimaError, ValueError) as exc:  # e.g. beyond the context: keep chatting
+                history.pop()
+                print(f"[{exc}; /reset forgets the conversation]", file=sys.stderr, flush=True)
+                continue
             history.append({"role": "assistant", "content": "".join(text_parts)})

@@ -37,3 +37,11 @@ class ChatTemplateError(PrimaError):
 
 class SchemaError(PrimaError):
     """A JSON schema (or grammar) for constrained output cannot be compiled."""
+
+
+class SessionBusyError(PrimaError):
+    """A session's KV cache is in use by a generation that has not finished.
+
+    Two generations interleaving on one cache would each corrupt what the other attends to, so
+    the second is refused instead; use another session, or wait.
+    """

@@ -13,23 +13,27 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, SessionBusyError
 from .text.chat_template import ChatTemplate, load_chat_template
 from .text.constraint import JsonConstraint
 from .text.sampler import Sampler, SamplingParams
 from .text.stops import StopStrings
 from .text.tokenizer import Tokenizer
-from .text.tool_calls import TextDelta, ToolCall, ToolCallParser
+from .text.tool_calls import MARKER_TOKENS, TextDelta, ToolCall, ToolCallParser
 
 log = logging.getLogger("prima_node.generate")
+
+#: Prompt tokens evaluated per step: a cancelled request stops within one chunk.
+PREFILL_CHUNK = 256
 
 __all__ = [
     "Executor",
@@ -49,10 +53,15 @@ class Executor(Protocol):
     def n_ctx(self) -> int: ...
     @property
     def n_vocab(self) -> int: ...
+    @property
+    def path(self) -> Path: ...
     def forward(self, token_ids: Any, session: str = "default") -> np.ndarray: ...
     def n_cached(self, session: str = "default") -> int: ...
     def truncate(self, session: str, n: int) -> None: ...
     def clear(self, session: str = "default") -> None: ...
+    def drop(self, session: str) -> None: ...
+    def warm_up(self) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class GenerationOptions:
     json_schema: Mapping[str, Any] | None = None
     json_mode: bool = False  # any JSON object (OpenAI's response_format json_object)
     tool_format: str | None = None  # parse tool calls in this syntax (the template's)
-    special: bool = False  # show control tokens' text (implied by tool parsing)
+    special: bool = False  # show every control token's text
+    continuation: bool = False  # the answer continues the prompt's text (keep a leading space)
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ class Timings:
 class Finished:
     """The last event of every generation."""
 
-    finish_reason: str  # "stop" | "length" | "tool_calls"
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled"
     timings: Timings
     tokens: tuple[int, ...]  # the generated ids (end-of-generation token excluded)
     seed: int
@@ -127,6 +137,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.template = template
         self._cached: dict[str, list[int]] = {}  # the ids each session's KV cache holds
+        self._busy: set[str] = set()  # sessions with a generation under way
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, threads: int | None = None,
@@ -143,14 +155,11 @@ class Generator:
             raise
 
     @property
-    def path(self) -> Path | None:
-        p = getattr(self.executor, "path", None)
-        return Path(p) if p is not None else None
+    def path(self) -> Path:
+        return self.executor.path
 
     def close(self) -> None:
-        close = getattr(self.executor, "close", None)
-        if close is not None:
-            close()
+        self.executor.close()
 
     def __enter__(self) -> Generator:
         return self
@@ -182,9 +191,14 @@ class Generator:
     # -- sessions ---------------------------------------------------------------------------------
 
     def reset(self, session: str = "default") -> None:
-        """Forget a session's cached prefix."""
+        """Forget a session's cached prefix (its KV memory is kept for the next request)."""
         self._cached.pop(session, None)
         self.executor.clear(session)
+
+    def forget(self, session: str) -> None:
+        """Forget a session and release its KV memory."""
+        self._cached.pop(session, None)
+        self.executor.drop(session)
 
     def cached_tokens(self, session: str = "default") -> int:
         return len(self._cached.get(session, ()))
@@ -196,8 +210,7 @@ class Generator:
         new token.
         """
         cached = self._cached.get(session, [])
-        held = self.executor.n_cached(session)
-        if held != len(cached):  # someone else used the session: trust nothing
+        if self.executor.n_cached(session) != len(cached):  # used behind our back: trust nothing
             cached = []
         limit = min(len(cached), len(prompt) - 1)
         n = 0
@@ -207,16 +220,28 @@ class Generator:
         self._cached[session] = list(prompt[:n])
         return n
 
+    def _claim(self, session: str) -> None:
+        with self._lock:
+            if session in self._busy:
+                raise _busy(session)
+            self._busy.add(session)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def generate(self, prompt: Sequence[int], options: GenerationOptions | None = None, *,
-                 session: str = "default") -> Iterator[Event]:
+                 session: str = "default", cancel: Callable[[], bool] | None = None
+                 ) -> Iterator[Event]:
         """Generate from prompt ids; yield ``TextDelta`` / ``ToolCall`` events, then ``Finished``.
 
-        Everything that can be refused is checked before any token is evaluated (context length,
-        sampling fields, the schema), so a refused request leaves the session as it was. Closing
-        the iterator early (a client went away) stops at the next token and keeps the session's
-        cache consistent with what was evaluated.
+        Everything that can be refused is checked here, before the iterator is returned and
+        before any token is evaluated (context length, sampling fields, stop strings, the tool
+        syntax, the schema, a session already in use), so a server can still answer with an
+        error status and the session is left as it was.
+
+        Stopping early: closing the iterator (same thread) stops at once; ``cancel`` (polled
+        between prefill chunks and before every decode step, so another thread can stop a
+        generation) ends it with ``finish_reason == "cancelled"``. Either way the session's
+        cache stays consistent with what was evaluated, ready for the next request's prefix.
         """
         opts = options or GenerationOptions()
         prompt = [int(t) for t in prompt]
@@ -237,54 +262,80 @@ class Generator:
         opts.sampling.validate(self.tokenizer.n_vocab)
         budget = n_ctx - len(prompt)
         max_tokens = budget if opts.max_tokens is None else min(opts.max_tokens, budget)
+        stops = StopStrings(opts.stop)
+        parser = ToolCallParser(opts.tool_format)
         constraint = None
         if opts.json_schema is not None or opts.json_mode:
             schema = dict(opts.json_schema) if opts.json_schema is not None else None
             # the budget lets the constraint close the document in time rather than cut it off
             constraint = JsonConstraint.compile(self.tokenizer, schema, max_tokens=max_tokens)
-        return self._run(prompt, opts, session, constraint, max_tokens)
+        if session in self._busy:
+            raise _busy(session)
+        run = _Run(prompt, opts, max_tokens, stops, parser, constraint, cancel)
+        return self._run(run, session)
 
-    def _run(self, prompt: list[int], opts: GenerationOptions, session: str,
-             constraint: JsonConstraint | None, max_tokens: int) -> Iterator[Event]:
-        tok = self.tokenizer
+    def _run(self, run: _Run, session: str) -> Iterator[Event]:
+        self._claim(session)  # again: two iterators may have been made before either started
+        try:
+            yield from self._loop(run, session)
+        finally:
+            with self._lock:
+                self._busy.discard(session)
+
+    def _loop(self, run: _Run, session: str) -> Iterator[Event]:
+        tok, opts, prompt = self.tokenizer, run.opts, run.prompt
         t_start = time.perf_counter()
-        sampler = Sampler(opts.sampling, tok.n_vocab, constraint)
+        sampler = Sampler(opts.sampling, tok.n_vocab, run.constraint)
         sampler.feed_prompt(prompt)
-        special = opts.special or opts.tool_format is not None
-        detok = tok.stream(special=special)
-        stops = StopStrings(opts.stop)
-        parser = ToolCallParser(opts.tool_format)
+        markers = MARKER_TOKENS.get(opts.tool_format or "", ())
+        detok = tok.stream(special=opts.special, continuation=opts.continuation,
+                           show=[i for i in map(tok.token_id, markers) if i is not None])
+        stops, parser, cancelled = run.stops, run.parser, run.cancel or (lambda: False)
 
         cached = self._reuse_prefix(session, prompt)
         history = self._cached[session]
         out: list[int] = []
         reason = "length"
         stopped = saw_call = False
-        t_first = t_decode = 0.0
+        t_first = decode_s = 0.0
         steps = 0
-        logits = self._forward(prompt[cached:], session, history)
+        logits = None
+        for a in range(cached, len(prompt), PREFILL_CHUNK):
+            if cancelled():
+                reason = "cancelled"
+                break
+            logits = self._forward(prompt[a:a + PREFILL_CHUNK], session, history)
         t_prefill = time.perf_counter() - t_start
-        while True:
+        while logits is not None:
+            t0 = time.perf_counter()
+            if run.constraint is not None and run.constraint.is_complete:
+                reason = "stop"  # the document is whole: nothing else may follow
+                break
             token = sampler.sample(logits)
-            now = time.perf_counter()
             if not out:
-                t_first, t_decode = now - t_start, now
+                t_first = time.perf_counter() - t_start
             if token in tok.eog_ids:
                 reason = "stop"
                 break
             out.append(token)
             text, stopped = stops.feed(detok.feed(token))
-            for ev in parser.feed(text) if text else ():
+            events = parser.feed(text) if text else []
+            busy = time.perf_counter() - t0
+            for ev in events:  # streamed before the next step runs: no added latency
                 saw_call |= isinstance(ev, ToolCall)
                 yield ev
             if stopped:
                 reason = "stop"
                 break
-            if len(out) >= max_tokens:
+            if len(out) >= run.max_tokens:
                 break
+            if cancelled():
+                reason = "cancelled"
+                break
+            t1 = time.perf_counter()
             logits = self._forward([token], session, history)
             steps += 1
-        decode_s = time.perf_counter() - t_decode if out else 0.0
+            decode_s += busy + time.perf_counter() - t1  # not the time the consumer held us
         # what is still held back: a partial character, a partial stop string, an open call
         tail = ""
         if not stopped:
@@ -293,22 +344,45 @@ class Generator:
         for ev in [*(parser.feed(tail) if tail else ()), *parser.finish()]:
             saw_call |= isinstance(ev, ToolCall)
             yield ev
-        if saw_call:
+        if saw_call and reason != "cancelled":
             reason = "tool_calls"
         yield Finished(reason, Timings(
             prompt_tokens=len(prompt), cached_tokens=cached, prefill_s=t_prefill,
             completion_tokens=len(out), decode_s=decode_s, decode_steps=steps,
-            first_token_s=t_first),
-            tuple(out), sampler.seed)
+            first_token_s=t_first), tuple(out), sampler.seed)
 
     def _forward(self, ids: list[int], session: str, history: list[int]) -> np.ndarray:
-        """Evaluate ids after the session's cache, keeping the record of what it holds honest."""
+        """Evaluate ids after the session's cache, keeping the record of what it holds honest.
+
+        If evaluation stops part-way (Ctrl-C, an error), positions before ``history`` are intact
+        (a window only advances its count after writing), so only the partial step is cut off.
+        """
         try:
             logits = self.executor.forward(ids, session=session)
         except BaseException:
-            # a chunk may have been half-written: nothing in this session can be trusted
-            self._cached.pop(session, None)
-            self.executor.clear(session)
+            if self.executor.n_cached(session) >= len(history):
+                self.executor.truncate(session, len(history))
+            else:
+                self._cached.pop(session, None)
+                self.executor.clear(session)
             raise
         history.extend(ids)
         return logits
+
+
+def _busy(session: str) -> SessionBusyError:
+    return SessionBusyError(f"session {session!r} is already generating; wait for it to finish "
+                            "or use another session")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One request, validated: what the loop needs besides the session."""
+
+    prompt: list[int]
+    opts: GenerationOptions
+    max_tokens: int
+    stops: StopStrings
+    parser: ToolCallParser
+    constraint: JsonConstraint | None
+    cancel: Callable[[], bool] | None

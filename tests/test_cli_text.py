@@ -116,4 +116,6 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(make_model: ModelFactory) -> 
     proc.wait(timeout=120)
     assert proc.returncode == 0, seen + rest
     assert "[stopped]" in rest
-    assert [ln for ln in rest.splitlines() if ln.startswith("[prompt")], rest  # answered "Hi"
+    stats = [ln for ln in rest.splitlines() if ln.startswith("[prompt")]
+    assert len(stats) == 1, rest  # "Hi" was answered...
+    assert "from cache" in stats[0]  # ...reusing the conversation's cache that Ctrl-C kept

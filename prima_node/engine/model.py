@@ -159,6 +159,10 @@ class Model:
         """Keep a session's first ``n`` positions: the prefix cache reuses them."""
         self._require_full().truncate(session, n)
 
+    def drop(self, session: str) -> None:
+        """Release a session's KV memory."""
+        self._require_full().drop(session)
+
     @property
     def n_vocab(self) -> int:
         return self.config.n_vocab

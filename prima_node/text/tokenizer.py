@@ -388,14 +388,17 @@ class Tokenizer:
         return self.decode_bytes(ids, special=special, remove_special=remove_special,
                                  clean_spaces=clean_spaces).decode("utf-8", errors="replace")
 
-    def stream(self, *, special: bool = False) -> Detokenizer:
+    def stream(self, *, special: bool = False, show: Iterable[int] = (),
+               continuation: bool = False) -> Detokenizer:
         """An incremental decoder: ``feed(id)`` per generated token, ``flush()`` at the end.
 
+        ``show`` lists control tokens whose text appears even without ``special`` (the markers
+        a tool-call parser must see, such as ``<|python_tag|>``, and no other control text).
         The first token fed starts the text, as in ``decode``: with a SentencePiece space
-        prefix its leading space is dropped (what a chat reply wants; to continue a prompt
-        verbatim, join ``token_bytes`` instead).
+        prefix its leading space is dropped, which a chat reply wants; a ``continuation`` of a
+        prompt keeps it ("hello" + "▁there" is "hello there").
         """
-        return Detokenizer(self, special=special)
+        return Detokenizer(self, special=special, show=show, continuation=continuation)
 
     def _check_ids(self, seq: Sequence[int]) -> None:
         if seq and (min(seq) < 0 or max(seq) >= self.n_vocab):
@@ -411,14 +414,16 @@ class Detokenizer:
     and ``flush()`` equals ``Tokenizer.decode(ids, special=special)`` of the same ids.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, special: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, special: bool = False, show: Iterable[int] = (),
+                 continuation: bool = False) -> None:
         self._tok = tokenizer
         self._special = special
+        self._show = frozenset(show)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._first = True
+        self._first = not continuation
 
     def feed(self, token_id: int) -> str:
-        piece = self._tok.token_bytes(token_id, special=self._special)
+        piece = self._tok.token_bytes(token_id, special=self._special or token_id in self._show)
         if self._first:
             self._first = False
             if self._tok.add_space_prefix and piece[:1] == b" ":

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
+    "MARKER_TOKENS",
     "Event",
     "TextDelta",
     "ToolCall",
@@ -63,6 +64,14 @@ __all__ = [
 log = logging.getLogger("prima_node.text")
 
 TOOL_FORMATS = ("llama3", "hermes", "mistral")
+
+#: Texts of the tokens each syntax is written with. Where they are control tokens their text
+#: must reach the parser (llama.cpp's "preserved tokens"), while other control tokens stay hidden.
+MARKER_TOKENS: dict[str, tuple[str, ...]] = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+}
 
 
 @dataclass(frozen=True)
