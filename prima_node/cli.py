@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "{\"messages\": [...], \"tools\": [...]}")
     src.add_argument("--system", help="system prompt (replaces any in --messages)")
     src.add_argument("--tools", metavar="FILE.json", help="tools in OpenAI's shape")
+    src.add_argument("--tool-choice", default="auto", metavar="auto|required|NAME",
+                     help="auto: the model decides; required / a tool's name: the answer is "
+                          "constrained to one call (of that tool)")
     src.add_argument("--raw", action="store_true",
                      help="no chat template: the prompt is continued as plain text")
     add_sampling_args(gen)

@@ -171,6 +171,8 @@ def cmd_generate(args: argparse.Namespace, demo: Callable[[], Path]) -> int:
     if args.raw and (args.messages or args.system or args.tools):
         raise ValueError("--raw takes a --prompt only (no messages, system or tools)")
     messages, tools = _messages_from(args)
+    if args.tool_choice != "auto" and not tools:
+        raise ValueError(f"--tool-choice {args.tool_choice} needs tools (--tools or --messages)")
     opts = options_from_args(args)
     with open_generator(args, demo) as gen:
         if args.raw:
@@ -180,12 +182,19 @@ def cmd_generate(args: argparse.Namespace, demo: Callable[[], Path]) -> int:
         else:
             ids = gen.chat_prompt(messages, tools=tools or None)
             how = f"{gen.template.name} chat template"
-            if tools and gen.template.tool_format is None:
+            fmt = gen.template.tool_format
+            if tools and fmt is None:
                 print("warning: this model's chat template has no tool-call syntax: the tools "
                       "were given to the template, but calls cannot be recognised in the answer",
                       file=sys.stderr)
-            elif tools:
-                opts = dataclasses.replace(opts, tool_format=gen.template.tool_format)
+            elif tools and fmt is not None:
+                opts = dataclasses.replace(opts, tool_format=fmt)
+                if args.tool_choice != "auto":
+                    from .text.tool_grammar import tool_call_grammar
+
+                    name = None if args.tool_choice == "required" else args.tool_choice
+                    opts = dataclasses.replace(opts, grammar=tool_call_grammar(
+                        fmt, tools, gen.tokenizer, name=name))
         if not args.json:
             print(f"[{gen.path.name}: {how}; {len(ids)} prompt tokens]", file=sys.stderr,
                   flush=True)

@@ -73,6 +73,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     json_schema: Mapping[str, Any] | None = None
     json_mode: bool = False  # any JSON object (OpenAI's response_format json_object)
+    grammar: str | None = None  # a Lark grammar (llguidance), e.g. text.tool_grammar's calls
     tool_format: str | None = None  # parse tool calls in this syntax (the template's)
     special: bool = False  # show every control token's text
     continuation: bool = False  # the answer continues the prompt's text (keep a leading space)
@@ -265,7 +266,11 @@ class Generator:
         stops = StopStrings(opts.stop)
         parser = ToolCallParser(opts.tool_format)
         constraint = None
-        if opts.json_schema is not None or opts.json_mode:
+        if opts.grammar is not None:
+            if opts.json_schema is not None or opts.json_mode:
+                raise ValueError("a grammar and a JSON schema / JSON mode cannot both apply")
+            constraint = JsonConstraint.compile_lark(self.tokenizer, opts.grammar)
+        elif opts.json_schema is not None or opts.json_mode:
             schema = dict(opts.json_schema) if opts.json_schema is not None else None
             # the budget lets the constraint close the document in time rather than cut it off
             constraint = JsonConstraint.compile(self.tokenizer, schema, max_tokens=max_tokens)

@@ -59,11 +59,28 @@ def test_generate_with_messages_tools_and_a_schema(make_model: ModelFactory,
     assert out["finish_reason"] == "stop"
 
 
+def test_generate_with_a_required_tool_call(make_model: ModelFactory, tmp_path: Path) -> None:
+    path = make_model("qwen2", "tiny", "Q8_0")
+    tools = tmp_path / "tools.json"
+    # a random model never ends a string by itself: bound it so the call can finish
+    bounded = json.loads(json.dumps(TOOLS))
+    bounded[0]["function"]["parameters"]["properties"]["name"]["maxLength"] = 12
+    tools.write_text(json.dumps(bounded))
+    out = json.loads(_ok(cli("generate", "--model", str(path), "--prompt", "Hall light on",
+                             "--tools", str(tools), "--tool-choice", "HassTurnOn",
+                             "--max-tokens", "60", "--threads", "1", "--json")).stdout)
+    assert out["finish_reason"] == "tool_calls", out
+    (call,) = out["tool_calls"]
+    assert call["function"]["name"] == "HassTurnOn"
+    assert isinstance(json.loads(call["function"]["arguments"])["name"], str)
+
+
 @pytest.mark.parametrize("args,expected", [
     (("--logit-bias", "nonsense"), "TOKEN_ID=BIAS"),
     (("--top-p", "2"), "top_p"),
     (("--json-schema", "/nonexistent/schema.json"), "cannot read JSON schema"),
     (("--messages", "/nonexistent/m.json", "--prompt", "x"), "either --prompt or --messages"),
+    (("--tool-choice", "required"), "needs tools"),
 ])
 def test_generate_refuses_bad_options_in_one_line(make_model: ModelFactory,
                                                    args: tuple[str, ...], expected: str) -> None:

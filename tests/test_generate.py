@@ -281,3 +281,56 @@ def test_a_raw_continuation_keeps_the_leading_space(make_model: ModelFactory) ->
         cont, _ = run(g, ids, GenerationOptions(sampling=p, max_tokens=1, continuation=True))
         reply, _ = run(g, ids, GenerationOptions(sampling=p, max_tokens=1))
         assert (cont, reply) == (" the", "the")
+
+
+LIGHT_TOOLS = [
+    {"type": "function", "function": {
+        "name": "HassTurnOn", "description": "Turns on a device",
+        "parameters": {"type": "object",
+                       "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "area": {"enum": ["kitchen", "hall"]}},
+                       "required": ["name", "area"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "HassTurnOff", "description": "Turns off a device",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string",
+                                                                  "maxLength": 12}},
+                       "required": ["name"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("arch,fmt", [("qwen2", "hermes"), ("llama", "llama3"),
+                                      ("llama", "mistral")])
+def test_a_forced_tool_call_streams_as_one_structured_call(make_model: ModelFactory, arch: str,
+                                                           fmt: str) -> None:
+    from prima_node.text.tool_grammar import tool_call_grammar
+
+    with Generator.open(make_model(arch, "tiny", "Q8_0"), threads=1, n_ctx=1024) as g:
+        if fmt != "mistral":  # the synthetic files carry the family's real template
+            assert g.template.tool_format == fmt
+        ids = g.chat_prompt([{"role": "user", "content": "Kitchen light on"}],
+                            tools=LIGHT_TOOLS)
+        grammar = tool_call_grammar(fmt, LIGHT_TOOLS, g.tokenizer, name="HassTurnOn")
+        opts = GenerationOptions(sampling=SamplingParams(temperature=0.9, seed=5),
+                                 max_tokens=200, grammar=grammar, tool_format=fmt)
+        events = list(g.generate(ids, opts))
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    fin = events[-1]
+    assert isinstance(fin, Finished) and fin.finish_reason == "tool_calls", (text, events)
+    assert len(calls) == 1 and calls[0].name == "HassTurnOn" and text.strip() == ""
+    params = LIGHT_TOOLS[0]["function"]["parameters"]  # type: ignore[index]
+    jsonschema.validate(json.loads(calls[0].arguments), params)
+
+
+def test_forced_call_grammars_refuse_what_cannot_be_called(gen: Generator) -> None:
+    from prima_node.text.tool_grammar import tool_call_grammar
+
+    with pytest.raises(ValueError, match="no forced-call grammar"):
+        tool_call_grammar("xml", LIGHT_TOOLS, gen.tokenizer)
+    with pytest.raises(ValueError, match="named 'HassUnlock'"):
+        tool_call_grammar("hermes", LIGHT_TOOLS, gen.tokenizer, name="HassUnlock")
+    with pytest.raises(ValueError, match="needs a function with a name"):
+        tool_call_grammar("hermes", [{"type": "function"}], gen.tokenizer)
+    ids = gen.text_prompt("x")
+    with pytest.raises(ValueError, match="cannot both apply"):
+        gen.generate(ids, GenerationOptions(grammar="start: \"a\"", json_mode=True))

@@ -186,23 +186,35 @@ class _CompiledVocab:
             key = json.dumps(schema, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise SchemaError(f"the JSON schema is not valid JSON: {exc}") from None
+
+        def grammar() -> str:
+            try:
+                return str(llguidance.LLMatcher.grammar_from_json_schema(
+                    schema, defaults={"whitespace_pattern": JSON_WHITESPACE}))
+            except ValueError as exc:
+                raise SchemaError(f"invalid JSON schema: {exc}") from None
+
+        return self._matcher("json:" + key, grammar, "JSON schema")
+
+    def lark_matcher(self, lark: str) -> llguidance.LLMatcher:
+        """A fresh matcher for a grammar in llguidance's Lark dialect (JSON inside via %json)."""
+        return self._matcher("lark:" + lark, lambda: str(
+            llguidance.LLMatcher.grammar_from_lark(lark)), "grammar")
+
+    def _matcher(self, key: str, build: Any, what: str) -> llguidance.LLMatcher:
         with self._lock:
             template = self._matchers.get(key)
             if template is not None:
                 self._matchers.move_to_end(key)
                 return template.deep_copy()
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
-        except ValueError as exc:
-            raise SchemaError(f"invalid JSON schema: {exc}") from None
+        grammar = build()
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self.tokenizer)
         if is_error:
-            raise SchemaError(f"invalid JSON schema: {messages[0] if messages else 'rejected'}")
+            raise SchemaError(f"invalid {what}: {messages[0] if messages else 'rejected'}")
         template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if template.is_error():
-            raise SchemaError(f"invalid JSON schema: {template.get_error()}")
+            raise SchemaError(f"invalid {what}: {template.get_error()}")
         with self._lock:  # templates are only ever copied, and under this lock
             self._matchers[key] = template
             while len(self._matchers) > _SCHEMA_CACHE_SIZE:
@@ -306,6 +318,17 @@ class JsonConstraint:
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
         compiled = _compiled_for(vocab)
         return cls(compiled, compiled.matcher(schema), max_tokens)
+
+    @classmethod
+    def compile_lark(cls, vocab: TokenVocab, lark: str) -> JsonConstraint:
+        """Start a document of a Lark grammar (llguidance's dialect: ``%json {schema}`` embeds
+        JSON, ``<[id]>`` names a special token), e.g. a forced tool call in a model's syntax.
+
+        There is no budget look-ahead here: closing a document early needs to know it is JSON
+        throughout. Raises SchemaError for a grammar that does not compile.
+        """
+        compiled = _compiled_for(vocab)
+        return cls(compiled, compiled.lark_matcher(lark))
 
     @property
     def n_vocab(self) -> int:
