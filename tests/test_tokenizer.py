@@ -19,17 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+
+# The reference. scripts/setup always installs it: a missing one must fail, never skip quietly.
+import llama_cpp
 import pytest
 from tokenizer_corpus import SPECIAL_TEXTS, categories, corpus
 
 from prima_node.errors import ModelLoadError
 from prima_node.synth.vocab import build_vocab, bytes_to_unicode
 from prima_node.text.tokenizer import Tokenizer, supported_pre_tokenizers
-
-try:  # the reference; tests that need it skip (with the reason) when it is missing
-    import llama_cpp
-except ImportError:  # pragma: no cover
-    llama_cpp = None
 
 VT = gguf.GGUFValueType
 MODES = [(add, parse) for add in (False, True) for parse in (False, True)]
@@ -42,10 +40,6 @@ ATTR_CONTROL, ATTR_UNKNOWN, ATTR_USER_DEFINED = 1 << 3, 1 << 0, 1 << 4
 @pytest.fixture(scope="module", autouse=True)
 def _quiet_llama_cpp() -> Iterator[None]:
     """llama.cpp logs a warning per doubled BOS; keep the test output readable."""
-    if llama_cpp is None:
-        yield
-        return
-
     @llama_cpp.llama_log_callback  # type: ignore[misc]
     def quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         return None
@@ -61,8 +55,6 @@ class Ref:
     """llama.cpp's vocabulary for one file."""
 
     def __init__(self, path: Path) -> None:
-        if llama_cpp is None:
-            pytest.skip("llama-cpp-python (the reference implementation) is not installed")
         self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
