@@ -11,7 +11,6 @@ resends its history) only prefills the new suffix.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -29,8 +28,6 @@ from .text.sampler import Sampler, SamplingParams
 from .text.stops import StopStrings
 from .text.tokenizer import Tokenizer
 from .text.tool_calls import MARKER_TOKENS, TextDelta, ToolCall, ToolCallParser
-
-log = logging.getLogger("prima_node.generate")
 
 #: Prompt tokens evaluated per step: a cancelled request stops within one chunk.
 PREFILL_CHUNK = 256

@@ -27,6 +27,7 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import llguidance
@@ -201,7 +202,7 @@ class _CompiledVocab:
         return self._matcher("lark:" + lark, lambda: str(
             llguidance.LLMatcher.grammar_from_lark(lark)), "grammar")
 
-    def _matcher(self, key: str, build: Any, what: str) -> llguidance.LLMatcher:
+    def _matcher(self, key: str, build: Callable[[], str], what: str) -> llguidance.LLMatcher:
         with self._lock:
             template = self._matchers.get(key)
             if template is not None:
