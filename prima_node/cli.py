@@ -72,6 +72,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run(args, _demo_model)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.serve import cmd_serve as run
+
+    return run(args, Path(args.model) if args.model else _demo_model())
+
+
 def _demo_model() -> Path:
     from .synth.writer import write_model
 
@@ -158,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from .server.serve import add_serve_args
+
+    srv = sub.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API (a cluster of one)",
+        description="Listen at once, load the model in the background (GET /health is 503 "
+                    "until it is ready), then answer /v1/chat/completions, /v1/completions, "
+                    "/v1/models, /api/status, /api/events and /metrics. See docs/api.md.")
+    add_serve_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -201,19 +201,25 @@ class Generator:
     def cached_tokens(self, session: str = "default") -> int:
         return len(self._cached.get(session, ()))
 
+    def reusable_prefix(self, session: str, prompt: Sequence[int]) -> int:
+        """How many of ``prompt``'s tokens the session's cache could serve (a server picks the
+        session with the longest one for each request)."""
+        cached = self._cached.get(session, ())
+        limit = min(len(cached), len(prompt) - 1)
+        n = 0
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n
+
     def _reuse_prefix(self, session: str, prompt: Sequence[int]) -> int:
         """Cut the session's cache back to its common prefix with ``prompt``; its length.
 
         At least the prompt's last token is always evaluated again: its logits choose the first
         new token.
         """
-        cached = self._cached.get(session, [])
-        if self.executor.n_cached(session) != len(cached):  # used behind our back: trust nothing
-            cached = []
-        limit = min(len(cached), len(prompt) - 1)
-        n = 0
-        while n < limit and cached[n] == prompt[n]:
-            n += 1
+        if self.executor.n_cached(session) != len(self._cached.get(session, ())):
+            self._cached.pop(session, None)  # used behind our back: trust nothing
+        n = self.reusable_prefix(session, prompt)
         self.executor.truncate(session, n)
         self._cached[session] = list(prompt[:n])
         return n

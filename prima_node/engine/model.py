@@ -18,6 +18,7 @@ from ..arch.config import ModelConfig, load_config
 from ..errors import ContextOverflowError, ModelLoadError
 from ..kernels import Weight
 from ..model_file import ModelFile
+from ..quant_types import type_name
 from . import ops
 from .window import LayerWindow, _vector
 
@@ -87,6 +88,34 @@ class Model:
     @property
     def path(self) -> Path:
         return self.file.path
+
+    def describe(self) -> dict[str, Any]:
+        """What a status page shows about the model (plain JSON values)."""
+        cfg, mf = self.config, self.file
+        by_type: dict[str, int] = {}
+        n_params = 0
+        for t in mf.tensors.values():
+            name = type_name(t.qtype)
+            by_type[name] = by_type.get(name, 0) + t.n_bytes
+            n_params += int(np.prod(t.shape))
+        return {
+            "name": mf.get("general.name") or self.path.stem,
+            "file": self.path.name,
+            "path": str(self.path),
+            "size_bytes": mf.size,
+            "architecture": cfg.arch.name,
+            "n_params": n_params,
+            "n_layers": cfg.n_layer,
+            "n_embd": cfg.n_embd,
+            "n_vocab": cfg.n_vocab,
+            "n_ctx_train": cfg.n_ctx_train,
+            "n_ctx": self.n_ctx,
+            # the quant type holding most of the bytes names the file's kind (Q4_K, Q8_0, ...)
+            "quant": max(by_type, key=lambda k: by_type[k]) if by_type else None,
+            "tensor_bytes_by_type": by_type,
+            "kv_bytes_per_token": 2 * cfg.n_layer * cfg.n_embd_kv
+            * np.dtype(self.kv_dtype).itemsize,
+        }
 
     # -- the three steps of a forward pass --------------------------------------------------
 

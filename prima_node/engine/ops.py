@@ -88,7 +88,7 @@ def _kv_value(v):  # numba compares this signature with the implementations: no 
     return same
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def attend(q, kc, vc, pos, scale, out):
     """Causal attention of queries q (T, H, D) over the caches (Hkv, n_ctx, D).
 

@@ -15,7 +15,7 @@ from numba import njit, prange
 from .. import _jit_cache  # noqa: F401  (must precede the compiled functions)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _read_all(buf, chunks):
     n = buf.size
     step = (n + chunks - 1) // chunks

@@ -65,7 +65,7 @@ def _deq(kind, w8, wi8, w16, rb, out, k, n16, n32):
         blocks.deq_bf16(w16, rb, out, k)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def group_sums16(x, xs16):
     """Sums of x over consecutive groups of 16 (shared by every row of a matvec)."""
     for g in range(xs16.size):
@@ -75,7 +75,7 @@ def group_sums16(x, xs16):
         xs16[g] = s
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def matvec(kind, w8, wi8, w16, row_bytes, x, out, n16, n32):
     """out[r] = W[r, :] . x for every row (decode: one token)."""
     k = x.size
@@ -85,7 +85,7 @@ def matvec(kind, w8, wi8, w16, row_bytes, x, out, n16, n32):
         out[r] = _dot(kind, w8, wi8, w16, r * row_bytes, x, xs16, k, n16, n32)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def matmul_fused(kind, w8, wi8, w16, row_bytes, X, out, n16, n32):
     """out[t, r] = W[r, :] . X[t, :] for a few tokens, one fused pass over the weights.
 
@@ -104,7 +104,7 @@ def matmul_fused(kind, w8, wi8, w16, row_bytes, X, out, n16, n32):
                              n32)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def dequant_rows(kind, w8, wi8, w16, row_bytes, r0, out, n16, n32):
     """Rows r0 .. r0 + len(out) of W as float32 (a tile for the BLAS prefill path).
 

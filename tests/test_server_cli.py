@@ -1,0 +1,118 @@
+"""``prima-node serve`` as a user starts it: bad options and files are one clear line, a model
+that cannot be loaded leaves the server up saying why, and SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ModelFactory
+
+SERVE = [sys.executable, "-m", "prima_node.cli", "serve"]
+
+
+def run_serve(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SERVE, *args, "--state-dir", str(tmp)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_help_explains_every_option() -> None:
+    out = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=60).stdout
+    for option in ("--model", "--host", "--port", "--api-key", "--api-key-file", "--ctx",
+                   "--threads", "--queue-limit", "--cache-slots", "--state-dir", "--log-level"):
+        assert option in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--ctx", "4"], "--ctx must be between"),
+    (["--cache-slots", "0"], "--cache-slots must be between"),
+    (["--api-key-file", "/nonexistent/key"], "cannot read the API key file"),
+])
+def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
+                                            make_model: ModelFactory) -> None:
+    if "--model" not in args:
+        args = [*args, "--model", str(make_model())]
+    res = run_serve(*args, tmp=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_truncated_model_is_refused_before_listening(tmp_path: Path,
+                                                       make_model: ModelFactory) -> None:
+    data = make_model().read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[: len(data) // 2])
+    res = run_serve("--model", str(bad), "--port", "0", tmp=tmp_path)
+    assert res.returncode == 2 and "cut.gguf" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path, make_model: ModelFactory) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = run_serve("--model", str(make_model()), "--port", str(port), tmp=tmp_path)
+    assert res.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr
+
+
+def _get(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_model_that_fails_to_load_leaves_the_server_up_saying_why(
+        tmp_path: Path, make_model: ModelFactory) -> None:
+    """The header is fine, the architecture is not: the failure is only found while loading,
+    and Home Assistant must still be able to show it rather than see a dead node."""
+    data = make_model().read_bytes()
+    i = data.index(b"general.architecture")
+    j = data.index(b"llama", i)
+    bad = tmp_path / "odd-arch.gguf"
+    bad.write_bytes(data[:j] + b"lxama" + data[j + 5:])
+    proc = subprocess.Popen([*SERVE, "--model", str(bad), "--port", "0", "--state-dir",
+                             str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        port = None
+        for line in proc.stderr:
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port is not None
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            code, body = _get(f"{base}/health")
+            if body.get("status") != "loading" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert code == 503 and body["status"] == "failed"
+        assert "lxama" in str(body["error"]) and "not supported" in str(body["error"])
+        code, status = _get(f"{base}/api/status")
+        assert code == 200 and status["state"] == "failed"
+        req = urllib.request.Request(f"{base}/v1/chat/completions", method="POST", data=json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        err = json.loads(info.value.read())["error"]
+        assert info.value.code == 503 and err["code"] == "model_failed" and "lxama" in err["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
