@@ -142,8 +142,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = "not_found" if exc.status == 404 else "invalid_request_error"
-        message = (f"no such endpoint: {request.method} {request.path}" if exc.status == 404
-                   else exc.reason)
+        message = {
+            404: f"no such endpoint: {request.method} {request.path} (see /openapi.json)",
+            405: f"{request.path} does not take {request.method} (see /openapi.json)",
+            413: f"the request body is larger than {MAX_BODY_BYTES // (1 << 20)} MiB",
+        }.get(exc.status, exc.text if exc.text and exc.text != exc.reason else exc.reason)
+        if request.path == "/api/events" and exc.status == 400:
+            message = "GET /api/events is a websocket: connect with a websocket client"
         resp = _error_response(RequestError(message, status=exc.status, type=kind,
                                             code=exc.reason.lower().replace(" ", "_")))
     except (asyncio.CancelledError, ConnectionResetError):

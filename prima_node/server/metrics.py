@@ -140,7 +140,7 @@ class ServerMetrics:
             "prima_requests_total", "HTTP API requests answered, by endpoint and status code."))
         self.finished = r.add(Counter(
             "prima_generations_total", "Generations finished, by finish reason "
-            "(stop, length, tool_calls, cancelled: the client went away, error)."))
+            "(stop, length, tool_calls; cancelled: the client went away or the node stopped)."))
         self.prompt_tokens = r.add(Counter(
             "prima_prompt_tokens_total", "Prompt tokens of finished generations."))
         self.completion_tokens = r.add(Counter(

@@ -56,6 +56,8 @@ def chat_prompt(gen: Generator, req: ChatRequest) -> tuple[list[int], Generation
     except ChatTemplateError as exc:
         raise RequestError(f"the model's chat template refused the conversation: {exc}",
                            param="messages", code="chat_template_error") from None
+    except ValueError as exc:  # a message the template cannot be given (e.g. bad arguments)
+        raise RequestError(str(exc), param="messages") from None
     if tools and fmt is not None:
         opts = dataclasses.replace(opts, tool_format=fmt)
         if req.tool_choice in ("required", "function"):

@@ -120,7 +120,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise RequestError("echo is not supported", param="echo")
     if body.get("suffix") not in (None, ""):
         raise RequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
-    if body.get("best_of") not in (None, 1):
+    if body.get("best_of") is not None and (not _is_int(body["best_of"]) or body["best_of"] != 1):
         raise RequestError("best_of must be 1 (one sequence is generated per request)",
                            param="best_of")
     return CompletionRequest(**common, prompt=_prompt(body.get("prompt")))
@@ -144,7 +144,7 @@ def _common(body: Mapping[str, Any], *, max_tokens_fields: tuple[str, ...],
             raise RequestError("stream_options is only allowed with stream: true",
                                param="stream_options")
         include_usage = _bool(options, "include_usage", False, prefix="stream_options.")
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and (not _is_int(body["n"]) or body["n"] != 1):
         raise RequestError("n must be 1: one answer is generated per request", param="n")
     if body.get("logprobs") not in (None, False, 0):
         raise RequestError("logprobs is not supported (log-probabilities are not returned)",

@@ -145,6 +145,7 @@ class Runtime:
                                status=429, type="rate_limit_error", code="queue_full")
         t0 = time.perf_counter()
         self.waiting += 1
+        self._on_change()
         try:
             await self._turn.acquire()
         finally:
@@ -160,6 +161,7 @@ class Runtime:
             self._jobs.discard(job)
             self.running -= 1
             self._turn.release()
+            self._on_change()  # the queue's figures changed: subscribers see it idle
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the model thread (after whatever is running there)."""

@@ -125,6 +125,9 @@ async def _serve(config: ServerConfig, threads: int | None) -> int:
     for sock in getattr(site._server, "sockets", None) or ():  # the port chosen for --port 0
         port = sock.getsockname()[1]
         break
+    from .app import STATUS
+
+    app[STATUS].port = port
     host = f"[{config.host}]" if ":" in config.host else config.host
     _LOG.info("listening on http://%s:%d (OpenAI API at /v1, status at /api/status)", host, port)
     stop = asyncio.Event()
