@@ -112,7 +112,8 @@ def test_a_model_that_fails_to_load_leaves_the_server_up_saying_why(
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=10)
         err = json.loads(info.value.read())["error"]
-        assert info.value.code == 503 and err["code"] == "model_failed" and "lxama" in err["message"]
+        assert info.value.code == 503 and err["code"] == "model_failed"
+        assert "lxama" in err["message"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

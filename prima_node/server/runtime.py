@@ -187,13 +187,19 @@ class Runtime:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        def finish(ev: Finished) -> None:
+            if on_finished is not None:
+                on_finished(ev)  # counted before the client can see the end of its answer
+            queue.put_nowait(ev)
+
         def pump() -> None:
             try:
                 for ev in events:
-                    put(ev)
-                    if on_finished is not None and isinstance(ev, Finished):
+                    if isinstance(ev, Finished):
                         with contextlib.suppress(RuntimeError):
-                            loop.call_soon_threadsafe(on_finished, ev)
+                            loop.call_soon_threadsafe(finish, ev)
+                    else:
+                        put(ev)
             except BaseException as exc:
                 put(_Failed(exc))
             finally:
