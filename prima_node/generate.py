@@ -87,10 +87,13 @@ class Timings:
     decode_s: float  # from the first sampled token to the end
     decode_steps: int  # forward passes after the prefill (one per generated token fed back)
     first_token_s: float  # request start to the first sampled token
+    #: prompt tokens evaluated (fewer than prompt - cached when cancelled during the prefill)
+    prefill_tokens: int | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
+        n = self.prompt_tokens - self.cached_tokens if self.prefill_tokens is None \
+            else self.prefill_tokens
         return n / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
@@ -167,7 +170,7 @@ class Generator:
 
     # -- prompts --------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], *,
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], /, *,
                     tools: Sequence[Mapping[str, Any]] | None = None,
                     add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template.
@@ -306,14 +309,17 @@ class Generator:
         reason = "length"
         stopped = saw_call = False
         t_first = decode_s = 0.0
-        steps = 0
+        steps = prefilled = 0
         logits = None
         for a in range(cached, len(prompt), PREFILL_CHUNK):
             if cancelled():
                 reason = "cancelled"
                 break
             logits = self._forward(prompt[a:a + PREFILL_CHUNK], session, history)
+            prefilled += len(prompt[a:a + PREFILL_CHUNK])
         t_prefill = time.perf_counter() - t_start
+        if reason == "cancelled":
+            logits = None  # a prompt cut short chooses no token
         while logits is not None:
             t0 = time.perf_counter()
             if run.constraint is not None and run.constraint.is_complete:
@@ -357,7 +363,7 @@ class Generator:
         yield Finished(reason, Timings(
             prompt_tokens=len(prompt), cached_tokens=cached, prefill_s=t_prefill,
             completion_tokens=len(out), decode_s=decode_s, decode_steps=steps,
-            first_token_s=t_first), tuple(out), sampler.seed)
+            first_token_s=t_first, prefill_tokens=prefilled), tuple(out), sampler.seed)
 
     def _forward(self, ids: list[int], session: str, history: list[int]) -> np.ndarray:
         """Evaluate ids after the session's cache, keeping the record of what it holds honest.

@@ -241,6 +241,31 @@ def test_another_thread_can_cancel_a_generation(gen: Generator) -> None:
     assert gen.executor.n_cached("m") == 0
 
 
+def test_a_generation_cancelled_during_its_prefill_samples_nothing(
+        gen: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits of a prompt cut short must not choose a token (it could even end a JSON answer
+    or match a stop string and turn the cancellation into a normal finish)."""
+    from prima_node import generate as generate_module
+
+    chunk = 32
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", chunk)
+    ids = gen.text_prompt("The garden and the kitchen " * 10)
+    assert len(ids) > 2 * chunk
+    polls = 0
+
+    def after_one_chunk() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 1
+
+    events = list(gen.generate(ids, GenerationOptions(sampling=GREEDY), session="p",
+                               cancel=after_one_chunk))
+    assert len(events) == 1 and isinstance(events[0], Finished)
+    fin = events[0]
+    assert (fin.finish_reason, fin.tokens, fin.timings.completion_tokens) == ("cancelled", (), 0)
+    assert fin.timings.prefill_tokens == chunk == gen.cached_tokens("p")
+
+
 def test_a_finished_json_document_ends_the_answer_even_without_an_end_token(
         gen: Generator) -> None:
     ids = gen.chat_prompt([{"role": "user", "content": "Report the light."}])

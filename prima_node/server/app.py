@@ -103,6 +103,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
 
     async def shutdown(app: web.Application) -> None:
         hub.close()
+        runtime.stop_accepting()  # queued requests get 503 instead of running
         runtime.cancel_all()
 
     async def cleanup(app: web.Application) -> None:
@@ -192,10 +193,17 @@ def _endpoint(request: web.Request) -> str:
 
 async def _json_body(request: web.Request) -> Any:
     # any Content-Type, as llama.cpp's server (curl -d sends form-urlencoded): the body decides
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.HTTPException:
+        raise  # 413: too large
+    except Exception as exc:  # e.g. a Content-Encoding the body does not have
+        raise RequestError(f"the body cannot be read: {exc}", code="invalid_body") from None
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise RequestError("the body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise RequestError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 

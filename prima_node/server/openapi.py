@@ -19,6 +19,8 @@ API_VERSION = "1"
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1000
+MAX_REPEAT_LAST_N = 1 << 20
 
 _FINISH_REASONS = ["stop", "length", "tool_calls"]
 _STATES = ["loading", "ready", "failed", "stopping"]
@@ -89,7 +91,8 @@ def _sampling_fields() -> dict[str, Schema]:
                                exclusiveMinimum=0, default=1.0),
         "repeat_last_n": _opt("integer", "How many recent tokens the repeat, presence and "
                               "frequency penalties look at; -1: all, 0: penalties off "
-                              "(llama.cpp extension).", minimum=-1, default=64),
+                              "(llama.cpp extension).", minimum=-1, maximum=MAX_REPEAT_LAST_N,
+                              default=64),
         "presence_penalty": _opt("number", "Subtracted from the logit of every token seen in "
                                  "the last repeat_last_n.", minimum=-2, maximum=2, default=0.0),
         "frequency_penalty": _opt("number", "Subtracted from a token's logit once per time it "
@@ -123,9 +126,10 @@ def _common_fields(*, max_tokens: Schema) -> dict[str, Schema]:
         "max_tokens": max_tokens,
         "stop": {"description": f"Up to {MAX_STOP_STRINGS} strings that end the answer; the "
                  "stop string itself is not part of the answer.",
-                 "anyOf": [{"type": "string", "minLength": 1},
+                 "anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH},
                            {"type": "array", "maxItems": MAX_STOP_STRINGS,
-                            "items": {"type": "string", "minLength": 1}},
+                            "items": {"type": "string", "minLength": 1,
+                                      "maxLength": MAX_STOP_LENGTH}},
                            {"type": "null"}]},
         **_sampling_fields(),
         "n": _opt("integer", "Answers per request: only 1 (one sequence is generated).",

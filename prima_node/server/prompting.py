@@ -77,6 +77,10 @@ def completion_prompt(gen: Generator, req: CompletionRequest
     opts = dataclasses.replace(_options(req), continuation=True)
     if isinstance(req.prompt, str):
         return gen.text_prompt(req.prompt), opts
+    bad = [t for t in req.prompt if not 0 <= t < gen.tokenizer.n_vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} in the prompt is outside the vocabulary "
+                           f"(0..{gen.tokenizer.n_vocab - 1})", param="prompt")
     return list(req.prompt), opts
 
 
@@ -98,6 +102,8 @@ def start(runtime: Runtime, gen: Generator, req: ChatRequest | CompletionRequest
     slot = runtime.choose_slot(gen, ids, cache_key=req.cache_key, reuse=req.cache_prompt)
     try:
         events = gen.generate(ids, opts, session=slot, cancel=cancelled.is_set)
+        if not req.cache_prompt:
+            gen.reset(slot)  # only once the request is accepted: a refusal keeps the slot
     except ContextOverflowError as exc:
         raise RequestError(str(exc), param=where, code="context_length_exceeded") from None
     except SchemaError as exc:

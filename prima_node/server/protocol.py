@@ -35,6 +35,8 @@ _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1000  # characters; a stop string is a marker, not a document
+MAX_REPEAT_LAST_N = 1 << 20
 
 
 class RequestError(Exception):
@@ -193,9 +195,10 @@ def _sampling(body: Mapping[str, Any]) -> SamplingParams:
         values["repeat_penalty"] = float(rp)
     last_n = body.get("repeat_last_n")
     if last_n is not None:
-        if not _is_int(last_n) or last_n < -1:
-            raise RequestError("repeat_last_n must be an integer >= -1 (-1: all tokens, 0: off)"
-                               f", got {last_n!r}", param="repeat_last_n")
+        if not _is_int(last_n) or not -1 <= last_n <= MAX_REPEAT_LAST_N:
+            raise RequestError(f"repeat_last_n must be an integer in [-1, {MAX_REPEAT_LAST_N}] "
+                               f"(-1: all tokens, 0: off), got {last_n!r}",
+                               param="repeat_last_n")
         values["repeat_last_n"] = last_n
     seed = body.get("seed")
     if seed is not None:
@@ -230,6 +233,9 @@ def _stop(value: Any) -> tuple[str, ...]:
                            "strings", param="stop")
     if any(s == "" for s in items):
         raise RequestError("stop strings must not be empty", param="stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in items):
+        raise RequestError(f"stop strings are at most {MAX_STOP_LENGTH} characters long",
+                           param="stop")
     return tuple(items)
 
 
@@ -312,7 +318,8 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> tuple[str, str | No
             raise RequestError("tool_choice 'required' needs tools", param="tool_choice")
         return str(value), None
     if isinstance(value, dict) and value.get("type") == "function":
-        name = (value.get("function") or {}).get("name")
+        fn = value.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str):
             raise RequestError("tool_choice.function.name is required", param="tool_choice")
         if name not in {t["function"]["name"] for t in tools}:

@@ -167,6 +167,11 @@ class Runtime:
         """Run ``fn`` on the model thread (after whatever is running there)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def stop_accepting(self) -> None:
+        """The node is stopping: whoever waits for a turn is told so (503) instead of served."""
+        if self.state != STOPPING:
+            self._set_state(STOPPING)
+
     def cancel_all(self) -> None:
         for job in list(self._jobs):
             job.cancel()
@@ -237,14 +242,12 @@ class Runtime:
             slot = keyed
         else:
             slot = min(self.slots, key=lambda s: self._last_use[s])
-        if not reuse:
-            gen.reset(slot)
         self._last_use[slot] = time.monotonic()
         if cache_key:
-            self._key_slot[cache_key] = slot
-            if len(self._key_slot) > 1024:  # keep the map bounded: forget the oldest keys
-                for old in list(self._key_slot)[:512]:
-                    del self._key_slot[old]
+            self._key_slot.pop(cache_key, None)
+            self._key_slot[cache_key] = slot  # most recently used last
+            while len(self._key_slot) > 1024:  # bounded: forget the least recently used key
+                del self._key_slot[next(iter(self._key_slot))]
         return slot
 
     def kv_tokens(self) -> int:

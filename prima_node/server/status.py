@@ -151,8 +151,10 @@ class StatusHub:
 
     def close(self) -> None:
         for q in list(self._queues):
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(None)
+            if q.full():  # the stop signal must get through: drop an update for it
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+            q.put_nowait(None)
 
 
 def _iso(t: float) -> str:

@@ -85,8 +85,9 @@ class ChatTemplate:
     eos_token: str
     tool_format: str | None
 
-    def render(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
-               add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def render(self, messages: list[dict[str, Any]], /, *,
+               tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:
         """Render a conversation (OpenAI message shape) into prompt text.
 
         ``tools`` are OpenAI tool definitions (``{"type": "function", "function": {...}}``) and
@@ -104,7 +105,7 @@ class ChatTemplate:
         variables["tools"] = _plain(list(tools), "tools") if tools else None
         variables["add_generation_prompt"] = bool(add_generation_prompt)
         try:
-            return compiled.render(**variables)
+            return compiled.render(variables)  # a dict: a variable named "self" is fine
         except _TemplateRaised as exc:
             raise ChatTemplateError(exc.message or "the chat template refused the conversation") \
                 from None

@@ -24,8 +24,6 @@ class StopStrings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"every stop string must be a non-empty string, got {s!r}")
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
-        # Every proper prefix of a stop string: text ending in one of these may yet become a stop.
-        self._prefixes = frozenset(s[:i] for s in self.stops for i in range(1, len(s)))
         self._longest_prefix = max((len(s) - 1 for s in self.stops), default=0)
         self._held = ""
         self.hit: str | None = None  # the stop string found, once one was
@@ -68,8 +66,18 @@ class StopStrings:
         return end + neg_len, stop
 
     def _held_back(self, buf: str) -> int:
-        """Length of the longest suffix of ``buf`` that is a proper prefix of a stop string."""
-        for n in range(min(self._longest_prefix, len(buf)), 0, -1):
-            if buf[len(buf) - n:] in self._prefixes:
-                return n
-        return 0
+        """Length of the longest suffix of ``buf`` that is a proper prefix of a stop string.
+
+        Only positions holding a stop string's first character are tried, longest suffix first,
+        so the work stays small and no table of prefixes is built (a long stop string would
+        make one quadratic in its length).
+        """
+        best = 0
+        for s in self.stops:
+            i = buf.find(s[0], max(0, len(buf) - (len(s) - 1)))
+            while i != -1 and len(buf) - i > best:
+                if s.startswith(buf[i:]):
+                    best = len(buf) - i
+                    break
+                i = buf.find(s[0], i + 1)
+        return best
