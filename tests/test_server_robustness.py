@@ -107,6 +107,13 @@ def test_sigterm_refuses_the_queue_instead_of_running_it(make_model: ModelFactor
                                                          tmp_path: Path) -> None:
     path = make_model(preset="small", quant="Q8_0")  # slow enough to keep a queue
     srv = ServerProcess(path, tmp_path, ctx=4096).start()
+    try:
+        _check_sigterm_with_a_queue(srv, path)
+    finally:
+        srv.kill()  # no-op once it has exited; a failed check must not leave it running
+
+
+def _check_sigterm_with_a_queue(srv: ServerProcess, path: Path) -> None:
     srv.wait_ready()
     never_end = {str(t): -100 for t in Tokenizer.open(path).eog_ids}
     results: list[tuple[int, bytes]] = []
