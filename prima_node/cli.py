@@ -78,6 +78,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args, Path(args.model) if args.model else _demo_model())
 
 
+def cmd_model_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .planner.model_profile import ModelProfile, from_published
+
+    if (args.model is None) == (args.published is None):
+        raise ValueError("give a GGUF file (or a profile JSON) or --published NAME")
+    profile = (from_published(args.published, args.quant) if args.published
+               else ModelProfile.load(args.model))
+    if args.json:
+        print(json.dumps(profile.to_json(), indent=1))
+        return 0
+    gb = 1e9
+    weights = profile.to_json()["summary"]["weights_bytes"]
+    print(f"{profile.name} ({profile.architecture}, {profile.quant}, {profile.source})")
+    print(f"  weights {weights / gb:.2f} GB: {profile.n_layer} layers of "
+          f"{profile.mean_layer_bytes / 1e6:.1f} MB on average, embedding "
+          f"{profile.embedding_bytes / 1e6:.1f} MB ({profile.embedding_type}), output "
+          f"{profile.output_bytes / 1e6:.1f} MB")
+    layer = profile.layers[0]
+    mix = ", ".join(f"{t} {b / 1e6:.1f} MB" for t, b in layer.bytes_by_type.items())
+    print(f"  layer 0: {mix}; {layer.flops / 1e9:.2f} GFLOP per token")
+    kv = profile.kv_bytes_per_layer(args.ctx)
+    print(f"  KV cache (f16) for {args.ctx} positions: {kv / 1e6:.1f} MB per layer, "
+          f"{kv * profile.n_layer / gb:.2f} GB in all")
+    print(f"  per ring hop and token: {profile.activation_bytes(4)} bytes (float32 hidden state)")
+    return 0
+
+
 def _demo_model() -> Path:
     from .synth.writer import write_model
 
@@ -164,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    mp = sub.add_parser(
+        "model-profile", help="what a model costs per layer (bytes, FLOPs, KV cache), for plans",
+        description="Read a GGUF file's tensor table (no weights are read), or compute the "
+                    "profile of a published model's shapes quantised the way llama.cpp does.")
+    mp.add_argument("model", nargs="?", help="GGUF file or a model profile JSON")
+    mp.add_argument("--published", metavar="NAME",
+                    help="a published model instead of a file: llama3-8b, llama3-70b, "
+                         "deepseek-r1-distill-llama-70b, qwen2.5-32b, qwq-32b, qwen2.5-72b")
+    mp.add_argument("--quant", default="Q4_K_M", help="file type for --published")
+    mp.add_argument("--ctx", type=int, default=4096, help="context for the KV-cache figures")
+    mp.add_argument("--json", action="store_true", help="print the exchange format")
+    mp.set_defaults(func=cmd_model_profile)
 
     from .server.serve import add_serve_args
 

@@ -66,7 +66,9 @@ def llama3_rope_factors(n_rot: int, base: float, factor: float = 32.0, low: floa
     return np.asarray(out, dtype=np.float32)
 
 
-def _plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
+def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
+    """Every tensor of a model with these shapes (names and numpy shapes as llama.cpp's
+    converter writes them; rope_freqs aside), with the spread the synthetic writer draws."""
     spec = ARCHITECTURES[arch]
     e, hd = p.n_embd, p.n_embd // p.n_head
     nq, nkv = p.n_head * hd, p.n_head_kv * hd
@@ -132,7 +134,7 @@ def write_model(
     n_vocab = voc.n_vocab
     hd = p.n_embd // p.n_head
     base = ROPE_BASE[arch] if vocab == "bpe" else 10000.0
-    plans = _plan(arch, p, n_vocab)
+    plans = tensor_plan(arch, p, n_vocab)
     rope_factors = None
     if arch == "llama" and vocab == "bpe":  # Llama 3.1+ files carry the llama3 RoPE factors
         rope_factors = llama3_rope_factors(hd, base)

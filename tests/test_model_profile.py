@@ -1,0 +1,111 @@
+"""Model profiles: what the planner believes a model costs must be what the file really holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prima_node.model_file import ModelFile
+from prima_node.planner.model_profile import (
+    PUBLISHED,
+    ModelProfile,
+    PublishedModel,
+    from_gguf,
+    from_published,
+    from_shapes,
+)
+from prima_node.synth.presets import PRESETS
+from tests.conftest import ModelFactory
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+
+#: Sizes of the Q4_K_M files as published on Hugging Face (bartowski / Qwen), in bytes / 1e9;
+#: the file adds its metadata and vocabulary (a few MB) to the weights.
+PUBLISHED_FILE_GB = {"llama3-8b": 4.92, "llama3-70b": 42.52, "qwen2.5-32b": 19.85,
+                     "qwen2.5-72b": 47.42}
+
+
+@pytest.mark.parametrize(("arch", "preset", "quant"), [
+    ("llama", "small", "Q4_K_M"), ("qwen2", "small", "Q8_0"), ("qwen3", "tiny", "Q6_K"),
+    ("llama", "tiny", "F16"),
+])
+def test_a_files_profile_is_its_tensor_table(make_model: ModelFactory, arch: str, preset: str,
+                                             quant: str) -> None:
+    path = make_model(arch, preset, quant)
+    profile = from_gguf(path)
+    mf = ModelFile.open(path)
+    try:
+        tensors = list(mf.tensors.values())
+        in_layers = sum(t.n_bytes for t in tensors if t.name.startswith("blk."))
+        assert sum(layer.bytes for layer in profile.layers) == in_layers
+        emb = mf.tensor("token_embd.weight")
+        assert profile.embedding_bytes == emb.n_bytes
+        assert profile.file_bytes == path.stat().st_size
+    finally:
+        mf.close()
+    p = PRESETS[preset]
+    assert (profile.n_layer, profile.n_embd, profile.n_vocab) == (p.n_layer, p.n_embd, p.n_vocab)
+    # the same shapes computed without the file give the same layers (the published path)
+    shapes = PublishedModel("x", arch, p.n_layer, p.n_embd, p.n_head, p.n_head_kv, p.n_ff,
+                            p.n_vocab, p.n_ctx_train, tied=p.tied)
+    computed = from_shapes(shapes, quant)
+    assert computed.layers == profile.layers
+    assert computed.output_bytes == profile.output_bytes
+
+
+def test_flops_count_every_matmul_twice_per_weight(make_model: ModelFactory) -> None:
+    profile = from_gguf(make_model("llama", "tiny", "F16"))
+    p = PRESETS["tiny"]
+    hd = p.n_embd // p.n_head
+    weights = (p.n_embd * p.n_head * hd * 2 + 2 * p.n_embd * p.n_head_kv * hd
+               + 3 * p.n_embd * p.n_ff)
+    assert sum(profile.layers[0].flops_by_type.values()) == 2 * weights
+    assert profile.kv_bytes_per_layer(100) == 2 * p.n_head_kv * hd * 100 * 2
+    assert profile.activation_bytes() == 4 * p.n_embd
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FILE_GB))
+def test_published_profiles_match_the_published_file_sizes(name: str) -> None:
+    weights = from_published(name).to_json()["summary"]["weights_bytes"]
+    published = PUBLISHED_FILE_GB[name] * 1e9
+    assert published - 0.03e9 < weights <= published + 0.005e9, weights / 1e9
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_example_profiles_are_what_the_code_computes(name: str) -> None:
+    shipped = json.loads((EXAMPLES / f"{name}-q4_k_m.json").read_text())
+    assert shipped == json.loads(json.dumps(from_published(name).to_json()))
+    assert ModelProfile.from_json(shipped) == from_published(name)
+
+
+def test_a_profile_loads_from_json_or_gguf_and_refuses_garbage(make_model: ModelFactory,
+                                                               tmp_path: Path) -> None:
+    path = make_model()
+    doc = from_gguf(path).to_json()
+    j = tmp_path / "m.json"
+    j.write_text(json.dumps(doc))
+    assert ModelProfile.load(j) == ModelProfile.load(path)
+    for bad, words in [({"format": "other"}, "not a model profile"),
+                       ({**doc, "layers": doc["layers"][:1]}, "lists 1 layers"),
+                       ({k: v for k, v in doc.items() if k != "n_embd"}, "incomplete")]:
+        j.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=words):
+            ModelProfile.load(j)
+    with pytest.raises(ValueError, match="unknown published model"):
+        from_published("llama9-1t")
+
+
+def test_the_cli_prints_a_summary_and_the_exchange_format(make_model: ModelFactory) -> None:
+    cmd = [sys.executable, "-m", "prima_node.cli", "model-profile"]
+    out = subprocess.run([*cmd, "--published", "llama3-70b"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert "80 layers" in out and "42.51 GB" in out
+    doc = json.loads(subprocess.run([*cmd, str(make_model()), "--json"], capture_output=True,
+                                    text=True, timeout=60, check=True).stdout)
+    assert ModelProfile.from_json(doc) == from_gguf(make_model())
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--published" in res.stderr
