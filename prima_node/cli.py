@@ -7,6 +7,7 @@ only genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -107,6 +108,38 @@ def cmd_model_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .device.profile import profile_device
+
+    prof = profile_device(args.model, threads=args.threads, refresh=args.refresh,
+                          cache_dir=Path(os.environ.get("PRIMA_PROFILE_CACHE") or
+                                         Path.home() / ".cache" / "prima" / "profiles"),
+                          progress=_progress("profiling this device"))
+    if args.json:
+        print(json.dumps(prof.to_json(), indent=1))
+        return 0
+    gb = 1e9
+    mem = prof.memory
+    print(f"{prof.name}: {prof.os} {prof.machine}, {prof.cpu}, {prof.cores} cores "
+          f"({prof.threads} threads used)")
+    print(f"  memory: {mem['available'] / gb:.2f} GB available of {mem['total'] / gb:.2f} GB "
+          f"({mem['source']}), swap {mem['swap_free'] / gb:.2f} GB free")
+    print(f"  memory read: {prof.memory_read_gbps:.1f} GB/s")
+    if prof.disk:
+        d = prof.disk
+        print(f"  disk under the model: {d['sequential_bytes_per_s'] / 1e6:.0f} MB/s sequential, "
+              f"{d['random_bytes_per_s'] / 1e6:.0f} MB/s random {d['random_block']} B reads "
+              "(cold)")
+    for t, k in prof.kernels.items():
+        print(f"  {t:6s} decode {k['decode_flops'] / gb:6.1f} GFLOP/s   prefill "
+              f"{k['prefill_flops'] / gb:6.1f} GFLOP/s")
+    print("  GPU: none (no GPU backend installed)" if not prof.gpu.get("devices")
+          else f"  GPU: {prof.gpu}")
+    return 0
+
+
 def _demo_model() -> Path:
     from .synth.writer import write_model
 
@@ -193,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    pf = sub.add_parser(
+        "profile", help="measure this device for the planner (cached; memory read afresh)",
+        description="Kernel speed per weight type the model uses, memory bandwidth, the disk "
+                    "under the model on cold data, available memory by the OS's rules.")
+    pf.add_argument("--model", help="GGUF file (its weight types and its disk are measured)")
+    pf.add_argument("--threads", type=int, default=None, help="default: every CPU allowed")
+    pf.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
+    pf.add_argument("--json", action="store_true", help="print the exchange format")
+    pf.set_defaults(func=cmd_profile)
 
     mp = sub.add_parser(
         "model-profile", help="what a model costs per layer (bytes, FLOPs, KV cache), for plans",

@@ -1,0 +1,147 @@
+"""A device's profile: everything the planner needs to know about it, measured here.
+
+The slow parts (kernel speed per weight type, memory bandwidth, the disk under the model) are
+measured once per device, model file and thread count and cached; memory availability changes
+by the minute, so it is read again every time a profile is used. The JSON form is what nodes
+exchange.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .memory import memory_info
+
+FORMAT = "prima-device-profile/1"
+DEFAULT_TYPES = ("Q4_K", "Q6_K", "Q8_0", "F16")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class DeviceProfile:
+    name: str
+    os: str
+    os_release: str
+    machine: str
+    cpu: str
+    cores: int
+    threads: int
+    memory: dict[str, Any]
+    memory_read_gbps: float
+    disk: dict[str, Any] | None  # the filesystem holding the model (None without a model)
+    kernels: dict[str, dict[str, float]]  # weight type -> decode_flops / prefill_flops
+    gpu: dict[str, Any] = field(default_factory=lambda: {"backend": None, "devices": []})
+    model_file: str | None = None
+    measured_at: str = ""
+    measure_s: float = 0.0
+    version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DeviceProfile:
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"not a device profile (expected format {FORMAT!r})")
+        try:
+            return cls(**{k: v for k, v in doc.items() if k != "format"})
+        except TypeError as exc:
+            raise ValueError(f"the device profile is incomplete or malformed: {exc}") from None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_path(cache_dir: Path, model: Path | None, threads: int) -> Path:
+    key = [socket.gethostname(), str(threads), __version__]
+    if model is not None:
+        st = model.stat()
+        key += [str(model.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    return cache_dir / f"device-{digest}.json"
+
+
+def profile_device(model: str | Path | None = None, *, threads: int | None = None,
+                   cache_dir: Path | None = None, refresh: bool = False,
+                   progress: Progress | None = None) -> DeviceProfile:
+    """Measure this device (or reuse its cached measurements, with memory read afresh)."""
+    from ..engine.model import default_threads, set_threads
+
+    threads = threads or default_threads()
+    set_threads(threads)
+    path = Path(model) if model is not None else None
+    cache = _cache_path(cache_dir, path, threads) if cache_dir is not None else None
+    if cache is not None and cache.exists() and not refresh:
+        try:
+            prof = DeviceProfile.from_json(json.loads(cache.read_text()))
+        except (ValueError, json.JSONDecodeError):
+            prof = None  # unreadable or from another version: measure again
+        if prof is not None:
+            prof.memory = memory_info().as_dict()
+            return prof
+
+    from ..kernels.bandwidth import memory_read_bandwidth
+    from .compute import kernel_flops
+    from .disk import measure_disk
+
+    types: list[str] = list(DEFAULT_TYPES)
+    if path is not None:
+        from ..planner.model_profile import ModelProfile
+
+        mp = ModelProfile.load(path)
+        used = {t for layer in mp.layers for t in layer.flops_by_type}
+        used |= set(mp.output_flops_by_type)
+        types = sorted(used)
+    steps = 2 + (path is not None and path.suffix == ".gguf") + len(types)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, steps)
+
+    t0 = time.perf_counter()
+    mem = memory_info().as_dict()
+    step()
+    bandwidth = memory_read_bandwidth(size_mib=256, repeats=3)
+    step()
+    disk = None
+    if path is not None and path.suffix == ".gguf":
+        disk = measure_disk(path).as_dict()
+        step()
+    kernels: dict[str, dict[str, float]] = {}
+    for t in types:
+        kernels.update(kernel_flops([t]))
+        step()
+    prof = DeviceProfile(
+        name=socket.gethostname(), os=platform.system(), os_release=platform.release(),
+        machine=platform.machine(), cpu=_cpu_name(), cores=os.cpu_count() or 1,
+        threads=threads, memory=mem, memory_read_gbps=round(bandwidth, 2), disk=disk,
+        kernels=kernels, model_file=str(path) if path is not None else None,
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        measure_s=round(time.perf_counter() - t0, 2))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(prof.to_json(), indent=1))
+        tmp.replace(cache)
+    return prof

@@ -1,0 +1,58 @@
+"""The device profile: measured with the engine's own kernels for the model's weight types,
+cached per device and model file (memory read afresh), exchanged as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prima_node.device.profile import DeviceProfile, profile_device
+from prima_node.planner.model_profile import from_gguf
+from tests.conftest import ModelFactory
+
+
+def test_a_profile_measures_what_the_model_uses_and_is_cached(make_model: ModelFactory,
+                                                              tmp_path: Path) -> None:
+    path = make_model("llama", "small", "Q4_K_M")
+    steps: list[tuple[int, int]] = []
+    prof = profile_device(path, threads=1, cache_dir=tmp_path,
+                          progress=lambda d, t: steps.append((d, t)))
+    mp = from_gguf(path)
+    used = {t for layer in mp.layers for t in layer.flops_by_type} | set(mp.output_flops_by_type)
+    assert set(prof.kernels) == used - {"F32"}
+    for k in prof.kernels.values():
+        # a batch reuses each weight many times, so the prefill path must beat the matvec
+        assert 0 < k["decode_flops"] < k["prefill_flops"]
+    assert prof.memory_read_gbps > 0 and prof.disk is not None
+    assert prof.disk["resident_before"] < 0.05
+    assert 0 < prof.memory["available"] <= prof.memory["total"]
+    assert steps[-1][0] == steps[-1][1] and len(steps) == steps[-1][1]
+    assert prof.threads == 1 and prof.gpu == {"backend": None, "devices": []}
+
+    again = profile_device(path, threads=1, cache_dir=tmp_path)
+    assert again.kernels == prof.kernels and again.measured_at == prof.measured_at
+    fresh = profile_device(path, threads=1, cache_dir=tmp_path, refresh=True)
+    assert fresh.kernels.keys() == prof.kernels.keys()
+    assert DeviceProfile.from_json(json.loads(json.dumps(fresh.to_json()))) == fresh
+
+
+def test_a_malformed_profile_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a device profile"):
+        DeviceProfile.from_json({"format": "x"})
+    with pytest.raises(ValueError, match="incomplete"):
+        DeviceProfile.from_json({"format": "prima-device-profile/1", "name": "a"})
+
+
+def test_the_cli_prints_the_exchange_format(make_model: ModelFactory, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "prima_node.cli", "profile", "--model",
+                          str(make_model()), "--threads", "1", "--json"], capture_output=True,
+                         text=True, timeout=120, check=True,
+                         env={**os.environ, "PRIMA_PROFILE_CACHE": str(tmp_path)})
+    prof = DeviceProfile.from_json(json.loads(out.stdout))
+    assert prof.kernels and prof.disk is not None
+    assert len(list(tmp_path.glob("device-*.json"))) == 1
