@@ -1,0 +1,86 @@
+"""Halda against brute force: on random small clusters, the plan's predicted latency is the
+exact optimum of the same cost model (every subset of devices, k, window split and GPU split)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from prima_node.planner.halda import Device, Link, Options, PlanError, brute_force, plan
+from prima_node.planner.model_profile import ModelProfile, PublishedModel, from_shapes
+
+GB = 1e9
+
+
+def _model(n_layer: int, quant: str = "Q4_K_M") -> ModelProfile:
+    return from_shapes(PublishedModel("test", "llama", n_layer, 2048, 32, 8, 8192, 32000, 8192),
+                       quant)
+
+
+def _device(rng: random.Random, i: int, model_bytes: float) -> Device:
+    os_ = rng.choice(["Linux", "Linux", "macOS", "Android"])
+    metal = os_ == "macOS" and rng.random() < 0.5
+    cpu = rng.uniform(5, 80) * GB
+    gpu = None
+    vram = 0.0
+    if (os_ == "Linux" and rng.random() < 0.35) or metal:
+        g = rng.uniform(1.5, 6) * cpu
+        gpu = {"Q4_K": g, "Q6_K": g * 0.8, "F32": g}
+        vram = rng.uniform(0.05, 0.8) * model_bytes
+    return Device(
+        name=f"d{i}", os=os_, metal=metal, mem_available=rng.uniform(0.1, 1.2) * model_bytes,
+        disk_bytes_per_s=rng.choice([0.05, 0.3, 1.0, 3.0]) * GB,
+        cpu_flops={"Q4_K": cpu, "Q6_K": cpu * 0.8, "F32": cpu * 0.5}, gpu_flops=gpu,
+        vram_free=vram, compute_buffer=rng.uniform(0.01, 0.05) * model_bytes,
+        swap_out=rng.uniform(0, 0.2) * model_bytes if os_ == "Android" else 0.0)
+
+
+def test_halda_finds_the_exhaustive_optimum_on_200_random_clusters() -> None:
+    rng = random.Random(20261121)
+    checked = infeasible = 0
+    for _ in range(200):
+        model = _model(rng.choice([4, 6, 8, 12, 16, 24, 32]))
+        size = model.mean_layer_bytes * model.n_layer
+        devices = [_device(rng, i, size) for i in range(rng.randint(2, 4))]
+        links = {(a.name, b.name): Link(rng.uniform(0.0002, 0.01), rng.uniform(5e6, 1e9))
+                 for a in devices for b in devices if a is not b}
+        opts = Options(n_ctx=rng.choice([512, 2048]))
+        best = brute_force(devices, model, opts, links)
+        try:
+            p = plan(devices, model, opts, links)
+        except PlanError:
+            assert best == float("inf")
+            infeasible += 1
+            continue
+        assert p.latency_s == pytest.approx(best, rel=1e-6), (devices, model.n_layer)
+        assert sum(d.window for d in p.devices) * p.k == model.n_layer
+        assert all(0 <= d.gpu_layers <= d.window for d in p.devices)
+        checked += 1
+    assert checked >= 150 and infeasible < 50
+
+
+def test_a_model_that_fits_one_fast_device_goes_to_it_alone() -> None:
+    model = _model(16)
+    size = model.mean_layer_bytes * 16
+    big = Device("big", mem_available=4 * size, disk_bytes_per_s=2 * GB,
+                 cpu_flops={"Q4_K": 100 * GB, "Q6_K": 80 * GB, "F32": 50 * GB})
+    small = Device("small", mem_available=0.3 * size, disk_bytes_per_s=0.3 * GB,
+                   cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
+    p = plan([big, small], model)
+    assert p.ring == ["big"] and p.k == 1 and p.devices[0].regime == "M4"
+    assert "slower" in p.dropped["small"]
+
+
+def test_forcing_k_and_infeasible_requests_are_explained() -> None:
+    model = _model(16)
+    dev = Device("a", mem_available=1e12, disk_bytes_per_s=1 * GB,
+                 cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
+    with pytest.raises(PlanError, match="does not divide"):
+        plan([dev], model, Options(k=3))
+    tiny = Device("t", mem_available=1e6, disk_bytes_per_s=0.01 * GB,
+                  cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
+    with pytest.raises(PlanError, match="no assignment fits"):
+        plan([tiny], model)
+    with pytest.raises(PlanError, match="no measured speed"):
+        plan([Device("x", 1e12, 1e9, {"Q8_0": 1e9})], model)
