@@ -65,8 +65,9 @@ def test_a_model_that_fits_one_fast_device_goes_to_it_alone() -> None:
     size = model.mean_layer_bytes * 16
     big = Device("big", mem_available=4 * size, disk_bytes_per_s=2 * GB,
                  cpu_flops={"Q4_K": 100 * GB, "Q6_K": 80 * GB, "F32": 50 * GB})
-    small = Device("small", mem_available=0.3 * size, disk_bytes_per_s=0.3 * GB,
-                   cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
+    small = Device("small", mem_available=0.5 * size, disk_bytes_per_s=0.3 * GB,
+                   cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB},
+                   compute_buffer=0.05 * size)
     p = plan([big, small], model)
     assert p.ring == ["big"] and p.k == 1 and p.devices[0].regime == "M4"
     assert "slower" in p.dropped["small"]
@@ -84,3 +85,23 @@ def test_forcing_k_and_infeasible_requests_are_explained() -> None:
         plan([tiny], model)
     with pytest.raises(PlanError, match="no measured speed"):
         plan([Device("x", 1e12, 1e9, {"Q8_0": 1e9})], model)
+
+
+def test_a_memory_poor_device_streams_with_more_rounds_and_k1_is_slower() -> None:
+    """The paper's point: windows small enough to prefetch the next one while the token is
+    elsewhere let a device hold a share bigger than its memory; one window per device cannot."""
+    model = _model(32)
+    size = model.mean_layer_bytes * 32
+    flops = {"Q4_K": 40 * GB, "Q6_K": 30 * GB, "F32": 20 * GB}
+    devices = [Device(f"d{i}", mem_available=0.3 * size, disk_bytes_per_s=2 * GB,
+                      cpu_flops=flops, compute_buffer=0.01 * size) for i in range(3)]
+    links = {(a.name, b.name): Link(0.0005, 1e9) for a in devices for b in devices if a is not b}
+    best = plan(devices, model, Options(n_ctx=512), links)
+    assert best.k > 1 and len(best.ring) == 3
+    assert any(d.regime == "M3" and d.disk_s > 0 for d in best.devices)
+    with pytest.raises(PlanError):  # one window each: 3 x 0.3 of the model cannot hold it
+        plan(devices, model, Options(n_ctx=512, k=1), links)
+    roomy = [Device(d.name, mem_available=0.45 * size, disk_bytes_per_s=d.disk_bytes_per_s,
+                    cpu_flops=flops, compute_buffer=0.01 * size) for d in devices]
+    k1 = plan(roomy, model, Options(n_ctx=512, k=1), links)
+    assert k1.latency_s >= plan(roomy, model, Options(n_ctx=512), links).latency_s

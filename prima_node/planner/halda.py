@@ -1,18 +1,24 @@
 """Halda: which device runs which layers, how many on its GPU, and how many rounds a token makes.
 
-The cost model is prima.cpp's (shared/prima-digest.md §2): a device computes its layers at its
-measured speed per weight type; layers that do not fit in its memory are re-read from disk every
-token (overflow bytes / disk speed); GPU layers run at GPU speed within free VRAM; a token goes
-k times around the ring, L = k * sum(w). Two things differ from the paper's code:
+The cost model starts from prima.cpp's (shared/prima-digest.md §2): a device computes its layers
+at its measured speed per weight type; GPU layers run at GPU speed within free VRAM; a token goes
+k times around the ring, L = k * sum(w). Three things differ from the paper's code:
 
 - Each ring hop costs the measured link latency plus the activation bytes over the link's
   throughput, k hops per device per token, so more rounds are no longer free.
-- The memory regimes (M1-M4) are not guessed and refined: a device's disk term is
-  max(0, overflow) / disk speed, which is convex, so one integer program per k with an auxiliary
-  variable per device finds the exact optimum of the cost model over every regime at once. The
-  regime each device ends in is reported (it is which side of the max is active). This makes
-  the paper's set-refinement and calibration loop unnecessary: it could stop in a local optimum,
-  this cannot.
+- Disk. In the paper's formula the re-read time (overflow bytes / disk speed) is added to the
+  latency and depends on the layers a device holds, k * w, not on k, so more rounds could never
+  pay. What makes them pay in the running system is prefetching: a device whose share does not
+  fit streams it window by window, loading the next window while the token is elsewhere. That
+  needs room for two windows (the one in use and the one arriving), and it costs latency only
+  where streaming is slower than the rest of the token's path: latency = max(compute path +
+  hops + output, each streaming device's bytes / disk speed). A window too big for two to fit
+  would thrash the page cache and is not planned. Small windows (large k) make streaming
+  possible on memory-poor devices; hops make large k expensive.
+- The memory regimes (M1-M4) are not guessed and refined: a binary per device chooses "all its
+  windows fit" or "it streams", inside one integer program per k, which is therefore exact over
+  every regime at once; the regime each device ends in is reported. The paper's set-refinement
+  and calibration loop, which can stop in a local optimum, is not needed.
 
 Device selection is exact too for small clusters (every subset holding the head is solved);
 above ``EXHAUSTIVE_DEVICES`` the paper's rule drops devices that hold a single layer and
@@ -171,35 +177,46 @@ def _ram_layers(c: _Coef, w: float, n: float) -> float:
 
 
 def _device_cost(c: _Coef, k: int, w: int, n: int) -> tuple[float, float, float] | None:
-    """(compute, disk, overflow bytes) per token for w layers (n on GPU) per round; None if the
-    device cannot hold it."""
+    """(compute s, disk streaming s, bytes streamed) per token for a window of w layers with n
+    on the GPU; None if the device cannot run it.
+
+    Either everything it holds fits in memory, or it streams what does not fit from disk while
+    the token is elsewhere in the ring, which needs room for the window in use and the next one
+    being prefetched (prima.cpp's prefetch-release); a window too big for that would thrash the
+    page cache, so it is not a plan.
+    """
     if n > w or k * n * c.layer_mem > c.gpu_cap_bytes + 1e-6:
         return None
-    over = k * _ram_layers(c, w, n) * c.layer_mem + c.fixed_mem - c.avail
-    if over > 0 and not c.can_overflow:
+    compute = k * (c.alpha * w + c.beta * n)
+    ram = _ram_layers(c, w, n) * c.layer_mem
+    if k * ram + c.fixed_mem <= c.avail:
+        return compute, 0.0, 0.0
+    if not c.can_overflow or 2 * ram + c.fixed_mem > c.avail:
         return None
-    disk = max(0.0, over) / c.disk
-    return k * (c.alpha * w + c.beta * n), disk, max(0.0, over)
+    streamed = (k + 2) * ram + c.fixed_mem - c.avail
+    return compute, streamed / c.disk, streamed
 
 
 # -- the integer program ----------------------------------------------------------------------
 
 
-def _solve_k(coefs: Sequence[_Coef], k: int, W: int) -> tuple[float, list[int], list[int]] | None:
-    """Exact min over (w, n) for fixed k: variables w_m, n_m (integer), y_m >= 0 (disk s)."""
+def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
+             ) -> tuple[float, list[int], list[int]] | None:
+    """Exact min of T = max(compute + base, each device's streaming time) for fixed k.
+
+    Variables: w_m, n_m (integer), z_m (1: everything fits), s_m >= 0 (streaming seconds), T.
+    Memory rows are in GB to keep the program well scaled.
+    """
     M = len(coefs)
-    nvar = 3 * M
+    iw, i_n, iz, i_s, iT = 0, M, 2 * M, 3 * M, 4 * M
+    nvar = 4 * M + 1
     c = np.zeros(nvar)
+    c[iT] = 1.0
     lo = np.zeros(nvar)
     hi = np.full(nvar, np.inf)
-    for m, cf in enumerate(coefs):
-        c[m] = k * cf.alpha
-        c[M + m] = k * cf.beta
-        c[2 * M + m] = 1.0
-        lo[m], hi[m] = 1, W
-        hi[M + m] = math.floor(cf.gpu_cap_bytes / (k * cf.layer_mem) + 1e-9) if cf.gpu_cap_bytes \
-            else 0
-    rows, rlo, rhi = [], [], []
+    rows: list[np.ndarray] = []
+    rlo: list[float] = []
+    rhi: list[float] = []
 
     def row(coeffs: dict[int, float], low: float, high: float) -> None:
         r = np.zeros(nvar)
@@ -210,33 +227,49 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int) -> tuple[float, list[int], 
         rhi.append(high)
 
     row(dict.fromkeys(range(M), 1.0), W, W)
+    compute: dict[int, float] = {iT: 1.0}
     for m, cf in enumerate(coefs):
-        row({M + m: 1.0, m: -1.0}, -np.inf, 0.0)  # n <= w
-        # overflow bytes = k*b'*(w - n) + fixed - avail  (w alone on unified memory)
-        kb = k * cf.layer_mem
-        ram = {m: kb} if cf.metal else {m: kb, M + m: -kb}
-        if cf.can_overflow:
-            # y >= overflow / disk  <=>  kb/disk * (w - n) - y <= (avail - fixed)/disk
-            row({**{i: v / cf.disk for i, v in ram.items()}, 2 * M + m: -1.0}, -np.inf,
-                (cf.avail - cf.fixed_mem) / cf.disk)
-        else:
-            row(ram, -np.inf, cf.avail - cf.fixed_mem)
-            hi[2 * M + m] = 0.0
-    integrality = np.concatenate([np.ones(2 * M), np.zeros(M)])
+        lo[iw + m], hi[iw + m] = 1, W
+        hi[i_n + m] = math.floor(cf.gpu_cap_bytes / (k * cf.layer_mem) + 1e-9) \
+            if cf.gpu_cap_bytes else 0
+        lo[iz + m], hi[iz + m] = (0, 1) if cf.can_overflow else (1, 1)
+        compute[iw + m] = -k * cf.alpha
+        compute[i_n + m] = -k * cf.beta
+        row({i_n + m: 1.0, iw + m: -1.0}, -np.inf, 0.0)  # n <= w
+        row({iT: 1.0, i_s + m: -1.0}, 0.0, np.inf)  # T >= streaming time
+        g = cf.layer_mem / 1e9
+        ram = {iw + m: g} if cf.metal else {iw + m: g, i_n + m: -g}
+        room = (cf.avail - cf.fixed_mem) / 1e9
+        big = ((k + 2) * W * cf.layer_mem + cf.fixed_mem) / 1e9 + abs(room) + 1.0
+        # z = 1: all k windows fit;  z = 0: two windows fit (the one in use, the next one)
+        row({**{i: k * v for i, v in ram.items()}, iz + m: big}, -np.inf, room + big)
+        row({**{i: 2 * v for i, v in ram.items()}, iz + m: -big}, -np.inf, room)
+        # z = 0: s >= streamed bytes / disk speed
+        per_s = 1e9 / cf.disk
+        row({**{i: (k + 2) * v * per_s for i, v in ram.items()}, i_s + m: -1.0,
+             iz + m: -big * per_s}, -np.inf, room * per_s)
+    row(compute, base, np.inf)  # T >= compute + hops + output
+    integrality = np.concatenate([np.ones(3 * M), np.zeros(M + 1)])
     res = milp(c, integrality=integrality, bounds=Bounds(lo, hi),
                constraints=LinearConstraint(np.array(rows), rlo, rhi))
     if res.status != 0 or res.x is None:
         return None
-    w = [round(v) for v in res.x[:M]]
-    n = [round(v) for v in res.x[M:2 * M]]
-    # re-evaluate on the integers (the solver's y may sit a hair above its bound)
-    total = 0.0
+    w = [round(v) for v in res.x[iw:iw + M]]
+    n = [round(v) for v in res.x[i_n:i_n + M]]
+    total = _latency(coefs, k, w, n, base)  # re-evaluated on the integers
+    return None if total is None else (total, w, n)
+
+
+def _latency(coefs: Sequence[_Coef], k: int, w: Sequence[int], n: Sequence[int],
+             base: float) -> float | None:
+    comp, slowest_disk = base, 0.0
     for m, cf in enumerate(coefs):
         cost = _device_cost(cf, k, w[m], n[m])
         if cost is None:
             return None
-        total += cost[0] + cost[1]
-    return total, w, n
+        comp += cost[0]
+        slowest_disk = max(slowest_disk, cost[1])
+    return max(comp, slowest_disk)
 
 
 # -- ring order -------------------------------------------------------------------------------
@@ -313,10 +346,10 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
             W = L // k
             if len(ring) > W:
                 continue
-            res = _solve_k(sub, k, W)
+            res = _solve_k(sub, k, W, k * ring_s + head_out)
             if res is None:
                 continue
-            total = res[0] + k * ring_s + head_out
+            total = res[0]
             if found is None or total < found[0]:
                 found = (total, k, ring, res[1], res[2], ring_s)
         tried[tuple(sorted(members))] = found[0] if found else math.inf
@@ -335,6 +368,8 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
     for pos, m in enumerate(ring):
         cf, dev = coefs[m], devices[m]
         comp, disk, over = _device_cost(cf, k, w[pos], n[pos]) or (0.0, 0.0, 0.0)
+        # disk streaming runs while the token is elsewhere; it only costs latency where it is
+        # the slowest part of the ring (latency = max(compute path, slowest streaming device))
         nxt = ring[(pos + 1) % len(ring)]
         net = k * hop[(m, nxt)] if len(ring) > 1 else 0.0
         if over <= 0:
@@ -343,7 +378,8 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
             regime = "M2" if dev.metal else "M1"
         else:
             regime = "M3"
-        held = k * w[pos] * cf.layer_mem + cf.fixed_mem - over
+        held = (k * _ram_layers(cf, w[pos], n[pos]) * cf.layer_mem + cf.fixed_mem
+                if over <= 0 else cf.avail)
         plans.append(DevicePlan(dev.name, w[pos], n[pos], k * w[pos], regime, comp, disk, net,
                                 held))
     dropped = {}
@@ -387,29 +423,35 @@ def brute_force(devices: Sequence[Device], model: ModelProfile, options: Options
                 W = L // k
                 if len(members) > W:
                     continue
-                # per device, the best cost for each window size (n chosen optimally)
-                per = []
+                base = k * ring_s + head_out
+                # options per device and window: (compute, streaming time), over every n
+                opts_m = []
                 for m in members:
-                    row = [math.inf] * (W + 1)
+                    per_w: list[list[tuple[float, float]]] = [[] for _ in range(W + 1)]
                     for w in range(1, W + 1):
                         for n in range(0, w + 1):
                             cost = _device_cost(coefs[m], k, w, n)
                             if cost is not None:
-                                row[w] = min(row[w], cost[0] + cost[1])
-                    per.append(row)
-                # min over compositions of W by dynamic programming over devices
-                dp = [math.inf] * (W + 1)
-                dp[0] = 0.0
-                for row in per:
-                    nxt = [math.inf] * (W + 1)
-                    for used in range(W + 1):
-                        if dp[used] == math.inf:
-                            continue
-                        for w in range(1, W - used + 1):
-                            v = dp[used] + row[w]
-                            if v < nxt[used + w]:
-                                nxt[used + w] = v
-                    dp = nxt
-                if dp[W] < math.inf:
-                    best = min(best, dp[W] + k * ring_s + head_out)
+                                per_w[w].append((cost[0], cost[1]))
+                    opts_m.append(per_w)
+                # latency = max(sum of compute + base, slowest streaming): for each bound D on
+                # the streaming times, minimise the compute sum by DP over devices
+                bounds = sorted({o[1] for per_w in opts_m for opts in per_w for o in opts})
+                for D in bounds:
+                    dp = [math.inf] * (W + 1)
+                    dp[0] = 0.0
+                    for per_w in opts_m:
+                        best_w = [min((o[0] for o in opts if o[1] <= D), default=math.inf)
+                                  for opts in per_w]
+                        nxt = [math.inf] * (W + 1)
+                        for used in range(W + 1):
+                            if dp[used] == math.inf:
+                                continue
+                            for w in range(1, W - used + 1):
+                                v = dp[used] + best_w[w]
+                                if v < nxt[used + w]:
+                                    nxt[used + w] = v
+                        dp = nxt
+                    if dp[W] < math.inf:
+                        best = min(best, max(dp[W] + base, D))
     return best
