@@ -308,26 +308,35 @@ def _ring(members: Sequence[int], head: int, hop: Mapping[tuple[int, int], float
 # -- planning -----------------------------------------------------------------------------------
 
 
-def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None = None,
-         links: Mapping[tuple[str, str], Link] | None = None,
-         default_link: Link = Link(0.002, 50e6)) -> Plan:
-    """The fastest plan of the cost model; raises PlanError if none is feasible."""
-    opts = options or Options()
+def _problem(devices: Sequence[Device], model: ModelProfile, opts: Options,
+             links: Mapping[tuple[str, str], Link], default_link: Link
+             ) -> tuple[dict[tuple[int, int], float], list[_Coef], float, list[int]]:
+    """What plan() and brute_force() both price: hop times, per-device coefficients, the
+    head's output projection and the candidate k."""
     if not devices:
         raise PlanError("no devices to plan for")
     if not 0 <= opts.head < len(devices):
         raise PlanError(f"the head index {opts.head} is not among the {len(devices)} devices")
     L = model.n_layer
+    if opts.k is not None and (opts.k < 1 or L % opts.k):
+        raise PlanError(f"k={opts.k} does not divide the model's {L} layers")
     nbytes = model.activation_bytes(opts.activation_bytes)
-    links = links or {}
     hop = {(i, j): (links.get((a.name, b.name)) or default_link).hop_s(nbytes)
            for i, a in enumerate(devices) for j, b in enumerate(devices) if i != j}
     coefs = [_coefficients(d, model, opts, i == opts.head) for i, d in enumerate(devices)]
-    head_out = _seconds(model.output_flops_by_type, devices[opts.head].cpu_flops,
-                        devices[opts.head].name)
+    head = devices[opts.head]
+    head_out = _seconds(model.output_flops_by_type, head.cpu_flops, head.name)
     ks = [opts.k] if opts.k else [k for k in range(1, L + 1) if L % k == 0]
-    if opts.k is not None and L % opts.k:
-        raise PlanError(f"k={opts.k} does not divide the model's {L} layers")
+    return hop, coefs, head_out, ks
+
+
+def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None = None,
+         links: Mapping[tuple[str, str], Link] | None = None,
+         default_link: Link = Link(0.002, 50e6)) -> Plan:
+    """The fastest plan of the cost model; raises PlanError if none is feasible."""
+    opts = options or Options()
+    L = model.n_layer
+    hop, coefs, head_out, ks = _problem(devices, model, opts, links or {}, default_link)
 
     others = [i for i in range(len(devices)) if i != opts.head]
     if len(devices) <= opts.exhaustive_devices:
@@ -403,13 +412,7 @@ def brute_force(devices: Sequence[Device], model: ModelProfile, options: Options
     the reference Halda is tested against. Small instances only."""
     opts = options or Options()
     L = model.n_layer
-    nbytes = model.activation_bytes(opts.activation_bytes)
-    links = links or {}
-    hop = {(i, j): (links.get((a.name, b.name)) or default_link).hop_s(nbytes)
-           for i, a in enumerate(devices) for j, b in enumerate(devices) if i != j}
-    coefs = [_coefficients(d, model, opts, i == opts.head) for i, d in enumerate(devices)]
-    head_out = _seconds(model.output_flops_by_type, devices[opts.head].cpu_flops,
-                        devices[opts.head].name)
+    hop, coefs, head_out, ks = _problem(devices, model, opts, links or {}, default_link)
     others = [i for i in range(len(devices)) if i != opts.head]
     best = math.inf
     for r in range(len(others) + 1):
@@ -419,7 +422,7 @@ def brute_force(devices: Sequence[Device], model: ModelProfile, options: Options
                 (sum(hop[(s[i], s[(i + 1) % len(s)])] for i in range(len(s)))
                  for s in ([opts.head, *p] for p in itertools.permutations(extra))),
                 default=0.0) if extra else 0.0
-            for k in ([opts.k] if opts.k else [k for k in range(1, L + 1) if L % k == 0]):
+            for k in ks:
                 W = L // k
                 if len(members) > W:
                     continue

@@ -87,8 +87,6 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             gen = await self.call(open_generator)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             _LOG.error("the model could not be loaded: %s", exc)
             self._set_state(FAILED, str(exc))
