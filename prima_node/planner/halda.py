@@ -9,16 +9,20 @@ k times around the ring, L = k * sum(w). Three things differ from the paper's co
 - Disk. In the paper's formula the re-read time (overflow bytes / disk speed) is added to the
   latency and depends on the layers a device holds, k * w, not on k, so more rounds could never
   pay. What makes them pay in the running system is prefetching: a device whose share does not
-  fit streams it window by window, loading the next window while the token is elsewhere. That
-  needs room for two windows (the one in use and the one arriving), and it costs latency only
-  where streaming is slower than the rest of the token's path: latency = max(compute path +
-  hops + output, each streaming device's bytes / disk speed). A window too big for two to fit
-  would thrash the page cache and is not planned. Small windows (large k) make streaming
-  possible on memory-poor devices; hops make large k expensive.
-- The memory regimes (M1-M4) are not guessed and refined: a binary per device chooses "all its
-  windows fit" or "it streams", inside one integer program per k, which is therefore exact over
-  every regime at once; the regime each device ends in is reported. The paper's set-refinement
-  and calibration loop, which can stop in a local optimum, is not needed.
+  fit streams part of each window, loading it while the token is elsewhere in the ring. That
+  needs room for what is in use and what is arriving, and it costs latency only where
+  streaming is slower than the rest of the token's path: latency = max(compute path + hops +
+  output, each streaming device's bytes / disk speed). With k windows of r bytes and room for
+  weights R, the device keeps a resident head of every window and streams a tail t = (k r -
+  R) / (k - 2), k t bytes a token (see ``_device_cost``); windows too big for two to fit, and
+  k <= 2, would thrash the page cache and are not planned. Large k makes streaming cheap on
+  memory-poor devices; hops make large k expensive.
+- The memory regimes (M1-M4) are not guessed and refined: the streaming time is a convex
+  function of the window (zero while everything fits), so one integer program per k is exact
+  over every regime at once, and the regime each device ends in is reported. The paper's
+  set-refinement and calibration loop, which exist to guess the regimes and can stop in a local
+  optimum, are not needed; idle VRAM cannot be left over either, since GPU layers are priced
+  exactly against VRAM.
 
 Device selection is exact too for small clusters (every subset holding the head is solved);
 above ``EXHAUSTIVE_DEVICES`` the paper's rule drops devices that hold a single layer and
@@ -32,7 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +46,10 @@ from .model_profile import ModelProfile
 
 EXHAUSTIVE_DEVICES = 5
 MIN_DISK_BYTES_PER_S = 0.1e9  # below this, overflowing to disk is not an option (prima.cpp)
+# Memory checks accept this many bytes over (the solver works in GB and its feasibility
+# tolerance is about 100 bytes there); the program itself only allows half of it, so whatever it
+# finds passes the exact check.
+TOL_BYTES = 2.0**14
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ class Options:
     k: int | None = None  # force the number of rounds
     head: int = 0  # index of the head device (holds embedding and output, samples)
     activation_bytes: int = 4  # float32 hidden states on the wire
+    # positions a new token attends to, for the latency figure; None: half the context (the
+    # mean over a conversation that fills it)
+    n_kv: int | None = None
     exhaustive_devices: int = EXHAUSTIVE_DEVICES
 
 
@@ -94,6 +105,9 @@ class DevicePlan:
     disk_s: float
     network_s: float  # its outgoing hops, k per token
     memory_bytes: float  # what it holds: its layers (up to what fits), KV, buffers
+    streamed_bytes: float = 0.0  # read again from disk per token (0 in M4)
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) per round
+    vram_bytes: float = 0.0  # its GPU layers with their KV (in memory_bytes on unified memory)
 
 
 @dataclass
@@ -105,13 +119,21 @@ class Plan:
     output_s: float  # the head's output projection
     dropped: dict[str, str] = field(default_factory=dict)  # device -> why
     n_layer: int = 0
+    bound: str = ""  # what sets the latency: "compute and network", or a streaming device
+    output_on_gpu: bool = False  # the head's output projection runs on its GPU
 
     def as_dict(self) -> dict[str, Any]:
+        devices = []
+        for d in self.devices:
+            doc = {key: value for key, value in d.__dict__.items()
+                   if key not in ("compute_s", "disk_s", "network_s", "ranges")}
+            devices.append({**doc, "rounds": self.k, "ranges": [list(r) for r in d.ranges],
+                            "compute_ms": round(1e3 * d.compute_s, 3),
+                            "disk_ms": round(1e3 * d.disk_s, 3),
+                            "network_ms": round(1e3 * d.network_s, 3)})
         return {"k": self.k, "ring": self.ring, "latency_ms": round(1e3 * self.latency_s, 3),
                 "output_ms": round(1e3 * self.output_s, 3), "n_layer": self.n_layer,
-                "devices": [{**d.__dict__, "compute_ms": round(1e3 * d.compute_s, 3),
-                             "disk_ms": round(1e3 * d.disk_s, 3),
-                             "network_ms": round(1e3 * d.network_s, 3)} for d in self.devices],
+                "bound": self.bound, "output_on_gpu": self.output_on_gpu, "devices": devices,
                 "dropped": self.dropped}
 
 
@@ -126,13 +148,19 @@ class PlanError(ValueError):
 class _Coef:
     alpha: float  # s per layer per round on the CPU
     beta: float  # s per layer per round, GPU minus CPU (<= 0 usually)
-    layer_mem: float  # b': bytes per layer (weights + KV)
+    weight_mem: float  # b: bytes of one layer's weights (what streaming re-reads)
+    kv_mem: float  # one layer's KV cache for the context (anonymous memory: never streamed)
     fixed_mem: float  # buffers (+ embedding row and output on the head)
     avail: float
     disk: float
     can_overflow: bool
     gpu_cap_bytes: float  # VRAM for layers (0 without a GPU)
     metal: bool
+
+    @property
+    def layer_mem(self) -> float:
+        """b' = b + KV: what one layer occupies when it stays in memory."""
+        return self.weight_mem + self.kv_mem
 
 
 def _seconds(flops: Mapping[str, int], speed: Mapping[str, float], who: str) -> float:
@@ -154,19 +182,28 @@ def _mean_flops(model: ModelProfile) -> dict[str, int]:
     return {t: f // model.n_layer for t, f in acc.items()}
 
 
+def _attention_s(model: ModelProfile, n_kv: int, speed: Mapping[str, float]) -> float:
+    """Q·Kᵀ and P·V over the cache: like a matvec over float16 rows, so priced at the
+    device's F16 rate (its slowest measured rate when F16 was not measured)."""
+    rate = speed.get("F16") or min((v for v in speed.values() if v > 0), default=0.0)
+    return model.attention_flops_per_layer(n_kv) / rate if rate else 0.0
+
+
 def _coefficients(dev: Device, model: ModelProfile, opts: Options, is_head: bool) -> _Coef:
     flops = _mean_flops(model)
-    alpha = _seconds(flops, dev.cpu_flops, dev.name)
+    n_kv = opts.n_ctx // 2 if opts.n_kv is None else min(opts.n_kv, opts.n_ctx)
+    alpha = _seconds(flops, dev.cpu_flops, dev.name) + _attention_s(model, n_kv, dev.cpu_flops)
     beta = 0.0
     if dev.has_gpu:
         assert dev.gpu_flops is not None
-        beta = _seconds(flops, dev.gpu_flops, f"{dev.name}'s GPU") - alpha
-    layer_mem = model.mean_layer_bytes + model.kv_bytes_per_layer(opts.n_ctx)
+        beta = (_seconds(flops, dev.gpu_flops, f"{dev.name}'s GPU")
+                + _attention_s(model, n_kv, dev.gpu_flops) - alpha)
     fixed = dev.compute_buffer + (model.embedding_row_bytes + model.output_bytes
                                   if is_head else 0.0)
     avail = dev.mem_available + (dev.swap_out if dev.os == "Android" else 0.0)
     gpu_cap = max(0.0, dev.vram_free - dev.gpu_compute_buffer) if dev.has_gpu else 0.0
-    return _Coef(alpha, beta, layer_mem, fixed, avail, dev.disk_bytes_per_s,
+    return _Coef(alpha, beta, model.mean_layer_bytes, model.kv_bytes_per_layer(opts.n_ctx),
+                 fixed, avail, dev.disk_bytes_per_s,
                  dev.disk_bytes_per_s >= MIN_DISK_BYTES_PER_S, gpu_cap,
                  dev.os == "macOS" and dev.metal)
 
@@ -180,20 +217,28 @@ def _device_cost(c: _Coef, k: int, w: int, n: int) -> tuple[float, float, float]
     """(compute s, disk streaming s, bytes streamed) per token for a window of w layers with n
     on the GPU; None if the device cannot run it.
 
-    Either everything it holds fits in memory, or it streams what does not fit from disk while
-    the token is elsewhere in the ring, which needs room for the window in use and the next one
-    being prefetched (prima.cpp's prefetch-release); a window too big for that would thrash the
-    page cache, so it is not a plan.
+    Either everything it holds fits in memory, or it streams part of every window from disk
+    while the token is elsewhere in the ring (prima.cpp's prefetch-release, spread evenly): each
+    of its k windows keeps a resident head and streams a tail of t bytes, released after use
+    and prefetched again before the next use. Memory then holds the k heads, the tail in use and
+    the tail arriving: k (r - t) + 2 t <= room, so t = (k r - room) / (k - 2), k t bytes a token.
+    Streaming whole windows instead costs k r - room + 2 r, never less within the feasible range
+    (t <= r, i.e. two whole windows fit); with k <= 2 nothing can be prefetched without evicting
+    what is needed next, so everything must fit. The KV cache is anonymous memory and stays
+    resident either way (the paper's M3 counts it as re-read from disk, which it never is).
     """
-    if n > w or k * n * c.layer_mem > c.gpu_cap_bytes + 1e-6:
+    if n > w or k * n * c.layer_mem > c.gpu_cap_bytes + TOL_BYTES:
         return None
     compute = k * (c.alpha * w + c.beta * n)
-    ram = _ram_layers(c, w, n) * c.layer_mem
-    if k * ram + c.fixed_mem <= c.avail:
+    ram = _ram_layers(c, w, n)
+    room = c.avail - c.fixed_mem - k * ram * c.kv_mem  # for weights
+    window = ram * c.weight_mem
+    deficit = k * window - room
+    if deficit <= TOL_BYTES:
         return compute, 0.0, 0.0
-    if not c.can_overflow or 2 * ram + c.fixed_mem > c.avail:
+    if k <= 2 or not c.can_overflow or 2 * window > room + TOL_BYTES:
         return None
-    streamed = (k + 2) * ram + c.fixed_mem - c.avail
+    streamed = k * deficit / (k - 2)
     return compute, streamed / c.disk, streamed
 
 
@@ -204,12 +249,14 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
              ) -> tuple[float, list[int], list[int]] | None:
     """Exact min of T = max(compute + base, each device's streaming time) for fixed k.
 
-    Variables: w_m, n_m (integer), z_m (1: everything fits), s_m >= 0 (streaming seconds), T.
-    Memory rows are in GB to keep the program well scaled.
+    Variables: w_m, n_m (integer), s_m >= 0 (streaming seconds), T. The streaming time is
+    max(0, a linear function of w, n), convex, so it needs no regime binaries: every device's
+    memory regime (fits or streams) falls out of the one program. Memory rows are in GB to keep
+    the program well scaled.
     """
     M = len(coefs)
-    iw, i_n, iz, i_s, iT = 0, M, 2 * M, 3 * M, 4 * M
-    nvar = 4 * M + 1
+    iw, i_n, i_s, iT = 0, M, 2 * M, 3 * M
+    nvar = 3 * M + 1
     c = np.zeros(nvar)
     c[iT] = 1.0
     lo = np.zeros(nvar)
@@ -230,28 +277,33 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
     compute: dict[int, float] = {iT: 1.0}
     for m, cf in enumerate(coefs):
         lo[iw + m], hi[iw + m] = 1, W
-        hi[i_n + m] = math.floor(cf.gpu_cap_bytes / (k * cf.layer_mem) + 1e-9) \
+        hi[i_n + m] = math.floor((cf.gpu_cap_bytes + TOL_BYTES / 2) / (k * cf.layer_mem)) \
             if cf.gpu_cap_bytes else 0
-        lo[iz + m], hi[iz + m] = (0, 1) if cf.can_overflow else (1, 1)
         compute[iw + m] = -k * cf.alpha
         compute[i_n + m] = -k * cf.beta
         row({i_n + m: 1.0, iw + m: -1.0}, -np.inf, 0.0)  # n <= w
         row({iT: 1.0, i_s + m: -1.0}, 0.0, np.inf)  # T >= streaming time
-        g = cf.layer_mem / 1e9
-        ram = {iw + m: g} if cf.metal else {iw + m: g, i_n + m: -g}
-        room = (cf.avail - cf.fixed_mem) / 1e9
-        big = ((k + 2) * W * cf.layer_mem + cf.fixed_mem) / 1e9 + abs(room) + 1.0
-        # z = 1: all k windows fit;  z = 0: two windows fit (the one in use, the next one)
-        row({**{i: k * v for i, v in ram.items()}, iz + m: big}, -np.inf, room + big)
-        row({**{i: 2 * v for i, v in ram.items()}, iz + m: -big}, -np.inf, room)
-        # z = 0: s >= streamed bytes / disk speed
-        per_s = 1e9 / cf.disk
-        row({**{i: (k + 2) * v * per_s for i, v in ram.items()}, i_s + m: -1.0,
-             iz + m: -big * per_s}, -np.inf, room * per_s)
+        ram = {iw + m: 1.0} if cf.metal else {iw + m: 1.0, i_n + m: -1.0}
+
+        def scaled(per_layer: float, _ram: dict[int, float] = ram) -> dict[int, float]:
+            return {i: v * per_layer / 1e9 for i, v in _ram.items()}
+
+        room = (cf.avail - cf.fixed_mem + TOL_BYTES / 2) / 1e9
+        if k <= 2 or not cf.can_overflow:  # everything fits
+            row(scaled(k * cf.layer_mem), -np.inf, room)
+            hi[i_s + m] = 0.0
+            continue
+        # two windows' weights (in use, arriving) and all the KV fit
+        row(scaled(2 * cf.weight_mem + k * cf.kv_mem), -np.inf, room)
+        # s >= k / (k - 2) * (k * window + KV - room) / disk
+        f = k / (k - 2) * 1e9 / cf.disk
+        row({**{i: v * f for i, v in scaled(k * cf.layer_mem).items()}, i_s + m: -1.0},
+            -np.inf, room * f)
     row(compute, base, np.inf)  # T >= compute + hops + output
-    integrality = np.concatenate([np.ones(3 * M), np.zeros(M + 1)])
+    integrality = np.concatenate([np.ones(2 * M), np.zeros(M + 1)])
     res = milp(c, integrality=integrality, bounds=Bounds(lo, hi),
-               constraints=LinearConstraint(np.array(rows), rlo, rhi))
+               constraints=LinearConstraint(np.array(rows), rlo, rhi),
+               options={"mip_rel_gap": 0.0})
     if res.status != 0 or res.x is None:
         return None
     w = [round(v) for v in res.x[iw:iw + M]]
@@ -308,16 +360,28 @@ def _ring(members: Sequence[int], head: int, hop: Mapping[tuple[int, int], float
 # -- planning -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Variant:
+    coefs: list[_Coef]
+    output_s: float  # the head's output projection per token
+    output_on_gpu: bool
+
+
 def _problem(devices: Sequence[Device], model: ModelProfile, opts: Options,
              links: Mapping[tuple[str, str], Link], default_link: Link
-             ) -> tuple[dict[tuple[int, int], float], list[_Coef], float, list[int]]:
-    """What plan() and brute_force() both price: hop times, per-device coefficients, the
-    head's output projection and the candidate k."""
+             ) -> tuple[dict[tuple[int, int], float], list[_Variant], list[int]]:
+    """What plan() and brute_force() both price: hop times, the variants (per-device
+    coefficients with the head's output projection on its CPU, or on its GPU where one fits
+    it) and the candidate k."""
     if not devices:
         raise PlanError("no devices to plan for")
     if not 0 <= opts.head < len(devices):
         raise PlanError(f"the head index {opts.head} is not among the {len(devices)} devices")
     L = model.n_layer
+    if opts.n_ctx < 1:
+        raise PlanError(f"the context must hold at least one position, not {opts.n_ctx}")
+    if opts.n_kv is not None and opts.n_kv < 0:
+        raise PlanError(f"the attended positions cannot be negative ({opts.n_kv})")
     if opts.k is not None and (opts.k < 1 or L % opts.k):
         raise PlanError(f"k={opts.k} does not divide the model's {L} layers")
     nbytes = model.activation_bytes(opts.activation_bytes)
@@ -325,9 +389,62 @@ def _problem(devices: Sequence[Device], model: ModelProfile, opts: Options,
            for i, a in enumerate(devices) for j, b in enumerate(devices) if i != j}
     coefs = [_coefficients(d, model, opts, i == opts.head) for i, d in enumerate(devices)]
     head = devices[opts.head]
-    head_out = _seconds(model.output_flops_by_type, head.cpu_flops, head.name)
+    variants = [_Variant(coefs, _seconds(model.output_flops_by_type, head.cpu_flops, head.name),
+                         False)]
+    hc = coefs[opts.head]
+    if head.has_gpu and hc.gpu_cap_bytes >= model.output_bytes:
+        assert head.gpu_flops is not None
+        # the output matrix in VRAM: faster, but it takes room from GPU layers (and, off
+        # unified memory, leaves RAM)
+        on_gpu = replace(hc, gpu_cap_bytes=hc.gpu_cap_bytes - model.output_bytes,
+                         fixed_mem=hc.fixed_mem - (0 if hc.metal else model.output_bytes))
+        variants.append(_Variant(
+            [on_gpu if i == opts.head else c for i, c in enumerate(coefs)],
+            _seconds(model.output_flops_by_type, head.gpu_flops, f"{head.name}'s GPU"), True))
     ks = [opts.k] if opts.k else [k for k in range(1, L + 1) if L % k == 0]
-    return hop, coefs, head_out, ks
+    return hop, variants, ks
+
+
+def _lower_bound(coefs: Sequence[_Coef], k: int, L: int, base: float) -> float:
+    """A cheap bound under any plan of these devices with k rounds, to skip programs that
+    cannot beat the best plan found so far.
+
+    Compute: no split beats every layer on the fastest device. Disk: what does not fit in the
+    devices' memory and VRAM together must stream, k / (k - 2) times over (see
+    ``_device_cost``), and all disks at once stream at most their summed speed within T.
+    """
+    compute = base + L * min(c.alpha + min(0.0, c.beta) for c in coefs)
+    capacity = sum(c.avail - c.fixed_mem + (0.0 if c.metal else c.gpu_cap_bytes)
+                   for c in coefs)
+    deficit = L * coefs[0].layer_mem - capacity
+    if deficit <= 0:
+        return compute
+    disks = sum(c.disk for c in coefs if c.can_overflow)
+    if k <= 2 or disks == 0:
+        return math.inf
+    return max(compute, k / (k - 2) * deficit / disks)
+
+
+def _why_infeasible(devices: Sequence[Device], model: ModelProfile, opts: Options,
+                    coefs: Sequence[_Coef]) -> str:
+    head, hc = devices[opts.head], coefs[opts.head]
+    if hc.fixed_mem > hc.avail:
+        return (f"the head {head.name} cannot hold the embedding row, the output matrix and its "
+                f"buffers ({hc.fixed_mem / 1e9:.2f} GB) in its {hc.avail / 1e9:.2f} GB; choose a "
+                "device with more memory as the head")
+    have = sum(max(0.0, c.avail - c.fixed_mem) + c.gpu_cap_bytes for c in coefs)
+    need = model.n_layer * coefs[0].layer_mem
+    sizes = (f"the devices have {have / 1e9:.1f} GB of memory and VRAM for layers, the model "
+             f"needs {need / 1e9:.1f} GB (weights and a {opts.n_ctx}-position KV cache)")
+    if opts.k is not None and opts.k <= 2:
+        return (f"no assignment fits with k={opts.k}: with one or two rounds every device must "
+                f"hold all its layers in memory (prefetching a window while another runs needs "
+                f"k >= 3); {sizes}. Leave k to the planner, or shorten the context")
+    if not any(c.can_overflow for c in coefs):
+        return (f"no assignment fits: {sizes}, and no disk is fast enough to stream the rest "
+                f"(at least {MIN_DISK_BYTES_PER_S / 1e9:.1f} GB/s)")
+    return (f"no assignment fits{f' with k={opts.k}' if opts.k else ''}: {sizes}; streaming "
+            "the rest needs room for two windows on every streaming device")
 
 
 def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None = None,
@@ -336,44 +453,64 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
     """The fastest plan of the cost model; raises PlanError if none is feasible."""
     opts = options or Options()
     L = model.n_layer
-    hop, coefs, head_out, ks = _problem(devices, model, opts, links or {}, default_link)
+    hop, variants, ks = _problem(devices, model, opts, links or {}, default_link)
 
-    others = [i for i in range(len(devices)) if i != opts.head]
-    if len(devices) <= opts.exhaustive_devices:
-        subsets = [[opts.head, *s] for r in range(len(others) + 1)
+    # a device that cannot run one layer in any round count (even with the head's share of
+    # the work elsewhere) can only be left out; keep it out of the search
+    hopeless = {m for m in range(len(devices)) if m != opts.head and all(
+        _device_cost(v.coefs[m], k, 1, n) is None
+        for v in variants for k in ks for n in (0, 1))}
+    others = [i for i in range(len(devices)) if i != opts.head and i not in hopeless]
+    if len(others) + 1 <= opts.exhaustive_devices:
+        # the largest first: they usually hold the best plan, whose latency then rules out
+        # most (subset, k) pairs of the others before any program is solved
+        subsets = [[opts.head, *s] for r in range(len(others), -1, -1)
                    for s in itertools.combinations(others, r)]
     else:
         subsets = [[opts.head, *others]]
-    best: tuple[float, int, list[int], list[int], list[int], float] | None = None
-    tried: dict[tuple[int, ...], float] = {}
+    best: tuple[float, int, list[int], list[int], list[int], _Variant] | None = None
+    tried: dict[tuple[int, ...], tuple[float, bool]] = {}  # members -> (latency, exact)
     while subsets:
         members = subsets.pop(0)
         ring, ring_s = _ring(members, opts.head, hop) if len(members) > 1 else ([opts.head], 0.0)
-        sub = [coefs[m] for m in ring]
-        found = None
-        for k in ks:
-            W = L // k
-            if len(ring) > W:
-                continue
-            res = _solve_k(sub, k, W, k * ring_s + head_out)
-            if res is None:
-                continue
-            total = res[0]
-            if found is None or total < found[0]:
-                found = (total, k, ring, res[1], res[2], ring_s)
-        tried[tuple(sorted(members))] = found[0] if found else math.inf
-        if found is not None and (best is None or found[0] < best[0]):
+        found: tuple[float, int, list[int], list[int], list[int], _Variant] | None = None
+        pruned = math.inf  # the smallest lower bound of what was not solved
+        for variant in variants:
+            sub = [variant.coefs[m] for m in ring]
+            for bound, k in sorted((_lower_bound(sub, k, L, k * ring_s + variant.output_s), k)
+                                   for k in ks if len(ring) <= L // k):
+                W = L // k
+                base = k * ring_s + variant.output_s
+                if bound == math.inf:
+                    continue
+                if any(b is not None and bound > b[0] * (1 + 1e-9) for b in (best, found)):
+                    pruned = min(pruned, bound)
+                    continue
+                res = _solve_k(sub, k, W, base)
+                if res is not None and (found is None or res[0] < found[0]):
+                    found = (res[0], k, ring, res[1], res[2], variant)
+        tried[tuple(sorted(members))] = ((found[0], True) if found and found[0] <= pruned
+                                         else (pruned, False))
+        # ties go to fewer devices: fewer hops to fail
+        if found is not None and (best is None or found[0] < best[0] * (1 - 1e-9) or (
+                found[0] <= best[0] * (1 + 1e-9) and len(found[2]) < len(best[2]))):
             best = found
-        if len(devices) > opts.exhaustive_devices and found is not None:
-            # the paper's selection: drop devices that hold a single layer, solve again
-            weak = [ring[i] for i, w in enumerate(found[3]) if w == 1 and ring[i] != opts.head]
+        if len(others) + 1 > opts.exhaustive_devices and len(members) > 1:
+            if found is not None:
+                # the paper's selection: drop devices that hold a single layer, solve again
+                weak = [ring[i] for i, w in enumerate(found[3])
+                        if w == 1 and ring[i] != opts.head]
+            else:  # no plan with all of them (e.g. more devices than layers per round)
+                weak = [min((m for m in members if m != opts.head),
+                            key=lambda m: devices[m].mem_available + devices[m].vram_free)]
             if weak:
                 subsets.append([m for m in members if m not in weak])
     if best is None:
-        raise PlanError("no assignment fits: the model needs more memory or disk than these "
-                        "devices offer (or a forced k leaves fewer layers than devices)")
-    total, k, ring, w, n, ring_s = best
+        raise PlanError(_why_infeasible(devices, model, opts, variants[0].coefs))
+    total, k, ring, w, n, variant = best
+    coefs = variant.coefs
     plans = []
+    W = sum(w)
     for pos, m in enumerate(ring):
         cf, dev = coefs[m], devices[m]
         comp, disk, over = _device_cost(cf, k, w[pos], n[pos]) or (0.0, 0.0, 0.0)
@@ -389,20 +526,39 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
             regime = "M3"
         held = (k * _ram_layers(cf, w[pos], n[pos]) * cf.layer_mem + cf.fixed_mem
                 if over <= 0 else cf.avail)
+        start = sum(w[:pos])
+        ranges = [(r * W + start, r * W + start + w[pos]) for r in range(k)]
         plans.append(DevicePlan(dev.name, w[pos], n[pos], k * w[pos], regime, comp, disk, net,
-                                held))
+                                held, over, ranges,
+                                0.0 if cf.metal else k * n[pos] * cf.layer_mem))
     dropped = {}
     used = set(ring)
     for m in range(len(devices)):
         if m in used:
             continue
-        with_it = min((v for key, v in tried.items() if m in key), default=math.inf)
-        why = ("cannot hold even one layer per round" if with_it == math.inf else
-               f"the best plan with it is slower ({1e3 * with_it:.1f} ms/token against "
-               f"{1e3 * total:.1f})")
+        with_it, exact = min((v for key, v in tried.items() if m in key),
+                             default=(math.inf, True))
+        if m in hopeless or (with_it == math.inf and opts.k is None):
+            why = "cannot hold even one layer per round"
+        elif with_it == math.inf and opts.k is not None:
+            why = (f"k={opts.k} leaves {L // opts.k} layers per round, and it could not take one "
+                   "of them in any plan that fits")
+        elif with_it <= total * (1 + 1e-9):
+            why = (f"the plan is no faster with it ({1e3 * with_it:.1f} ms/token either way): "
+                   "fewer devices, fewer hops to fail")
+        elif exact:
+            why = (f"the best plan with it is slower ({1e3 * with_it:.1f} ms/token against "
+                   f"{1e3 * total:.1f})")
+        else:
+            why = (f"every plan with it is slower (at least {1e3 * with_it:.1f} ms/token "
+                   f"against {1e3 * total:.1f})")
         dropped[devices[m].name] = why
+    slowest = max(plans, key=lambda d: d.disk_s)
+    limit = (f"disk streaming on {slowest.name}" if slowest.disk_s >= total - 1e-12
+             and slowest.disk_s > 0 else "compute and network")
     return Plan(k=k, ring=[devices[m].name for m in ring], devices=plans, latency_s=total,
-                output_s=head_out, dropped=dropped, n_layer=L)
+                output_s=variant.output_s, dropped=dropped, n_layer=L, bound=limit,
+                output_on_gpu=variant.output_on_gpu)
 
 
 def brute_force(devices: Sequence[Device], model: ModelProfile, options: Options | None = None,
@@ -412,8 +568,13 @@ def brute_force(devices: Sequence[Device], model: ModelProfile, options: Options
     the reference Halda is tested against. Small instances only."""
     opts = options or Options()
     L = model.n_layer
-    hop, coefs, head_out, ks = _problem(devices, model, opts, links or {}, default_link)
-    others = [i for i in range(len(devices)) if i != opts.head]
+    hop, variants, ks = _problem(devices, model, opts, links or {}, default_link)
+    return min(_brute_force(v.coefs, v.output_s, hop, opts, L, ks) for v in variants)
+
+
+def _brute_force(coefs: Sequence[_Coef], head_out: float, hop: Mapping[tuple[int, int], float],
+                 opts: Options, L: int, ks: Sequence[int]) -> float:
+    others = [i for i in range(len(coefs)) if i != opts.head]
     best = math.inf
     for r in range(len(others) + 1):
         for extra in itertools.combinations(others, r):
