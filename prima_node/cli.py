@@ -140,6 +140,75 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .planner.cluster_file import load_cluster
+    from .planner.halda import Options, PlanError, plan
+    from .planner.model_profile import ModelProfile
+    from .planner.plan_table import plan_table
+
+    cluster = load_cluster(args.profiles)
+    model = ModelProfile.load(args.model)
+    if args.head is not None:
+        names = [d.name for d in cluster.devices]
+        if args.head not in names:
+            raise ValueError(f"--head {args.head!r} is not one of the devices "
+                             f"({', '.join(names)})")
+        cluster.head = args.head
+    opts = Options(n_ctx=args.ctx, k=args.k, head=cluster.head_index, n_kv=args.position)
+    try:
+        result = plan(cluster.devices, model, opts, cluster.links, cluster.default_link)
+    except PlanError as exc:
+        raise ValueError(f"no plan: {exc}") from None
+    if args.json:
+        doc = {"format": "prima-plan/1", "model": model.name, "quant": model.quant,
+               "n_ctx": args.ctx, "position": opts.n_kv if opts.n_kv is not None
+               else args.ctx // 2, **result.as_dict()}
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(plan_table(result, model, cluster, opts))
+    return 0
+
+
+def link_url(target: str) -> str:
+    """HOST:PORT, http(s)://HOST:PORT or a ws(s):// URL -> the node's link probe URL."""
+    from urllib.parse import urlsplit
+
+    url = target if "://" in target else f"http://{target}"
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"not a node address: {target!r} (give HOST:PORT or a URL)")
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/') or '/api/link'}"
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .device.link import measure_link
+
+    url = link_url(args.node)
+    if args.pings < 1:
+        raise ValueError("--pings must be at least 1")
+    key = args.api_key or os.environ.get("PRIMA_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    try:
+        prof = asyncio.run(measure_link(url, headers=headers, pings=args.pings))
+    except ConnectionError as exc:
+        raise ValueError(str(exc)) from None
+    if args.json:
+        print(json.dumps(prof.to_json(), indent=1))
+        return 0
+    print(f"{url}: round trip {1e3 * prof.rtt_s:.3f} ms median ({1e3 * prof.rtt_min_s:.3f} "
+          f"min over {prof.pings}), throughput {prof.bytes_per_s / 1e6:.0f} MB/s")
+    for n_embd in (4096, 8192):
+        print(f"  one token's float32 hidden state ({n_embd} wide) costs "
+              f"{1e3 * prof.hop_s(4 * n_embd):.3f} ms per hop")
+    return 0
+
+
 def _demo_model() -> Path:
     from .synth.writer import write_model
 
@@ -249,6 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--ctx", type=int, default=4096, help="context for the KV-cache figures")
     mp.add_argument("--json", action="store_true", help="print the exchange format")
     mp.set_defaults(func=cmd_model_profile)
+
+    pl = sub.add_parser(
+        "plan", help="plan a cluster with Halda: who holds which layers, k, predicted latency",
+        description="Solve the layer-to-device assignment exactly for the devices in a cluster "
+                    "file (measured profiles or hand-written ones; see examples/profiles) and a "
+                    "model (a GGUF file or a model profile JSON; see examples/models).")
+    pl.add_argument("--profiles", required=True, metavar="CLUSTER.json",
+                    help="the devices and links (format prima-cluster/1, or a list of "
+                         "prima-node profile --json outputs)")
+    pl.add_argument("--model", required=True, metavar="M.gguf|PROFILE.json",
+                    help="the model file, or its profile from prima-node model-profile --json")
+    pl.add_argument("--ctx", type=int, default=4096, help="context length the KV cache holds")
+    pl.add_argument("--k", type=int, default=None,
+                    help="force the number of rounds (a divisor of the layer count)")
+    pl.add_argument("--head", default=None, help="the head device's name (default: the file's)")
+    pl.add_argument("--position", type=int, default=None,
+                    help="positions a token attends to, for the latency (default: half of --ctx)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
+
+    lk = sub.add_parser(
+        "link", help="measure a ring hop to a node: round trip and throughput over a websocket",
+        description="Connect to another node's link probe (GET /api/link) the way ring "
+                    "activations travel and measure what the planner prices a hop with.")
+    lk.add_argument("node", help="HOST:PORT or the node's URL")
+    lk.add_argument("--api-key", help="the node's API key (default: $PRIMA_API_KEY)")
+    lk.add_argument("--pings", type=int, default=20, help="round trips to time")
+    lk.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    lk.set_defaults(func=cmd_link)
 
     from .server.serve import add_serve_args
 

@@ -56,3 +56,24 @@ def test_the_cli_prints_the_exchange_format(make_model: ModelFactory, tmp_path: 
     prof = DeviceProfile.from_json(json.loads(out.stdout))
     assert prof.kernels and prof.disk is not None
     assert len(list(tmp_path.glob("device-*.json"))) == 1
+
+
+def test_a_measured_profile_plans_the_model_it_was_measured_with(make_model: ModelFactory,
+                                                                 tmp_path: Path) -> None:
+    model = make_model()
+    prof = profile_device(model, threads=1, cache_dir=tmp_path)
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps([prof.to_json()]))  # what a head gathers from its nodes
+    out = subprocess.run([sys.executable, "-m", "prima_node.cli", "plan", "--profiles",
+                          str(cluster), "--model", str(model), "--ctx", "512", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    mp = from_gguf(model)
+    (dev,) = doc["devices"]
+    assert doc["ring"] == [prof.name] and dev["window"] == mp.n_layer and dev["regime"] == "M4"
+    # the compute term is the model's FLOPs at the speeds measured here
+    flops = sum(f for layer in mp.layers for t, f in layer.flops_by_type.items())
+    measured = min(k["decode_flops"] for k in prof.kernels.values())
+    fastest = max(k["decode_flops"] for k in prof.kernels.values())
+    assert flops / fastest <= dev["compute_ms"] / 1e3 <= 1.5 * flops / measured

@@ -402,6 +402,8 @@ def test_real_errors_match_the_error_schema(live: Live) -> None:
         ("GET", "/no/such/path", None, KEY, 404),
         ("DELETE", "/health", None, KEY, 405),
         ("GET", "/api/events", None, KEY, 400),  # not a websocket handshake
+        ("GET", "/api/link", None, KEY, 400),
+        ("GET", "/api/link", None, None, 401),
         ("POST", "/v1/completions", "x" * (17 << 20), KEY, 413),  # over the 16 MiB limit
     ]
     for method, path, body, key, status in cases:

@@ -25,6 +25,8 @@ import pytest
 from conftest import ModelFactory
 from server_process import ServerProcess
 
+from prima_node.device.link import measure_link
+
 pytestmark = pytest.mark.timeout(120)
 
 CTX = 2048  # room for a long generation (the cancellation and event-loop tests need one)
@@ -739,3 +741,12 @@ def test_metrics_are_prometheus_text_with_the_documented_names(
     assert samples["prima_kv_cache_capacity_tokens"] >= CTX
     inf_bucket = samples['prima_prefill_seconds_bucket{le="+Inf"}']
     assert inf_bucket == samples["prima_prefill_seconds_count"] > 0
+
+
+def test_the_link_probe_measures_a_hop_to_a_node_with_its_key(guarded: ServerProcess) -> None:
+    url = f"ws://127.0.0.1:{guarded.port}/api/link"
+    prof = asyncio.run(measure_link(url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                    pings=5, bulk_bytes=2**20, bulk_repeats=1))
+    assert 0 < prof.rtt_s < 1 and prof.bytes_per_s > 1e6
+    with pytest.raises(ConnectionError, match="401"):
+        asyncio.run(measure_link(url, pings=1))

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from ..device.link import add_probe_route
 from ..generate import Finished, Generator, TextDelta, ToolCall
 from . import prompting
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -94,6 +95,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
     app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/api/events", api_events)
+    add_probe_route(app)
     app.router.add_get("/openapi.json", openapi)
 
     async def start_loading(app: web.Application) -> None:

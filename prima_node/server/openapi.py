@@ -642,6 +642,16 @@ def _paths() -> dict[str, Any]:
                      "messages.", "x-websocket-message": _ref("StatusEvent")},
              "400": _error("Not a websocket handshake (code bad_request)."),
              **_errors("Unauthorized")}),
+        "/api/link": _get(
+            "link", "Link probe (websocket)",
+            "What nodes measure a ring hop with (round trip and throughput); "
+            "`prima-node link URL` runs it. Binary frames only: a frame whose first byte is 1 "
+            "(PING) comes back unchanged; a frame whose first byte is 2 (BULK, at most 4 MiB) "
+            "is answered with 9 bytes: 3 (ACK) and the frame's length as a little-endian "
+            "uint64. Any other frame closes the socket with code 1003 and the reason.",
+            {"101": {"description": "Switching to the websocket protocol; then the probe."},
+             "400": _error("Not a websocket handshake (code bad_request)."),
+             **_errors("Unauthorized")}),
         "/openapi.json": _get("openapi", "This document (no key needed)",
                               "The OpenAPI 3.1 description of the API.",
                               {"200": {"description": "The document.", "content": {
