@@ -92,6 +92,7 @@ class Options:
     # mean over a conversation that fills it)
     n_kv: int | None = None
     exhaustive_devices: int = EXHAUSTIVE_DEVICES
+    use_all: bool = False  # every device takes part (no selection), e.g. to spread memory use
 
 
 @dataclass
@@ -461,7 +462,12 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
         _device_cost(v.coefs[m], k, 1, n) is None
         for v in variants for k in ks for n in (0, 1))}
     others = [i for i in range(len(devices)) if i != opts.head and i not in hopeless]
-    if len(others) + 1 <= opts.exhaustive_devices:
+    if opts.use_all:
+        if hopeless:
+            names = ", ".join(devices[m].name for m in sorted(hopeless))
+            raise PlanError(f"every device must take part, but {names} cannot hold one layer")
+        subsets = [[opts.head, *others]]
+    elif len(others) + 1 <= opts.exhaustive_devices:
         # the largest first: they usually hold the best plan, whose latency then rules out
         # most (subset, k) pairs of the others before any program is solved
         subsets = [[opts.head, *s] for r in range(len(others), -1, -1)
@@ -495,7 +501,8 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
         if found is not None and (best is None or found[0] < best[0] * (1 - 1e-9) or (
                 found[0] <= best[0] * (1 + 1e-9) and len(found[2]) < len(best[2]))):
             best = found
-        if len(others) + 1 > opts.exhaustive_devices and len(members) > 1:
+        selecting = len(others) + 1 > opts.exhaustive_devices and not opts.use_all
+        if selecting and len(members) > 1:
             if found is not None:
                 # the paper's selection: drop devices that hold a single layer, solve again
                 weak = [ring[i] for i, w in enumerate(found[3])

@@ -39,8 +39,9 @@ from .status import LastRequest, Status, StatusHub, model_id
 
 _LOG = logging.getLogger("prima.server")
 
-#: Paths anyone may read: the add-on watchdog's health check and the API description.
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+#: Paths without the API key: the add-on watchdog's health check and the API description.
+#: ``/cluster/ws`` admits nodes by the cluster secret's challenge-response, not the API key.
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/cluster/ws"})
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 

@@ -20,6 +20,12 @@ from typing import TYPE_CHECKING
 from ..errors import PrimaError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from aiohttp import web
+
+    from ..cluster.head import ClusterHead
+    from ..cluster.node import ClusterNode, NodeConfig
     from .app import ServerConfig
 
 _LOG = logging.getLogger("prima.server")
@@ -46,6 +52,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="where the node keeps its id (default $XDG_STATE_HOME/prima)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    c = p.add_argument_group("cluster", "several nodes running one model together (without "
+                             "--cluster-secret the node serves alone)")
+    secret = c.add_mutually_exclusive_group()
+    secret.add_argument("--cluster-secret", help="shared by every node of the cluster; nodes "
+                        "prove they know it without sending it (also $PRIMA_CLUSTER_SECRET)")
+    secret.add_argument("--cluster-secret-file", help="read the cluster secret from this file")
+    c.add_argument("--head", action="store_true",
+                   help="this node is the head: it plans the ring and serves the API")
+    c.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a worker node to include (repeat for each)")
+    c.add_argument("--rounds", type=int, default=None, metavar="K",
+                   help="force the number of rounds k (default: Halda chooses)")
+    c.add_argument("--all-nodes", action="store_true",
+                   help="every node takes part, even where Halda would leave it out")
+    c.add_argument("--link-dtype", choices=["f32", "f16"], default="f32",
+                   help="hidden states on the wire: f32 (exact) or f16 (half the bytes)")
+    c.add_argument("--advertise", default=None, metavar="HOST",
+                   help="the address other nodes reach this one at (default: --host, or the "
+                   "host name when listening on every address)")
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -65,6 +90,24 @@ def _api_key(args: argparse.Namespace) -> str | None:
     if given is not None and not given.strip():
         raise PrimaError("the API key is empty")
     return given.strip() if given else None
+
+
+def _secret(args: argparse.Namespace) -> bytes | None:
+    if args.cluster_secret_file:
+        try:
+            text = Path(args.cluster_secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise PrimaError(f"cannot read the cluster secret file {args.cluster_secret_file}: "
+                             f"{exc.strerror}") from None
+    else:
+        text = (args.cluster_secret or os.environ.get("PRIMA_CLUSTER_SECRET") or "").strip()
+    if not text:
+        if args.head or args.peer:
+            raise PrimaError("--head and --peer need a cluster secret (--cluster-secret)")
+        return None
+    if len(text) < 8:
+        raise PrimaError("the cluster secret must have at least 8 characters")
+    return text.encode()
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -96,24 +139,98 @@ def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _LOG.warning("listening on %s without an API key: anyone on the network can use the "
                      "model (set --api-key or --api-key-file)", args.host)
-    return asyncio.run(_serve(config, args.threads))
+    secret = _secret(args)
+    if secret is None:
+        return asyncio.run(_serve(config, args.threads))
+    import socket
+
+    from ..cluster.node import NodeConfig
+
+    if args.rounds is not None and args.rounds < 1:
+        raise PrimaError("--rounds must be at least 1")
+    node = NodeConfig(model_path=model_path, secret=secret, node_id=config.node_id,
+                      name=socket.gethostname(), n_ctx=args.ctx, threads=args.threads,
+                      profile_cache=Path(os.environ.get("PRIMA_PROFILE_CACHE")
+                                         or Path.home() / ".cache" / "prima" / "profiles"),
+                      link_dtype=args.link_dtype)
+    advertise = args.advertise or (socket.gethostname() if args.host in ("0.0.0.0", "::")
+                                   else args.host)
+    if args.head:
+        return asyncio.run(_serve(config, args.threads, node, args.peer, args.rounds,
+                                  advertise, args.all_nodes))
+    return asyncio.run(_serve_worker(config, node))
 
 
-async def _serve(config: ServerConfig, threads: int | None) -> int:
+async def _serve(config: ServerConfig, threads: int | None, node_config: NodeConfig | None = None,
+                 peers: Sequence[str] = (), rounds: int | None = None,
+                 advertise: str = "127.0.0.1", all_nodes: bool = False) -> int:
+    import threading
+
     from aiohttp import web
 
     from ..generate import Generator
     from .app import make_app
 
+    loop = asyncio.get_running_loop()
+    node: ClusterNode | None = None
+    head: ClusterHead | None = None
+    listening = threading.Event()  # the ring forms once the node's own address is known
+    if node_config is not None:
+        from ..cluster.head import ClusterHead
+        from ..cluster.node import RING_PATH, ClusterNode
+
+        node = ClusterNode(node_config)
+        head = ClusterHead(node, list(peers), "", rounds, all_nodes)
+
     def open_generator() -> Generator:
-        gen = Generator.open(config.model_path, threads=threads, n_ctx=config.n_ctx)
+        if node is None:
+            gen = Generator.open(config.model_path, threads=threads, n_ctx=config.n_ctx)
+        else:
+            from ..cluster.head import RingExecutor
+            from ..text.chat_template import load_chat_template
+            from ..text.tokenizer import Tokenizer
+
+            assert head is not None
+            node.open_model()
+            listening.wait()
+            _LOG.info("forming the ring with %d other node(s)", len(peers))
+            asyncio.run_coroutine_threadsafe(head.setup(), loop).result()
+            ring = RingExecutor(head, loop)
+            gen = Generator(ring, Tokenizer.from_model_file(node.model.file),
+                            load_chat_template(node.model.file))
         _LOG.info("compiling kernels (the first start on a machine takes about a minute)")
         gen.executor.warm_up()
         return gen
 
     app = make_app(config, open_generator)
+    if node is not None:
+        app.router.add_get(RING_PATH, node.handler)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    port = await _listen(runner, config)
+    if node is not None and head is not None:
+        import aiohttp
+
+        node.client = aiohttp.ClientSession()
+        head.members[0].address = f"{advertise}:{port}"
+    listening.set()
+    from .app import STATUS
+
+    app[STATUS].port = port
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    _LOG.info("listening on http://%s:%d (OpenAI API at /v1, status at /api/status)", host, port)
+    try:
+        return await _until_stopped(runner)
+    finally:
+        if head is not None:
+            await head.close()
+        if node is not None:
+            await node.stop()
+
+
+async def _listen(runner: web.AppRunner, config: ServerConfig) -> int:
+    from aiohttp import web
+
     site = web.TCPSite(runner, config.host, config.port)
     try:
         await site.start()
@@ -125,11 +242,39 @@ async def _serve(config: ServerConfig, threads: int | None) -> int:
     for sock in getattr(site._server, "sockets", None) or ():  # the port chosen for --port 0
         port = sock.getsockname()[1]
         break
-    from .app import STATUS
+    return int(port)
 
-    app[STATUS].port = port
+
+async def _serve_worker(config: ServerConfig, node_config: NodeConfig) -> int:
+    """A worker: the admitted cluster endpoint and a health check, no API of its own."""
+    from aiohttp import web
+
+    from ..cluster.node import RING_PATH, ClusterNode
+
+    node = ClusterNode(node_config)
+
+    async def health(request: web.Request) -> web.Response:
+        ready = node.model is not None
+        return web.json_response({"status": "ok" if ready else "loading", "role": "worker",
+                                  "node_id": node_config.node_id,
+                                  "assignment": node.info()["assignment"] if ready else None},
+                                 status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get(RING_PATH, node.handler)
+    app.on_startup.append(node.start)
+    app.on_shutdown.append(node.stop)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = await _listen(runner, config)
     host = f"[{config.host}]" if ":" in config.host else config.host
-    _LOG.info("listening on http://%s:%d (OpenAI API at /v1, status at /api/status)", host, port)
+    _LOG.info("listening on http://%s:%d (cluster worker %s: waiting for the head)", host, port,
+              node_config.node_id)
+    return await _until_stopped(runner)
+
+
+async def _until_stopped(runner: web.AppRunner) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

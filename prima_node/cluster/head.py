@@ -1,0 +1,278 @@
+"""The head of a cluster: admits the workers, plans the ring with Halda, hands out windows, and
+runs each forward pass around the ring as a drop-in executor for the generation loop.
+
+The generation loop (``generate.Generator``) neither knows nor cares that the transformer runs
+on several machines: ``RingExecutor`` offers the same calls as the engine's ``Model`` (forward,
+KV-cache truncate/clear/drop), and turns every forward into k rounds through the ring order, in
+prefill chunks, on the model thread; the websocket traffic runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ContextOverflowError, PrimaError
+from ..planner.cluster_file import device_from_profile
+from ..planner.halda import Link, Options, Plan, plan
+from ..planner.model_profile import ModelProfile
+from .auth import connect
+from .control import ControlLink, NodeError
+from .frames import Frame, encode
+from .node import RING_PATH, ClusterNode
+
+_LOG = logging.getLogger("prima.cluster")
+LIVENESS_POLL_S = 0.25
+
+
+class RingError(RuntimeError):
+    """The ring could not finish a forward pass (a node failed or went away)."""
+
+
+@dataclass
+class Member:
+    node_id: str
+    name: str
+    address: str  # host:port
+    control: ControlLink | None = None  # None for the head itself
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.address}{RING_PATH}"
+
+
+class ClusterHead:
+    def __init__(self, node: ClusterNode, peers: list[str], address: str,
+                 force_k: int | None = None, use_all: bool = False) -> None:
+        self.node = node
+        self.peers = peers
+        self.force_k = force_k
+        self.use_all = use_all
+        self.members: list[Member] = [Member(node.config.node_id, node.config.name, address)]
+        self.plan: Plan | None = None
+        self.ring: list[Member] = []
+        self.events: queue.Queue[Exception] = queue.Queue()
+
+    # -- membership -------------------------------------------------------------------------------
+
+    async def connect_peers(self) -> None:
+        assert self.node.client is not None
+        mine = self.node.info()["model"]
+        for address in self.peers:
+            url = f"ws://{address}{RING_PATH}"
+            ws, peer_id = await connect(self.node.client, url, self.node.config.secret,
+                                        self.node.config.node_id, "control",
+                                        name=self.node.config.name)
+            link = ControlLink(ws, peer_id, url, on_event=self._on_event)
+            info = await link.call("info")
+            theirs = info["model"]
+            if (theirs["size"], theirs["fingerprint"]) != (mine["size"], mine["fingerprint"]):
+                await link.close()
+                raise PrimaError(
+                    f"node {info['name']} ({address}) holds a different model file: "
+                    f"{theirs['file']} ({theirs['size']} bytes) where the head has "
+                    f"{mine['file']} ({mine['size']} bytes); copy the head's file there")
+            self.members.append(Member(peer_id, str(info["name"]), address, link, info))
+            _LOG.info("node %s (%s at %s) joined with the same model", peer_id, info["name"],
+                      address)
+
+    def _on_event(self, node_id: str, event: dict[str, Any]) -> None:
+        name = next((m.name for m in self.members if m.node_id == node_id), node_id)
+        if event.get("event") == "error":
+            self.events.put(RingError(f"node {name} ({node_id}) failed: {event.get('message')}"))
+        elif event.get("event") == "gone":
+            in_ring = any(m.node_id == node_id for m in self.ring)
+            if in_ring:
+                self.events.put(RingError(f"node {name} ({node_id}) went away: "
+                                          f"{event.get('reason')}"))
+            _LOG.warning("node %s (%s) went away: %s", name, node_id, event.get("reason"))
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    async def make_plan(self, k: int | None = None) -> Plan:
+        loop = asyncio.get_running_loop()
+        profiles = [await loop.run_in_executor(None, self.node._profile)]
+        for m in self.members[1:]:
+            assert m.control is not None
+            profiles.append((await m.control.call("profile", timeout=300))["profile"])
+        links: dict[tuple[str, str], Link] = {}
+        for a in self.members:
+            for b in self.members:
+                if a is b:
+                    continue
+                if a.control is None:
+                    hop = await self.node.measure_link(b.url)
+                else:
+                    hop = (await a.control.call("link", url=b.url))["link"]
+                links[(a.node_id, b.node_id)] = Link(hop["latency_s"], hop["bytes_per_s"])
+        devices = [device_from_profile(p) for p in profiles]
+        model = ModelProfile.load(self.node.config.model_path)
+        result = plan(devices, model, Options(n_ctx=self.node.config.n_ctx,
+                                              k=k if k is not None else self.force_k, head=0,
+                                              use_all=self.use_all),
+                      links)
+        _LOG.info("plan: k=%d, ring %s, predicted %.1f ms/token", result.k,
+                  " -> ".join(self._name(d) for d in result.ring), 1e3 * result.latency_s)
+        return result
+
+    def _name(self, node_id: str) -> str:
+        return next((m.name for m in self.members if m.node_id == node_id), node_id)
+
+    async def apply(self, p: Plan) -> None:
+        by_id = {m.node_id: m for m in self.members}
+        ring = [by_id[node_id] for node_id in p.ring]
+        for i, (member, dp) in enumerate(zip(ring, p.devices, strict=True)):
+            successor = ring[(i + 1) % len(ring)].url if len(ring) > 1 else None
+            if member.control is None:
+                await self.node.load(i, dp.ranges, successor, p.k)
+            else:
+                await member.control.call("load", index=i, ranges=dp.ranges,
+                                          successor=successor, k=p.k)
+        self.plan, self.ring = p, ring
+        while not self.events.empty():  # what happened before this ring formed is over
+            self.events.get_nowait()
+
+    async def setup(self) -> None:
+        await self.connect_peers()
+        await self.apply(await self.make_plan())
+
+    async def kv_everywhere(self, action: str, session: str, n: int = 0) -> None:
+        for m in self.ring[1:]:
+            if m.control is None or not m.control.alive:
+                continue  # gone: it will not be in the next ring
+            try:
+                await m.control.call("kv", action=action, session=session, n=n)
+            except NodeError as exc:
+                _LOG.warning("KV %s on %s failed: %s", action, m.name, exc)
+
+    async def close(self) -> None:
+        for m in self.members[1:]:
+            if m.control is not None:
+                await m.control.close()
+
+
+class RingExecutor:
+    """The generation loop's executor for a ring (runs on the model thread)."""
+
+    def __init__(self, head: ClusterHead, loop: asyncio.AbstractEventLoop) -> None:
+        self.head, self.loop = head, loop
+        self.node = head.node
+        self.model = head.node.model
+        self._frames: queue.Queue[Frame] = queue.Queue()
+        self.node.on_round_done = self._frames.put
+        self._step = 0
+        self.last_marks: list[tuple[int, int]] = []
+
+    # properties the loop reads
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.n_ctx)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.n_vocab)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.model.path)
+
+    def _windows(self) -> list[Any]:
+        a = self.node.assignment
+        if a is None:
+            raise RingError("the cluster has no plan yet")
+        return list(a.windows)
+
+    def _call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def forward(self, token_ids: Any, session: str = "default") -> np.ndarray:
+        from ..engine.model import DEFAULT_BATCH
+
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("no tokens to evaluate")
+        pos0 = self.n_cached(session)
+        if pos0 + ids.size > self.n_ctx:
+            raise ContextOverflowError(
+                f"{ids.size} tokens from position {pos0} go beyond the context of "
+                f"{self.n_ctx} tokens (start the cluster with a larger --ctx, or shorten the "
+                "prompt)")
+        h = None
+        for a in range(0, ids.size, DEFAULT_BATCH):
+            chunk = ids[a:a + DEFAULT_BATCH]
+            pos = np.arange(pos0 + a, pos0 + a + chunk.size, dtype=np.int64)
+            h = self.model.embed(chunk)
+            for r in range(len(self._windows())):
+                h = self._round(h, r, pos, session)
+        assert h is not None
+        return np.asarray(self.model.head(h[-1:])[0])
+
+    def _round(self, h: np.ndarray, r: int, pos: np.ndarray, session: str) -> np.ndarray:
+        windows = self._windows()
+        t0 = time.perf_counter()
+        h = windows[r].forward(h, pos, session)
+        mark = (0, int(1e6 * (time.perf_counter() - t0)))
+        out_ws = self.node.out_ws
+        if out_ws is None:  # a ring of one
+            return h
+        self._step = (self._step + 1) % 2**32
+        step = self._step
+        frame = Frame(session, step, r, len(windows), int(pos[0]), h, [mark])
+        data = encode(frame, self.node.config.link_dtype)
+        self._check_events()
+        try:
+            self._call(out_ws.send_bytes(data))
+        except (ConnectionError, RuntimeError) as exc:
+            raise RingError(f"cannot send to the next node: {exc}") from None
+        while True:
+            self._check_events()
+            try:
+                back = self._frames.get(timeout=LIVENESS_POLL_S)
+            except queue.Empty:
+                continue
+            if back.step == step and back.round == r:
+                self.last_marks = back.marks
+                return back.hidden
+            _LOG.debug("dropped a stale frame (step %d, round %d)", back.step, back.round)
+
+    def _check_events(self) -> None:
+        try:
+            raise self.head.events.get_nowait()
+        except queue.Empty:
+            pass
+        for m in self.head.ring[1:]:
+            if m.control is not None and not m.control.alive:
+                raise RingError(f"node {m.name} ({m.node_id}) went away: "
+                                f"{m.control.closed_reason}")
+
+    # KV-cache operations reach every node of the ring
+    def n_cached(self, session: str = "default") -> int:
+        return int(self._windows()[0].n_cached(session))
+
+    def _kv(self, action: str, session: str, n: int = 0) -> None:
+        for w in self._windows():
+            getattr(w, action)(session, *([n] if action == "truncate" else []))
+        self._call(self.head.kv_everywhere(action, session, n))
+
+    def truncate(self, session: str, n: int) -> None:
+        self._kv("truncate", session, n)
+
+    def clear(self, session: str = "default") -> None:
+        self._kv("clear", session)
+
+    def drop(self, session: str) -> None:
+        self._kv("drop", session)
+
+    def warm_up(self) -> None:
+        self.model.warm_up()
+
+    def close(self) -> None:
+        self.node.on_round_done = None

@@ -1,0 +1,312 @@
+"""What every node of a cluster runs: the admitted ``/cluster/ws`` endpoint, its layer windows,
+and its place in the ring.
+
+A node holds only the windows the head assigns it (one per round), runs each activation frame
+that reaches it through the window of that frame's round, and sends the result to its successor.
+The head's own node does the same for its windows, but frames that come back to it end a round
+and go to the ring executor instead. One model thread per node runs all the windows, so frames
+are processed in the order they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+from .. import __version__
+from ..device.link import _serve_probe
+from .auth import AuthError, NonceLog, Peer, accept, connect
+from .fingerprint import fingerprint
+from .frames import Frame, FrameError, decode, encode
+
+_LOG = logging.getLogger("prima.cluster")
+RING_PATH = "/cluster/ws"
+MAX_FRAME_BYTES = 256 * 2**20
+
+
+@dataclass
+class NodeConfig:
+    model_path: Path
+    secret: bytes
+    node_id: str
+    name: str
+    n_ctx: int
+    threads: int | None = None
+    profile_cache: Path | None = None
+    link_dtype: str = "f32"
+
+
+@dataclass
+class Assignment:
+    """The windows the plan gives this node, and where its output goes."""
+
+    index: int  # position in the ring (the head is 0)
+    ranges: list[tuple[int, int]]  # [start, end) of its window in each round
+    successor_url: str | None  # None: a ring of one
+    k: int = 1
+    windows: list[Any] = field(default_factory=list)  # LayerWindow per round
+
+
+class ClusterNode:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.model: Any = None  # engine.model.Model, opened by open_model()
+        self.assignment: Assignment | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="prima-model")
+        self.nonces = NonceLog()
+        self.client: aiohttp.ClientSession | None = None
+        self.out_ws: aiohttp.ClientWebSocketResponse | None = None
+        self.head_ws: web.WebSocketResponse | None = None  # the head's control link to us
+        self.on_round_done: Callable[[Frame], None] | None = None  # set on the head
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.frames_in = 0
+        self._out_reader: asyncio.Task[None] | None = None
+        self.compute_s = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def open_model(self) -> None:
+        """Map the model file (on the model thread): validates it, reads no layer."""
+        from ..engine.model import Model
+
+        if self.model is None:
+            self.model = Model.open(self.config.model_path, threads=self.config.threads,
+                                    n_ctx=self.config.n_ctx)
+
+    async def start(self, app: web.Application) -> None:
+        self.client = aiohttp.ClientSession()
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.open_model)
+        _LOG.info("node %s (%s) ready for a plan: %s", self.config.node_id, self.config.name,
+                  self.config.model_path.name)
+
+    async def stop(self, app: web.Application | None = None) -> None:
+        for ws in list(self.sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
+        if self.out_ws is not None:
+            await self.out_ws.close()
+        if self.client is not None:
+            await self.client.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    def info(self) -> dict[str, Any]:
+        path = self.config.model_path
+        return {"node_id": self.config.node_id, "name": self.config.name, "version": __version__,
+                "model": {"file": path.name, "size": path.stat().st_size,
+                          "fingerprint": fingerprint(path)},
+                "assignment": None if self.assignment is None else {
+                    "index": self.assignment.index, "ranges": self.assignment.ranges,
+                    "k": self.assignment.k},
+                "frames": self.frames_in, "compute_s": round(self.compute_s, 6)}
+
+    # -- the endpoint -----------------------------------------------------------------------------
+
+    async def handler(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=2.0)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            try:
+                peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces)
+            except AuthError as exc:
+                _LOG.warning("refused a cluster connection from %s: %s", request.remote, exc)
+                return ws
+            _LOG.info("admitted %s link from node %s (%s)", peer.purpose, peer.node_id,
+                      request.remote)
+            if peer.purpose == "control":
+                await self._control(ws, peer)
+            elif peer.purpose == "ring":
+                await self._ring_in(ws, peer)
+            else:
+                await _serve_probe(ws)
+        finally:
+            self.sockets.discard(ws)
+        return ws
+
+    # -- control ----------------------------------------------------------------------------------
+
+    async def _control(self, ws: web.WebSocketResponse, peer: Peer) -> None:
+        self.head_ws = ws
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
+                               message=b"control messages are JSON text")
+                _LOG.warning("closed the control link from %s: a binary message", peer.node_id)
+                break
+            try:
+                req = msg.json()
+                rid, op = req["id"], req["op"]
+            except (ValueError, KeyError, TypeError):
+                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
+                               message=b"malformed control message")
+                _LOG.warning("closed the control link from %s: a malformed message",
+                             peer.node_id)
+                break
+            try:
+                answer = await self._op(op, req)
+                await ws.send_json({"id": rid, "ok": True, **answer})
+            except Exception as exc:  # every failure is an answer, never a dead link
+                _LOG.warning("%s failed: %s", op, exc)
+                await ws.send_json({"id": rid, "error": str(exc) or type(exc).__name__})
+        if self.head_ws is ws:
+            self.head_ws = None
+
+    async def _op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if op == "info":
+            return self.info()
+        if op == "profile":
+            return {"profile": await loop.run_in_executor(None, self._profile)}
+        if op == "link":
+            return {"link": await self.measure_link(str(req["url"]))}
+        if op == "load":
+            await self.load(int(req["index"]), [tuple(r) for r in req["ranges"]],
+                            req.get("successor"), int(req["k"]))
+            return self.info()
+        if op == "kv":
+            await loop.run_in_executor(self.executor, self.kv, str(req["action"]),
+                                       str(req["session"]), int(req.get("n", 0)))
+            return {}
+        raise ValueError(f"unknown operation {op!r}")
+
+    def _profile(self) -> dict[str, Any]:
+        from ..device.profile import profile_device
+
+        prof = profile_device(self.config.model_path, threads=self.config.threads,
+                              cache_dir=self.config.profile_cache)
+        doc = prof.to_json()
+        doc["name"] = self.config.node_id  # unique within the cluster; hostnames may repeat
+        doc["host"] = self.config.name
+        return doc
+
+    async def measure_link(self, url: str) -> dict[str, float]:
+        """A hop to another node, over an admitted probe connection: latency and throughput."""
+        from ..device.link import BULK, PING
+
+        assert self.client is not None
+        ws, _ = await connect(self.client, url, self.config.secret, self.config.node_id, "probe")
+        async with ws:
+            ping = bytes([PING]) + bytes(63)
+            rtts = []
+            for _ in range(6):
+                t0 = time.perf_counter()
+                await ws.send_bytes(ping)
+                await ws.receive(timeout=10)
+                rtts.append(time.perf_counter() - t0)
+            rtts = sorted(rtts[1:])
+            chunk = bytes([BULK]) + bytes(2**20 - 1)
+            t0 = time.perf_counter()
+            await ws.send_bytes(chunk)
+            await ws.receive(timeout=10)
+            elapsed = time.perf_counter() - t0
+        rtt = rtts[len(rtts) // 2]
+        return {"latency_s": rtt / 2, "bytes_per_s": len(chunk) / max(elapsed - rtts[0],
+                                                                       elapsed * 0.05)}
+
+    async def load(self, index: int, ranges: list[tuple[int, int]], successor: str | None,
+                   k: int) -> None:
+        loop = asyncio.get_running_loop()
+
+        def build() -> list[Any]:
+            assert self.model is not None
+            return [self.model.window(a, b) for a, b in ranges]
+
+        windows = await loop.run_in_executor(self.executor, build)
+        if self.out_ws is not None:
+            await self.out_ws.close()
+            self.out_ws = None
+        if successor is not None:
+            assert self.client is not None
+            self.out_ws, peer = await connect(self.client, successor, self.config.secret,
+                                              self.config.node_id, "ring",
+                                              max_msg_size=MAX_FRAME_BYTES)
+            # nothing comes back on an outgoing link, but reading it is what answers the far
+            # end's pings and notices its close
+            self._out_reader = asyncio.create_task(self._watch_out(self.out_ws, peer))
+            _LOG.info("ring link to %s open", peer)
+        self.assignment = Assignment(index, ranges, successor, k, windows)
+        _LOG.info("holding layers %s (%d round%s)", " ".join(f"{a}-{b - 1}" for a, b in ranges),
+                  k, "s" if k > 1 else "")
+
+    async def _watch_out(self, ws: aiohttp.ClientWebSocketResponse, peer: str) -> None:
+        async for msg in ws:
+            _LOG.warning("unexpected %s message on the ring link to %s", msg.type.name, peer)
+        if self.out_ws is ws:
+            _LOG.warning("the ring link to %s closed (code %s)", peer, ws.close_code)
+
+    def kv(self, action: str, session: str, n: int = 0) -> None:
+        """Apply a KV-cache operation to every window this node holds (model thread)."""
+        if self.assignment is None:
+            return
+        for w in self.assignment.windows:
+            if action == "clear":
+                w.clear(session)
+            elif action == "truncate":
+                w.truncate(session, n)
+            elif action == "drop":
+                w.drop(session)
+            else:
+                raise ValueError(f"unknown KV action {action!r}")
+
+    # -- ring data --------------------------------------------------------------------------------
+
+    async def _ring_in(self, ws: web.WebSocketResponse, peer: Peer) -> None:
+        loop = asyncio.get_running_loop()
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
+                               message=b"ring links carry binary frames")
+                _LOG.warning("closed the ring link from %s: a %s message", peer.node_id,
+                             msg.type.name)
+                break
+            try:
+                assert self.model is not None
+                frame = decode(msg.data, self.model.config.n_embd)
+            except FrameError as exc:
+                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
+                               message=f"bad frame: {exc}".encode()[:120])
+                _LOG.warning("closed the ring link from %s: %s", peer.node_id, exc)
+                break
+            self.frames_in += 1
+            a = self.assignment
+            if a is not None and a.index == 0 and self.on_round_done is not None:
+                self.on_round_done(frame)  # back at the head: the round is complete
+                continue
+            try:
+                if a is None or frame.round >= len(a.windows) or frame.n_rounds != a.k:
+                    raise ValueError(f"no window for round {frame.round} of {frame.n_rounds} "
+                                     "here (the plan changed?)")
+                out = await loop.run_in_executor(self.executor, self._run, frame)
+                assert self.out_ws is not None
+                await self.out_ws.send_bytes(encode(out, self.config.link_dtype))
+            except Exception as exc:
+                _LOG.warning("frame of step %d round %d failed: %s", frame.step, frame.round,
+                             exc)
+                if self.head_ws is not None and not self.head_ws.closed:
+                    await self.head_ws.send_json({"event": "error", "step": frame.step,
+                                                  "session": frame.session,
+                                                  "message": str(exc) or type(exc).__name__})
+
+    def _run(self, frame: Frame) -> Frame:
+        assert self.assignment is not None
+        t0 = time.perf_counter()
+        window = self.assignment.windows[frame.round]
+        pos = np.arange(frame.pos0, frame.pos0 + frame.n_tokens, dtype=np.int64)
+        h = window.forward(frame.hidden, pos, frame.session)
+        dt = time.perf_counter() - t0
+        self.compute_s += dt
+        frame.hidden = h
+        frame.marks.append((self.assignment.index, min(int(dt * 1e6), 2**32 - 1)))
+        return frame

@@ -1,0 +1,114 @@
+"""The ring's wire formats on their own: activation frames and the admission handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from prima_node.cluster.auth import AuthError, NonceLog, accept, connect
+from prima_node.cluster.frames import Frame, FrameError, decode, encode
+
+
+def _frame() -> Frame:
+    h = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    return Frame("conv-1", 7, 1, 2, 40, h, [(0, 1234)])
+
+
+def test_a_frame_round_trips_exactly_in_float32_and_closely_in_float16() -> None:
+    f = _frame()
+    back = decode(encode(f), 16)
+    assert (back.session, back.step, back.round, back.n_rounds, back.pos0, back.marks) == (
+        "conv-1", 7, 1, 2, 40, [(0, 1234)])
+    assert np.array_equal(back.hidden, f.hidden)
+    half = decode(encode(f, "f16"), 16)
+    np.testing.assert_allclose(half.hidden, f.hidden, rtol=1e-3, atol=1e-3)
+    assert len(encode(f, "f16")) < len(encode(f))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[:10], "shorter than the header"),
+    (lambda b: b"XXXX" + b[4:], "not an activation frame"),
+    (lambda b: b[:4] + bytes([9]) + b[5:], "frame version 9"),
+    (lambda b: b[:6] + bytes([7]) + b[7:], "unknown dtype"),
+    (lambda b: b + b"\0", "header says"),
+    (lambda b: b[:-4], "header says"),
+])
+def test_a_malformed_frame_is_refused_with_the_reason(mutate: object, message: str) -> None:
+    data = encode(_frame())
+    with pytest.raises(FrameError, match=message):
+        decode(mutate(data), 16)  # type: ignore[operator]
+    with pytest.raises(FrameError, match="16 wide, the model's are 32"):
+        decode(data, 32)
+
+
+def test_non_finite_states_and_impossible_headers_are_refused() -> None:
+    f = _frame()
+    f.hidden[1, 3] = np.nan
+    with pytest.raises(FrameError, match="NaN"):
+        decode(encode(f), 16)
+    g = _frame()
+    data = bytearray(encode(g))
+    struct.pack_into("<H", data, 12, 5)  # round 5 of 2
+    with pytest.raises(FrameError, match="impossible header"):
+        decode(bytes(data), 16)
+
+
+async def _handshake(server_secret: bytes, client_secret: bytes, nonces: NonceLog
+                     ) -> tuple[str | None, str | None]:
+    """(what the server saw, what the client saw): a node id, or the error message."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            peer = await accept(ws, server_secret, "server-node", nonces)
+            seen.append(peer.node_id + "/" + peer.purpose)
+            await ws.close()
+        except AuthError as exc:
+            seen.append(f"error: {exc}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client: str | None
+    try:
+        async with aiohttp.ClientSession() as s:
+            try:
+                ws, peer_id = await connect(s, f"ws://127.0.0.1:{port}/ws", client_secret,
+                                            "client-node", "ring")
+                client = peer_id
+                await ws.close()
+            except AuthError as exc:
+                client = f"error: {exc}"
+    finally:
+        await runner.cleanup()
+    return (seen[0] if seen else None), client
+
+
+def test_the_handshake_admits_a_node_with_the_secret_and_refuses_others() -> None:
+    nonces = NonceLog()
+    assert asyncio.run(_handshake(b"s3cret-abc", b"s3cret-abc", nonces)) == (
+        "client-node/ring", "server-node")
+    server, client = asyncio.run(_handshake(b"s3cret-abc", b"wrong-secret", nonces))
+    assert server == "error: node client-node does not know the cluster secret"
+    assert client == "error: the node refused our cluster secret"
+
+
+def test_a_reused_client_nonce_is_refused() -> None:
+    log = NonceLog(ttl_s=60)
+    assert log.fresh("abc") and not log.fresh("abc") and log.fresh("abd")
+    short = NonceLog(ttl_s=60, limit=2)
+    for n in ("a", "b", "c"):
+        assert short.fresh(n)
+    assert short.fresh("a")  # forgotten: the log keeps only the newest
