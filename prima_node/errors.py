@@ -45,3 +45,8 @@ class SessionBusyError(PrimaError):
     Two generations interleaving on one cache would each corrupt what the other attends to, so
     the second is refused instead; use another session, or wait.
     """
+
+
+class ClusterError(PrimaError):
+    """The ring could not finish the work: a node failed, hung or went away. The head leaves
+    it out of the next plan, so the same request can be tried again."""

@@ -209,3 +209,55 @@ def test_a_corrupt_frame_closes_that_link_and_the_node_lives_on(
     status, body = workers[1].get_json("/health", auth=False)
     assert status == 200 and body["role"] == "worker"
     assert "closed the ring link from tester" in workers[1].log()
+
+
+def test_a_worker_killed_mid_answer_ends_it_fast_and_the_ring_heals(
+        make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
+    model = make_model("llama", "small", "Q8_0")
+    a = _node(model, tmp_path / "a", profile_cache)
+    b = _node(model, tmp_path / "b", profile_cache)
+    head: ServerProcess | None = None
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        peers = ["--peer", f"127.0.0.1:{a.port}", "--peer", f"127.0.0.1:{b.port}"]
+        head = _node(model, tmp_path / "head", profile_cache, "--head", "--rounds", "2",
+                     "--all-nodes", *peers)
+        head.wait_ready()
+        client = openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Tell me a long story."}]
+        stream = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
+                                                max_tokens=2000, temperature=0, stream=True)
+        killed_at = None
+        with pytest.raises(openai.APIError) as err:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    assert b.proc is not None
+                    b.proc.kill()
+                    killed_at = time.monotonic()
+        assert killed_at is not None
+        assert time.monotonic() - killed_at < 5, "the answer did not end within 5 s"
+        assert "went away" in str(err.value) and "retry" in str(err.value)
+        # the next request is answered by the ring without the dead node
+        r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        assert "planning again with 2 node(s)" in head.log()
+        # the node comes back on its port: the head takes it in again
+        assert b.proc is not None and b.proc.wait(10) is not None
+        b2 = _node(model, tmp_path / "b", profile_cache, "--port", str(b.port))
+        b = b2
+        b.wait_ready()
+        deadline = time.monotonic() + 20
+        while head.log().count("joined with the same model") < 3:
+            assert time.monotonic() < deadline, head.log()
+            time.sleep(0.2)
+        r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        assert "planning again with 3 node(s)" in head.log()
+        client.close()
+    finally:
+        for srv in (head, a, b):
+            if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+                assert srv.stop() == 0, srv.log()

@@ -119,7 +119,7 @@ async def connect(session: aiohttp.ClientSession, url: str, secret: bytes, node_
     not one of its), ConnectionError if the peer cannot be reached.
     """
     try:
-        ws = await session.ws_connect(url, max_msg_size=max_msg_size, heartbeat=5.0,
+        ws = await session.ws_connect(url, max_msg_size=max_msg_size, heartbeat=2.0,
                                       timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise ConnectionError(f"cannot reach the node at {url}: {exc}") from None

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ContextOverflowError, PrimaError
+from ..errors import ClusterError, ContextOverflowError, PrimaError
 from ..planner.cluster_file import device_from_profile
 from ..planner.halda import Link, Options, Plan, plan
 from ..planner.model_profile import ModelProfile
-from .auth import connect
+from .auth import AuthError, connect
 from .control import ControlLink, NodeError
 from .frames import Frame, encode
 from .node import RING_PATH, ClusterNode
@@ -32,7 +32,7 @@ _LOG = logging.getLogger("prima.cluster")
 LIVENESS_POLL_S = 0.25
 
 
-class RingError(RuntimeError):
+class RingError(ClusterError):
     """The ring could not finish a forward pass (a node failed or went away)."""
 
 
@@ -60,29 +60,69 @@ class ClusterHead:
         self.plan: Plan | None = None
         self.ring: list[Member] = []
         self.events: queue.Queue[Exception] = queue.Queue()
+        self.needs_plan = False  # membership changed: plan again before the next forward
+        self._rejoin: asyncio.Task[None] | None = None
 
     # -- membership -------------------------------------------------------------------------------
 
     async def connect_peers(self) -> None:
+        """Admit every configured peer. One that cannot be reached now is left for the
+        membership watcher to bring in later; one that refuses our secret or holds another
+        model is an error the user must fix, so it stops the head from starting."""
+        for address in self.peers:
+            try:
+                await self._join(address)
+            except AuthError:
+                raise
+            except ConnectionError as exc:
+                _LOG.warning("peer %s is not reachable now (%s); the ring forms without it "
+                             "and takes it in when it answers", address, exc)
+
+    async def _join(self, address: str) -> None:
         assert self.node.client is not None
         mine = self.node.info()["model"]
-        for address in self.peers:
-            url = f"ws://{address}{RING_PATH}"
-            ws, peer_id = await connect(self.node.client, url, self.node.config.secret,
-                                        self.node.config.node_id, "control",
-                                        name=self.node.config.name)
-            link = ControlLink(ws, peer_id, url, on_event=self._on_event)
-            info = await link.call("info")
-            theirs = info["model"]
-            if (theirs["size"], theirs["fingerprint"]) != (mine["size"], mine["fingerprint"]):
-                await link.close()
-                raise PrimaError(
-                    f"node {info['name']} ({address}) holds a different model file: "
-                    f"{theirs['file']} ({theirs['size']} bytes) where the head has "
-                    f"{mine['file']} ({mine['size']} bytes); copy the head's file there")
-            self.members.append(Member(peer_id, str(info["name"]), address, link, info))
-            _LOG.info("node %s (%s at %s) joined with the same model", peer_id, info["name"],
-                      address)
+        url = f"ws://{address}{RING_PATH}"
+        ws, peer_id = await connect(self.node.client, url, self.node.config.secret,
+                                    self.node.config.node_id, "control",
+                                    name=self.node.config.name)
+        link = ControlLink(ws, peer_id, url, on_event=self._on_event)
+        info = await link.call("info")
+        theirs = info["model"]
+        if (theirs["size"], theirs["fingerprint"]) != (mine["size"], mine["fingerprint"]):
+            await link.close()
+            raise PrimaError(
+                f"node {info['name']} ({address}) holds a different model file: "
+                f"{theirs['file']} ({theirs['size']} bytes) where the head has "
+                f"{mine['file']} ({mine['size']} bytes); copy the head's file there")
+        self.members.append(Member(peer_id, str(info["name"]), address, link, info))
+        _LOG.info("node %s (%s at %s) joined with the same model", peer_id, info["name"],
+                  address)
+
+    async def watch_members(self, every_s: float = 2.0) -> None:
+        """Bring back configured peers that went away, so the next plan can use them again."""
+        while True:
+            await asyncio.sleep(every_s)
+            gone = [m for m in self.members[1:] if m.control is not None and not m.control.alive]
+            if gone:
+                self.members = [m for m in self.members if m not in gone]
+                self.needs_plan = True
+            present = {m.address for m in self.members}
+            for address in self.peers:
+                if address in present:
+                    continue
+                try:
+                    await self._join(address)
+                except (ConnectionError, PrimaError, NodeError) as exc:
+                    _LOG.debug("peer %s still away: %s", address, exc)
+                    continue
+                self.needs_plan = True
+
+    async def replan(self) -> None:
+        self.members = [self.members[0], *(m for m in self.members[1:]
+                                           if m.control is not None and m.control.alive)]
+        self.needs_plan = False
+        _LOG.info("planning again with %d node(s)", len(self.members))
+        await self.apply(await self.make_plan())
 
     def _on_event(self, node_id: str, event: dict[str, Any]) -> None:
         name = next((m.name for m in self.members if m.node_id == node_id), node_id)
@@ -143,6 +183,7 @@ class ClusterHead:
     async def setup(self) -> None:
         await self.connect_peers()
         await self.apply(await self.make_plan())
+        self._rejoin = asyncio.create_task(self.watch_members(), name="cluster membership")
 
     async def kv_everywhere(self, action: str, session: str, n: int = 0) -> None:
         for m in self.ring[1:]:
@@ -154,6 +195,8 @@ class ClusterHead:
                 _LOG.warning("KV %s on %s failed: %s", action, m.name, exc)
 
     async def close(self) -> None:
+        if self._rejoin is not None:
+            self._rejoin.cancel()
         for m in self.members[1:]:
             if m.control is not None:
                 await m.control.close()
@@ -199,6 +242,7 @@ class RingExecutor:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("no tokens to evaluate")
+        self.ensure_ring()
         pos0 = self.n_cached(session)
         if pos0 + ids.size > self.n_ctx:
             raise ContextOverflowError(
@@ -242,6 +286,21 @@ class RingExecutor:
                 self.last_marks = back.marks
                 return back.hidden
             _LOG.debug("dropped a stale frame (step %d, round %d)", back.step, back.round)
+
+    def ensure_ring(self) -> None:
+        """Plan again (on the model thread, between forward passes) when a ring member went
+        away or a node came back; every KV cache starts empty in the new ring."""
+        broken = any(m.control is not None and not m.control.alive for m in self.head.ring)
+        if broken or self.head.needs_plan:
+            try:
+                self._call(self.head.replan(), timeout=600)
+            except Exception as exc:
+                raise RingError(f"the ring could not be planned again: {exc}") from exc
+            while True:  # frames of the old ring
+                try:
+                    self._frames.get_nowait()
+                except queue.Empty:
+                    break
 
     def _check_events(self) -> None:
         try:

@@ -221,7 +221,14 @@ class ClusterNode:
 
         def build() -> list[Any]:
             assert self.model is not None
-            return [self.model.window(a, b) for a, b in ranges]
+            windows = [self.model.window(a, b) for a, b in ranges]
+            n_embd = self.model.config.n_embd
+            for w in windows:  # load (or compile) the kernels now, not on the first token
+                for n in (5, 1):
+                    w.forward(np.zeros((n, n_embd), np.float32),
+                              np.arange(n, dtype=np.int64), "warm-up")
+                w.drop("warm-up")
+            return windows
 
         windows = await loop.run_in_executor(self.executor, build)
         if self.out_ws is not None:

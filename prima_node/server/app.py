@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..device.link import add_probe_route
+from ..errors import ClusterError
 from ..generate import Finished, Generator, TextDelta, ToolCall
 from . import prompting
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -65,9 +66,10 @@ METRICS = web.AppKey("metrics", ServerMetrics)
 CONFIG = web.AppKey("config", ServerConfig)
 
 
-def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | None = None
-             ) -> web.Application:
-    """The application; with ``open_generator`` the model loads once the server is up."""
+def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | None = None,
+             cluster_handler: Handler | None = None) -> web.Application:
+    """The application; with ``open_generator`` the model loads once the server is up;
+    ``cluster_handler`` serves ``/cluster/ws`` on a cluster's head."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
     hub: StatusHub
     runtime = Runtime(queue_limit=config.queue_limit, slots=config.cache_slots,
@@ -97,6 +99,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/api/events", api_events)
     add_probe_route(app)
+    app.router.add_get("/cluster/ws", cluster_handler or _not_in_a_cluster)
     app.router.add_get("/openapi.json", openapi)
 
     async def start_loading(app: web.Application) -> None:
@@ -158,6 +161,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionResetError):
         metrics.requests.inc(endpoint=_endpoint(request), status="499")  # the client left
         raise
+    except ClusterError as exc:
+        _LOG.warning("%s %s failed: %s", request.method, request.path, exc)
+        resp = _error_response(_node_failed(exc))
     except Exception as exc:
         _LOG.exception("%s %s failed", request.method, request.path)
         resp = _error_response(RequestError(f"internal error: {exc}", status=500,
@@ -184,6 +190,11 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+def _node_failed(exc: ClusterError) -> RequestError:
+    return RequestError(f"{exc}; the head plans the ring again without it: retry the request",
+                        status=503, type="server_error", code="node_failed")
+
+
 def _error_response(exc: RequestError) -> web.Response:
     headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
     return web.json_response(exc.body(), status=exc.status, headers=headers)
@@ -192,6 +203,11 @@ def _error_response(exc: RequestError) -> web.Response:
 def _endpoint(request: web.Request) -> str:
     route = request.match_info.route.resource
     return route.canonical if route is not None else "other"
+
+
+async def _not_in_a_cluster(request: web.Request) -> web.StreamResponse:
+    raise RequestError("this node serves alone: start it with --cluster-secret to join a "
+                       "cluster", status=404, type="not_found", code="not_a_cluster_node")
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -290,7 +306,10 @@ async def _stream_answer(request: web.Request, reply: Reply, events: Any,
         cancel()
         return resp
     except Exception as exc:  # headers are sent: the error travels as an event
-        if not isinstance(exc, RequestError):
+        if isinstance(exc, ClusterError):
+            _LOG.warning("a streamed answer failed part-way: %s", exc)
+            exc = _node_failed(exc)
+        elif not isinstance(exc, RequestError):
             _LOG.exception("a streamed answer failed part-way")
             exc = RequestError(f"the answer failed part-way: {exc}", status=500,
                                type="server_error", code="internal_error")

@@ -652,6 +652,17 @@ def _paths() -> dict[str, Any]:
             {"101": {"description": "Switching to the websocket protocol; then the probe."},
              "400": _error("Not a websocket handshake (code bad_request)."),
              **_errors("Unauthorized")}),
+        "/cluster/ws": _get(
+            "cluster", "Cluster links (websocket, nodes only)",
+            "Where the nodes of a cluster connect to each other: the head's control link to "
+            "each worker, the ring's activation links and link probes. Not for clients: a "
+            "connection is admitted only by the cluster secret's challenge-response (HMAC-SHA256 "
+            "over fresh nonces; the secret never crosses the wire), not by the API key, and is "
+            "closed with code 4401 otherwise. A node serving alone answers 404 "
+            "(code not_a_cluster_node).",
+            {"101": {"description": "Switching to the websocket protocol; then the handshake."},
+             "404": _error("Not a cluster node (code not_a_cluster_node)."),
+             "400": _error("Not a websocket handshake (code bad_request).")}, public=True),
         "/openapi.json": _get("openapi", "This document (no key needed)",
                               "The OpenAPI 3.1 description of the API.",
                               {"200": {"description": "The document.", "content": {

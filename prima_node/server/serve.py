@@ -177,7 +177,7 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
     listening = threading.Event()  # the ring forms once the node's own address is known
     if node_config is not None:
         from ..cluster.head import ClusterHead
-        from ..cluster.node import RING_PATH, ClusterNode
+        from ..cluster.node import ClusterNode
 
         node = ClusterNode(node_config)
         head = ClusterHead(node, list(peers), "", rounds, all_nodes)
@@ -202,9 +202,7 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
         gen.executor.warm_up()
         return gen
 
-    app = make_app(config, open_generator)
-    if node is not None:
-        app.router.add_get(RING_PATH, node.handler)
+    app = make_app(config, open_generator, node.handler if node is not None else None)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     port = await _listen(runner, config)
