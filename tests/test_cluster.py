@@ -5,6 +5,7 @@ test needs the logits themselves, the same head code run in this process."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 from aiohttp import web
 from conftest import ModelFactory
 from server_process import ServerProcess
+from test_openapi import _check
 
 from prima_node.cluster.auth import AuthError, connect
 from prima_node.cluster.head import ClusterHead, RingExecutor
@@ -172,6 +174,30 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
                                 if r.usage else None))
         assert answers[0] == answers[1] and answers[0][1] == 12
         assert "plan: k=2, ring" in head.log()
+        # the status document shows the ring: who holds what, predicted and measured times
+        doc = head.status()
+        _check("StatusDocument", doc)
+        cluster = doc["cluster"]
+        assert cluster["mode"] == "ring" and cluster["plan"]["k"] == 2
+        assert [n["role"] for n in cluster["nodes"]] == ["head", "worker", "worker"]
+        assert all(n["online"] and n["measured_compute_ms"] is not None
+                   for n in cluster["nodes"])
+        n_layer = doc["model"]["n_layers"]
+        held = sorted(i for n in cluster["nodes"] for a, b in n["ranges"] for i in range(a, b))
+        assert held == list(range(n_layer))
+        assert cluster["plan"]["measured_ms_per_token"] > 0
+        # plan again on demand, with one round
+        status, raw = head.post("/api/plan", {"k": 1}, timeout=120)
+        view = json.loads(raw)
+        assert status == 200 and view["plan"]["k"] == 1, view
+        _check("ClusterView", view)
+        assert head.post("/api/plan", {"k": 0})[0] == 400
+        assert head.post("/api/plan", {"rounds": 2})[0] == 400
+        with openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0,
+                           timeout=120) as client:
+            r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
+                                               max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == answers[1][0]
     finally:
         assert head.stop() == 0, head.log()
         assert alone.stop() == 0

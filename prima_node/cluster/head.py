@@ -61,6 +61,9 @@ class ClusterHead:
         self.ring: list[Member] = []
         self.events: queue.Queue[Exception] = queue.Queue()
         self.needs_plan = False  # membership changed: plan again before the next forward
+        self.planned_at: float | None = None
+        self.measured_ms: dict[int, float] = {}  # ring position -> compute ms per token (EMA)
+        self.measured_token_ms: float | None = None  # whole decode step, EMA
         self._rejoin: asyncio.Task[None] | None = None
 
     # -- membership -------------------------------------------------------------------------------
@@ -117,12 +120,12 @@ class ClusterHead:
                     continue
                 self.needs_plan = True
 
-    async def replan(self) -> None:
+    async def replan(self, k: int | None = None) -> None:
         self.members = [self.members[0], *(m for m in self.members[1:]
                                            if m.control is not None and m.control.alive)]
         self.needs_plan = False
         _LOG.info("planning again with %d node(s)", len(self.members))
-        await self.apply(await self.make_plan())
+        await self.apply(await self.make_plan(k))
 
     def _on_event(self, node_id: str, event: dict[str, Any]) -> None:
         name = next((m.name for m in self.members if m.node_id == node_id), node_id)
@@ -177,6 +180,8 @@ class ClusterHead:
                 await member.control.call("load", index=i, ranges=dp.ranges,
                                           successor=successor, k=p.k)
         self.plan, self.ring = p, ring
+        self.planned_at = time.time()
+        self.measured_ms, self.measured_token_ms = {}, None
         while not self.events.empty():  # what happened before this ring formed is over
             self.events.get_nowait()
 
@@ -184,6 +189,54 @@ class ClusterHead:
         await self.connect_peers()
         await self.apply(await self.make_plan())
         self._rejoin = asyncio.create_task(self.watch_members(), name="cluster membership")
+
+    def record(self, marks: list[tuple[int, int]], token_s: float) -> None:
+        """One decode step's per-node compute times (µs marks from the frames) and its whole
+        duration, folded into moving averages for the status document."""
+        per_node: dict[int, float] = {}
+        for index, us in marks:
+            per_node[index] = per_node.get(index, 0.0) + us / 1e3
+        for index, ms in per_node.items():
+            old = self.measured_ms.get(index)
+            self.measured_ms[index] = ms if old is None else 0.8 * old + 0.2 * ms
+        ms = 1e3 * token_s
+        old_t = self.measured_token_ms
+        self.measured_token_ms = ms if old_t is None else 0.8 * old_t + 0.2 * ms
+
+    def view(self) -> dict[str, Any]:
+        """The cluster part of the head's status document."""
+        p = self.plan
+        positions = {m.node_id: i for i, m in enumerate(self.ring)}
+        devices = {d.name: d for d in p.devices} if p is not None else {}
+        nodes = []
+        for m in self.members:
+            d = devices.get(m.node_id)
+            pos = positions.get(m.node_id)
+            measured = self.measured_ms.get(pos) if pos is not None else None
+            nodes.append({
+                "node_id": m.node_id, "name": m.name,
+                "role": "head" if m.control is None else "worker",
+                "online": m.control is None or m.control.alive,
+                "address": m.address, "layers": None,
+                "ranges": [list(r) for r in d.ranges] if d else [],
+                "layer_count": d.layers if d else 0,
+                "window": d.window if d else 0, "gpu_layers": d.gpu_layers if d else 0,
+                "regime": d.regime if d else None,
+                "predicted_compute_ms": round(1e3 * d.compute_s, 3) if d else None,
+                "predicted_disk_ms": round(1e3 * d.disk_s, 3) if d else None,
+                "measured_compute_ms": round(measured, 3) if measured is not None else None,
+            })
+        plan_doc = None
+        if p is not None:
+            plan_doc = {
+                "k": p.k, "ring": list(p.ring),
+                "predicted_ms_per_token": round(1e3 * p.latency_s, 3), "bound": p.bound,
+                "measured_ms_per_token": None if self.measured_token_ms is None
+                else round(self.measured_token_ms, 3),
+                "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
+                    self.planned_at or 0)),
+                "dropped": dict(p.dropped)}
+        return {"mode": "ring", "nodes": nodes, "plan": plan_doc}
 
     async def kv_everywhere(self, action: str, session: str, n: int = 0) -> None:
         for m in self.ring[1:]:
@@ -227,6 +280,10 @@ class RingExecutor:
     def path(self) -> Path:
         return Path(self.model.path)
 
+    def describe(self) -> dict[str, Any]:
+        """The model, as the status document shows it (every node holds the same file)."""
+        return dict(self.model.describe())
+
     def _windows(self) -> list[Any]:
         a = self.node.assignment
         if a is None:
@@ -250,14 +307,30 @@ class RingExecutor:
                 f"{self.n_ctx} tokens (start the cluster with a larger --ctx, or shorten the "
                 "prompt)")
         h = None
+        t0 = time.perf_counter()
+        marks: list[tuple[int, int]] = []
         for a in range(0, ids.size, DEFAULT_BATCH):
             chunk = ids[a:a + DEFAULT_BATCH]
             pos = np.arange(pos0 + a, pos0 + a + chunk.size, dtype=np.int64)
             h = self.model.embed(chunk)
             for r in range(len(self._windows())):
                 h = self._round(h, r, pos, session)
+                marks += self.last_marks
         assert h is not None
-        return np.asarray(self.model.head(h[-1:])[0])
+        logits = np.asarray(self.model.head(h[-1:])[0])
+        if ids.size == 1:  # a decode step: what the status shows per node
+            self.head.record(marks, time.perf_counter() - t0)
+        return logits
+
+    def replan_now(self, k: int | None = None) -> dict[str, Any]:
+        """Plan again at once (model thread, between answers): ``POST /api/plan``."""
+        try:
+            self._call(self.head.replan(k), timeout=600)
+        except PrimaError as exc:
+            raise ClusterError(f"no plan: {exc}") from exc
+        except ValueError as exc:  # PlanError
+            raise ClusterError(f"no plan: {exc}") from exc
+        return self.head.view()
 
     def _round(self, h: np.ndarray, r: int, pos: np.ndarray, session: str) -> np.ndarray:
         windows = self._windows()
@@ -266,6 +339,7 @@ class RingExecutor:
         mark = (0, int(1e6 * (time.perf_counter() - t0)))
         out_ws = self.node.out_ws
         if out_ws is None:  # a ring of one
+            self.last_marks = [mark]
             return h
         self._step = (self._step + 1) % 2**32
         step = self._step

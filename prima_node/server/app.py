@@ -100,6 +100,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
     app.router.add_get("/api/events", api_events)
     add_probe_route(app)
     app.router.add_get("/cluster/ws", cluster_handler or _not_in_a_cluster)
+    app.router.add_post("/api/plan", api_plan)
     app.router.add_get("/openapi.json", openapi)
 
     async def start_loading(app: web.Application) -> None:
@@ -203,6 +204,37 @@ def _error_response(exc: RequestError) -> web.Response:
 def _endpoint(request: web.Request) -> str:
     route = request.match_info.route.resource
     return route.canonical if route is not None else "other"
+
+
+#: Plans the ring again on the model thread (``k`` forced or None); set on a cluster's head.
+PLANNER: web.AppKey[Callable[[int | None], dict[str, Any]]] = web.AppKey("planner")
+
+
+async def api_plan(request: web.Request) -> web.Response:
+    planner = request.app.get(PLANNER)
+    if planner is None:
+        await _not_in_a_cluster(request)
+    body = await _json_body(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object", code="invalid_body")
+    unknown = sorted(set(body) - {"k"})
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}: only 'k' may be given",
+                           param=unknown[0], code="unknown_field")
+    k = body.get("k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise RequestError("k must be a positive integer (the number of rounds) or null",
+                           param="k", code="invalid_value")
+    runtime = request.app[RUNTIME]
+    assert planner is not None
+    async with runtime.turn():
+        try:
+            view = await runtime.call(planner, k)
+        except ClusterError as exc:
+            raise RequestError(str(exc), status=409, type="invalid_request_error",
+                               code="no_plan") from None
+    request.app[HUB].changed()
+    return web.json_response(view)
 
 
 async def _not_in_a_cluster(request: web.Request) -> web.StreamResponse:

@@ -432,17 +432,44 @@ def _status_document() -> Schema:
             "first_token_s": _t("number"),
         }, nullable=True, description="The last finished generation; null before the first."),
         "cluster": _obj({
-            "mode": {"const": "single", "description": "One machine (a cluster of one)."},
+            "mode": {"enum": ["single", "ring"], "description": "single: one machine (a "
+                     "cluster of one); ring: a head and workers running the model together."},
             "nodes": _t("array", items=_obj({
                 "node_id": _t("string"),
                 "name": _t("string", "The host name."),
-                "role": {"const": "head"},
+                "role": {"enum": ["head", "worker"]},
                 "online": _t("boolean"),
                 "address": _t("string", "host:port as configured."),
-                "layers": _t(["array", "null"], "[first, end) of the layers this node runs.",
+                "layers": _t(["array", "null"], "[first, end) of the layers this node runs "
+                             "(single mode; null in a ring, see ranges).",
                              items={"type": "integer"}, minItems=2, maxItems=2),
-            })),
-            "plan": _t("null", "The layer plan of a multi-node cluster (later)."),
+                "ranges": _t("array", "Ring: [first, end) of its window in each round.",
+                             items=_t("array", items={"type": "integer"}, minItems=2,
+                                      maxItems=2)),
+                "layer_count": _t("integer", "Ring: layers it holds in all rounds."),
+                "window": _t("integer", "Ring: layers per round (w)."),
+                "gpu_layers": _t("integer", "Ring: of those, on its GPU."),
+                "regime": _t(["string", "null"], "Ring: M4 (all in memory) or M1-M3 "
+                             "(streams part of each window from disk)."),
+                "predicted_compute_ms": _t(["number", "null"], "Ring: the plan's compute "
+                                           "time per token."),
+                "predicted_disk_ms": _t(["number", "null"], "Ring: the plan's disk "
+                                        "streaming time per token."),
+                "measured_compute_ms": _t(["number", "null"], "Ring: measured compute per "
+                                          "decoded token (moving average); null before one."),
+            }, required=["node_id", "name", "role", "online", "address", "layers"])),
+            "plan": _obj({
+                "k": _t("integer", "Rounds a token makes around the ring."),
+                "ring": _t("array", "Node ids in ring order, the head first.",
+                           items={"type": "string"}),
+                "predicted_ms_per_token": _t("number"),
+                "bound": _t("string", "What sets the predicted latency."),
+                "measured_ms_per_token": _t(["number", "null"], "Decode steps, moving "
+                                            "average; null before one."),
+                "planned_at": _t("string", format="date-time"),
+                "dropped": _t("object", "Nodes left out of the ring, with the reason.",
+                              additionalProperties={"type": "string"}),
+            }, nullable=True, description="The ring's plan; null on a lone node."),
         }),
     }, description="The node's state for dashboards (Home Assistant). Later versions add "
        "fields; clients must ignore fields they do not know.")
@@ -488,6 +515,7 @@ def _components() -> dict[str, Any]:
             "error": _t("string", "Why the model failed to load."),
         }, required=["status"]),
         "StatusDocument": _status_document(),
+        "ClusterView": _status_document()["properties"]["cluster"],
         "StatusEvent": _obj({"type": {"const": "status"}, "data": _ref("StatusDocument")},
                             description="A message of the /api/events websocket."),
     }
@@ -652,6 +680,19 @@ def _paths() -> dict[str, Any]:
             {"101": {"description": "Switching to the websocket protocol; then the probe."},
              "400": _error("Not a websocket handshake (code bad_request)."),
              **_errors("Unauthorized")}),
+        "/api/plan": {"post": {
+            "operationId": "plan", "tags": ["Node"], "summary": "Plan the ring again",
+            "description": "On a cluster's head: measure the nodes and links again, run Halda "
+            "and hand out the windows (after the answer in progress; KV caches start empty). "
+            "Optional body {\"k\": rounds} forces the number of rounds for this plan. "
+            "Answers the status document's cluster part.",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": _obj(
+                {"k": _opt("integer", "Force the number of rounds (a divisor of the layer "
+                           "count).", minimum=1)}, required=[])}}},
+            "responses": {"200": _json("ClusterView", "The new plan."),
+                          "404": _error("Not a cluster's head (code not_a_cluster_node)."),
+                          "409": _error("No plan fits (code no_plan; the message says why)."),
+                          **_errors("Unauthorized")}}},
         "/cluster/ws": _get(
             "cluster", "Cluster links (websocket, nodes only)",
             "Where the nodes of a cluster connect to each other: the head's control link to "

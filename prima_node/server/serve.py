@@ -21,10 +21,11 @@ from ..errors import PrimaError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
     from aiohttp import web
 
-    from ..cluster.head import ClusterHead
+    from ..cluster.head import ClusterHead, RingExecutor
     from ..cluster.node import ClusterNode, NodeConfig
     from .app import ServerConfig
 
@@ -196,13 +197,28 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
             _LOG.info("forming the ring with %d other node(s)", len(peers))
             asyncio.run_coroutine_threadsafe(head.setup(), loop).result()
             ring = RingExecutor(head, loop)
+            rings.append(ring)
             gen = Generator(ring, Tokenizer.from_model_file(node.model.file),
                             load_chat_template(node.model.file))
         _LOG.info("compiling kernels (the first start on a machine takes about a minute)")
         gen.executor.warm_up()
         return gen
 
+    rings: list[RingExecutor] = []
+
+    def planner(k: int | None) -> dict[str, Any]:
+        from ..errors import ClusterError
+
+        if not rings:
+            raise ClusterError("the ring is still forming")
+        return rings[0].replan_now(k)
+
     app = make_app(config, open_generator, node.handler if node is not None else None)
+    if head is not None:
+        from .app import PLANNER, STATUS
+
+        app[PLANNER] = planner
+        app[STATUS].cluster_view = head.view
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     port = await _listen(runner, config)

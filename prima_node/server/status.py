@@ -70,6 +70,8 @@ class Status:
     last: LastRequest | None = None
     totals: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
+    #: the ring's view (nodes, plan, timings) on a cluster's head; None on a lone node
+    cluster_view: Callable[[], dict[str, Any]] | None = None
 
     def document(self) -> dict[str, Any]:
         rt = self.runtime
@@ -95,7 +97,7 @@ class Status:
             "queue": {"running": rt.running, "waiting": rt.waiting, "limit": rt.queue_limit},
             "requests": dict(self.totals),
             "last_request": self.last.as_dict() if self.last else None,
-            "cluster": {
+            "cluster": self.cluster_view() if self.cluster_view is not None else {
                 "mode": "single",
                 "nodes": [{"node_id": self.node, "name": socket.gethostname(), "role": "head",
                            "online": rt.state in ("loading", "ready"),
