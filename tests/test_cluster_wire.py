@@ -112,3 +112,38 @@ def test_a_reused_client_nonce_is_refused() -> None:
     for n in ("a", "b", "c"):
         assert short.fresh(n)
     assert short.fresh("a")  # forgotten: the log keeps only the newest
+
+
+def test_a_hello_with_a_non_ascii_mac_is_refused_not_a_crash() -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            await accept(ws, b"s3cret-abc", "server-node", NonceLog())
+        except AuthError as exc:
+            seen.append(str(exc))
+        return ws
+
+    async def run() -> int | None:
+        app = web.Application()
+        app.router.add_get("/ws", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as s, s.ws_connect(
+                    f"ws://127.0.0.1:{port}/ws") as ws:
+                await ws.receive_json(timeout=5)  # the challenge
+                await ws.send_json({"type": "hello", "node_id": "x", "nonce": "n1",
+                                    "purpose": "ring", "mac": "é" * 64})
+                await ws.receive(timeout=5)
+                return ws.close_code
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run()) == 4401
+    assert seen == ["node x does not know the cluster secret"]

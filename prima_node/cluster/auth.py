@@ -93,7 +93,7 @@ async def accept(ws: web.WebSocketResponse, secret: bytes, node_id: str, nonces:
         if purpose not in PURPOSES:
             raise AuthError(f"unknown purpose {purpose!r}")
         expected = _mac(secret, "client", challenge, nonce, peer_id, node_id, purpose)
-        if not hmac.compare_digest(expected, mac):
+        if not hmac.compare_digest(expected.encode(), mac.encode()):
             raise AuthError(f"node {peer_id} does not know the cluster secret")
         if not nonces.fresh(nonce):
             raise AuthError(f"node {peer_id} replayed an earlier handshake")
@@ -139,7 +139,8 @@ async def connect(session: aiohttp.ClientSession, url: str, secret: bytes, node_
             raise AuthError(reason or f"no welcome from {url}") from None
         expected = _mac(secret, "server", nonce, server_nonce, peer_id, node_id, purpose)
         mac = welcome.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(expected, mac):
+        if not isinstance(mac, str) or not hmac.compare_digest(expected.encode(),
+                                                                  mac.encode()):
             raise AuthError(f"the node at {url} ({peer_id}) does not know the cluster secret")
     except BaseException:
         await ws.close()

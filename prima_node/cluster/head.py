@@ -59,7 +59,7 @@ class ClusterHead:
         self.members: list[Member] = [Member(node.config.node_id, node.config.name, address)]
         self.plan: Plan | None = None
         self.ring: list[Member] = []
-        self.events: queue.Queue[Exception] = queue.Queue()
+        self.events: queue.Queue[tuple[int | None, Exception]] = queue.Queue()  # (step, error)
         self.needs_plan = False  # membership changed: plan again before the next forward
         self.planned_at: float | None = None
         self.measured_ms: dict[int, float] = {}  # ring position -> compute ms per token (EMA)
@@ -125,17 +125,23 @@ class ClusterHead:
                                            if m.control is not None and m.control.alive)]
         self.needs_plan = False
         _LOG.info("planning again with %d node(s)", len(self.members))
-        await self.apply(await self.make_plan(k))
+        try:
+            await self.apply(await self.make_plan(k))
+        except BaseException:
+            self.needs_plan = True  # half the nodes may hold the new plan: never run on that
+            raise
 
     def _on_event(self, node_id: str, event: dict[str, Any]) -> None:
         name = next((m.name for m in self.members if m.node_id == node_id), node_id)
         if event.get("event") == "error":
-            self.events.put(RingError(f"node {name} ({node_id}) failed: {event.get('message')}"))
+            step = event.get("step")
+            self.events.put((step if isinstance(step, int) else None,
+                             RingError(f"node {name} ({node_id}) failed: {event.get('message')}")))
         elif event.get("event") == "gone":
             in_ring = any(m.node_id == node_id for m in self.ring)
             if in_ring:
-                self.events.put(RingError(f"node {name} ({node_id}) went away: "
-                                          f"{event.get('reason')}"))
+                self.events.put((None, RingError(f"node {name} ({node_id}) went away: "
+                                                 f"{event.get('reason')}")))
             _LOG.warning("node %s (%s) went away: %s", name, node_id, event.get("reason"))
 
     # -- planning ---------------------------------------------------------------------------------
@@ -314,7 +320,11 @@ class RingExecutor:
             pos = np.arange(pos0 + a, pos0 + a + chunk.size, dtype=np.int64)
             h = self.model.embed(chunk)
             for r in range(len(self._windows())):
-                h = self._round(h, r, pos, session)
+                try:
+                    h = self._round(h, r, pos, session)
+                except RingError:
+                    self.head.needs_plan = True  # a broken link or node: a new ring next time
+                    raise
                 marks += self.last_marks
         assert h is not None
         logits = np.asarray(self.model.head(h[-1:])[0])
@@ -365,6 +375,7 @@ class RingExecutor:
         """Plan again (on the model thread, between forward passes) when a ring member went
         away or a node came back; every KV cache starts empty in the new ring."""
         broken = any(m.control is not None and not m.control.alive for m in self.head.ring)
+        broken |= self.node.out_ws is not None and self.node.out_ws.closed
         if broken or self.head.needs_plan:
             try:
                 self._call(self.head.replan(), timeout=600)
@@ -377,10 +388,13 @@ class RingExecutor:
                     break
 
     def _check_events(self) -> None:
-        try:
-            raise self.head.events.get_nowait()
-        except queue.Empty:
-            pass
+        while True:
+            try:
+                step, error = self.head.events.get_nowait()
+            except queue.Empty:
+                break
+            if step is None or step == self._step:  # not an abandoned step's
+                raise error
         for m in self.head.ring[1:]:
             if m.control is not None and not m.control.alive:
                 raise RingError(f"node {m.name} ({m.node_id}) went away: "

@@ -114,7 +114,8 @@ class ClusterNode:
     # -- the endpoint -----------------------------------------------------------------------------
 
     async def handler(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=2.0)
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=2.0,
+                                   compress=False)
         await ws.prepare(request)
         self.sockets.add(ws)
         try:
@@ -139,6 +140,8 @@ class ClusterNode:
 
     async def _control(self, ws: web.WebSocketResponse, peer: Peer) -> None:
         self.head_ws = ws
+        lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
@@ -154,14 +157,26 @@ class ClusterNode:
                 _LOG.warning("closed the control link from %s: a malformed message",
                              peer.node_id)
                 break
-            try:
-                answer = await self._op(op, req)
-                await ws.send_json({"id": rid, "ok": True, **answer})
-            except Exception as exc:  # every failure is an answer, never a dead link
-                _LOG.warning("%s failed: %s", op, exc)
-                await ws.send_json({"id": rid, "error": str(exc) or type(exc).__name__})
+            # the op runs beside this loop, which keeps reading (and so answering the head's
+            # pings) while a slow one (a first profile, a load) works; one at a time, in order
+            tasks.add(asyncio.create_task(self._answer(ws, lock, rid, op, req)))
+            tasks = {t for t in tasks if not t.done()}
+        for t in tasks:
+            t.cancel()
         if self.head_ws is ws:
             self.head_ws = None
+
+    async def _answer(self, ws: web.WebSocketResponse, lock: asyncio.Lock, rid: Any, op: str,
+                      req: dict[str, Any]) -> None:
+        async with lock:
+            try:
+                answer = await self._op(op, req)
+                reply = {"id": rid, "ok": True, **answer}
+            except Exception as exc:  # every failure is an answer, never a dead link
+                _LOG.warning("%s failed: %s", op, exc)
+                reply = {"id": rid, "error": str(exc) or type(exc).__name__}
+            if not ws.closed:
+                await ws.send_json(reply)
 
     async def _op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -230,10 +245,11 @@ class ClusterNode:
                 w.drop("warm-up")
             return windows
 
+        self.assignment = None  # until the new plan is whole, no frame runs on the old one
         windows = await loop.run_in_executor(self.executor, build)
         if self.out_ws is not None:
-            await self.out_ws.close()
-            self.out_ws = None
+            old, self.out_ws = self.out_ws, None
+            await old.close()
         if successor is not None:
             assert self.client is not None
             self.out_ws, peer = await connect(self.client, successor, self.config.secret,
@@ -270,7 +286,18 @@ class ClusterNode:
     # -- ring data --------------------------------------------------------------------------------
 
     async def _ring_in(self, ws: web.WebSocketResponse, peer: Peer) -> None:
-        loop = asyncio.get_running_loop()
+        # frames are run by one consumer, in arrival order, while this loop keeps reading (and
+        # so answering pings) however long a window takes
+        pending: asyncio.Queue[Frame | None] = asyncio.Queue()
+        consumer = asyncio.create_task(self._consume(pending))
+        try:
+            await self._read_ring(ws, peer, pending)
+        finally:
+            pending.put_nowait(None)
+            await consumer
+
+    async def _read_ring(self, ws: web.WebSocketResponse, peer: Peer,
+                         pending: asyncio.Queue[Frame | None]) -> None:
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
@@ -288,15 +315,23 @@ class ClusterNode:
                 break
             self.frames_in += 1
             a = self.assignment
-            if a is not None and a.index == 0 and self.on_round_done is not None:
-                self.on_round_done(frame)  # back at the head: the round is complete
-                continue
+            if a is not None and a.index == 0:
+                if self.on_round_done is not None:
+                    self.on_round_done(frame)  # back at the head: the round is complete
+                continue  # (a head without a running forward drops it: never around again)
+            pending.put_nowait(frame)
+
+    async def _consume(self, pending: asyncio.Queue[Frame | None]) -> None:
+        loop = asyncio.get_running_loop()
+        while (frame := await pending.get()) is not None:
+            a = self.assignment
             try:
                 if a is None or frame.round >= len(a.windows) or frame.n_rounds != a.k:
                     raise ValueError(f"no window for round {frame.round} of {frame.n_rounds} "
                                      "here (the plan changed?)")
-                out = await loop.run_in_executor(self.executor, self._run, frame)
-                assert self.out_ws is not None
+                out = await loop.run_in_executor(self.executor, self._run, a, frame)
+                if self.out_ws is None or self.out_ws.closed:
+                    raise ConnectionError("the ring link to the next node is down")
                 await self.out_ws.send_bytes(encode(out, self.config.link_dtype))
             except Exception as exc:
                 _LOG.warning("frame of step %d round %d failed: %s", frame.step, frame.round,
@@ -306,14 +341,13 @@ class ClusterNode:
                                                   "session": frame.session,
                                                   "message": str(exc) or type(exc).__name__})
 
-    def _run(self, frame: Frame) -> Frame:
-        assert self.assignment is not None
+    def _run(self, a: Assignment, frame: Frame) -> Frame:
         t0 = time.perf_counter()
-        window = self.assignment.windows[frame.round]
+        window = a.windows[frame.round]
         pos = np.arange(frame.pos0, frame.pos0 + frame.n_tokens, dtype=np.int64)
         h = window.forward(frame.hidden, pos, frame.session)
         dt = time.perf_counter() - t0
         self.compute_s += dt
         frame.hidden = h
-        frame.marks.append((self.assignment.index, min(int(dt * 1e6), 2**32 - 1)))
+        frame.marks.append((a.index, min(int(dt * 1e6), 2**32 - 1)))
         return frame
