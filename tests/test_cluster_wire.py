@@ -9,6 +9,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from loopback import serving
 
 from prima_node.cluster.auth import AuthError, NonceLog, accept, connect
 from prima_node.cluster.frames import Frame, FrameError, decode, encode
@@ -76,23 +77,15 @@ async def _handshake(server_secret: bytes, client_secret: bytes, nonces: NonceLo
 
     app = web.Application()
     app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     client: str | None
-    try:
-        async with aiohttp.ClientSession() as s:
-            try:
-                ws, peer_id = await connect(s, f"ws://127.0.0.1:{port}/ws", client_secret,
-                                            "client-node", "ring")
-                client = peer_id
-                await ws.close()
-            except AuthError as exc:
-                client = f"error: {exc}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as port, aiohttp.ClientSession() as s:
+        try:
+            ws, peer_id = await connect(s, f"ws://127.0.0.1:{port}/ws", client_secret,
+                                        "client-node", "ring")
+            client = peer_id
+            await ws.close()
+        except AuthError as exc:
+            client = f"error: {exc}"
     return (seen[0] if seen else None), client
 
 
@@ -129,21 +122,13 @@ def test_a_hello_with_a_non_ascii_mac_is_refused_not_a_crash() -> None:
     async def run() -> int | None:
         app = web.Application()
         app.router.add_get("/ws", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            async with aiohttp.ClientSession() as s, s.ws_connect(
-                    f"ws://127.0.0.1:{port}/ws") as ws:
-                await ws.receive_json(timeout=5)  # the challenge
-                await ws.send_json({"type": "hello", "node_id": "x", "nonce": "n1",
-                                    "purpose": "ring", "mac": "é" * 64})
-                await ws.receive(timeout=5)
-                return ws.close_code
-        finally:
-            await runner.cleanup()
+        async with serving(app) as port, aiohttp.ClientSession() as s, s.ws_connect(
+                f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.receive_json(timeout=5)  # the challenge
+            await ws.send_json({"type": "hello", "node_id": "x", "nonce": "n1",
+                                "purpose": "ring", "mac": "é" * 64})
+            await ws.receive(timeout=5)
+            return ws.close_code
 
     assert asyncio.run(run()) == 4401
     assert seen == ["node x does not know the cluster secret"]

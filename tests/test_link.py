@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from loopback import serving
 
 from prima_node.cli import link_url, main
 from prima_node.device.link import ACK, BULK, PING, LinkProfile, add_probe_route, measure_link
@@ -20,15 +21,8 @@ from prima_node.device.link import ACK, BULK, PING, LinkProfile, add_probe_route
 async def _with_probe(fn: Callable[[str], Awaitable[None]]) -> None:
     app = web.Application()
     add_probe_route(app)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         await fn(f"ws://127.0.0.1:{port}/api/link")
-    finally:
-        await runner.cleanup()
 
 
 def test_a_loopback_hop_is_fast_and_priced_as_latency_plus_bytes() -> None:
@@ -91,16 +85,9 @@ def test_an_endpoint_that_is_not_the_probe_is_refused_clearly() -> None:
     async def run() -> None:
         app = web.Application()
         app.router.add_get("/api/link", echo_text)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
+        async with serving(app) as port:
             with pytest.raises(ConnectionError, match="not the probe protocol"):
                 await measure_link(f"ws://127.0.0.1:{port}/api/link", timeout_s=5)
-        finally:
-            await runner.cleanup()
 
     asyncio.run(run())
 
@@ -116,16 +103,9 @@ def test_a_silent_peer_is_a_connection_error_not_a_hang() -> None:
     async def run() -> None:
         app = web.Application()
         app.router.add_get("/api/link", silent)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
+        async with serving(app) as port:
             with pytest.raises(ConnectionError, match=r"did not answer within 0\.5 s"):
                 await measure_link(f"ws://127.0.0.1:{port}/api/link", timeout_s=0.5)
-        finally:
-            await runner.cleanup()
 
     asyncio.run(run())
     with pytest.raises(ValueError, match="at least one ping"):
