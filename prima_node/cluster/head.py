@@ -305,8 +305,11 @@ class RingExecutor:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("no tokens to evaluate")
-        self.ensure_ring()
-        pos0 = self.n_cached(session)
+        broken = self._broken()
+        if broken:  # mid-request: fail now; the next request's n_cached plans a new ring
+            self.head.needs_plan = True
+            raise RingError(broken)
+        pos0 = int(self._windows()[0].n_cached(session))
         if pos0 + ids.size > self.n_ctx:
             raise ContextOverflowError(
                 f"{ids.size} tokens from position {pos0} go beyond the context of "
@@ -371,12 +374,21 @@ class RingExecutor:
                 return back.hidden
             _LOG.debug("dropped a stale frame (step %d, round %d)", back.step, back.round)
 
+    def _broken(self) -> str | None:
+        for m in self.head.ring[1:]:
+            if m.control is not None and not m.control.alive:
+                return f"node {m.name} ({m.node_id}) went away: {m.control.closed_reason}"
+        if self.node.out_ws is not None and self.node.out_ws.closed:
+            return "the ring link to the next node closed"
+        if self.node.assignment is None:
+            return "the cluster has no complete plan"
+        return None
+
     def ensure_ring(self) -> None:
-        """Plan again (on the model thread, between forward passes) when a ring member went
-        away or a node came back; every KV cache starts empty in the new ring."""
-        broken = any(m.control is not None and not m.control.alive for m in self.head.ring)
-        broken |= self.node.out_ws is not None and self.node.out_ws.closed
-        if broken or self.head.needs_plan:
+        """Plan again when a ring member went away, a plan failed half-way or a node came
+        back. Only between requests (the loop asks ``n_cached`` before deciding what to
+        evaluate), since every KV cache starts empty in the new ring."""
+        if self._broken() or self.head.needs_plan:
             try:
                 self._call(self.head.replan(), timeout=600)
             except Exception as exc:
@@ -402,6 +414,13 @@ class RingExecutor:
 
     # KV-cache operations reach every node of the ring
     def n_cached(self, session: str = "default") -> int:
+        """Positions the ring holds for the session; a pending re-plan happens here, where
+        the loop learns what it must evaluate (a new ring holds nothing)."""
+        try:
+            self.ensure_ring()
+        except RingError as exc:
+            _LOG.warning("%s", exc)
+            return 0  # the next forward reports the broken ring to the request
         return int(self._windows()[0].n_cached(session))
 
     def _kv(self, action: str, session: str, n: int = 0) -> None:
