@@ -351,10 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.serve import add_serve_args
 
     srv = sub.add_parser(
-        "serve", help="serve the model over an OpenAI-compatible HTTP API (a cluster of one)",
+        "serve", help="serve the model over an OpenAI-compatible HTTP API, alone or as a "
+                      "cluster node",
         description="Listen at once, load the model in the background (GET /health is 503 "
                     "until it is ready), then answer /v1/chat/completions, /v1/completions, "
-                    "/v1/models, /api/status, /api/events and /metrics. See docs/api.md.")
+                    "/v1/models, /api/status, /api/events and /metrics. See docs/api.md. With "
+                    "--cluster-secret the node joins a cluster: a worker by default, or the "
+                    "head (--head --peer HOST:PORT ...), which plans the ring and serves the API.")
     add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
     return p

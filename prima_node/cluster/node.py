@@ -24,7 +24,7 @@ import numpy as np
 from aiohttp import web
 
 from .. import __version__
-from ..device.link import _serve_probe
+from ..device.link import measure_over, serve_probe
 from .auth import AuthError, NonceLog, Peer, accept, connect
 from .fingerprint import fingerprint
 from .frames import Frame, FrameError, decode, encode
@@ -131,7 +131,7 @@ class ClusterNode:
             elif peer.purpose == "ring":
                 await self._ring_in(ws, peer)
             else:
-                await _serve_probe(ws)
+                await serve_probe(ws)
         finally:
             self.sockets.discard(ws)
         return ws
@@ -208,27 +208,11 @@ class ClusterNode:
 
     async def measure_link(self, url: str) -> dict[str, float]:
         """A hop to another node, over an admitted probe connection: latency and throughput."""
-        from ..device.link import BULK, PING
-
         assert self.client is not None
         ws, _ = await connect(self.client, url, self.config.secret, self.config.node_id, "probe")
         async with ws:
-            ping = bytes([PING]) + bytes(63)
-            rtts = []
-            for _ in range(6):
-                t0 = time.perf_counter()
-                await ws.send_bytes(ping)
-                await ws.receive(timeout=10)
-                rtts.append(time.perf_counter() - t0)
-            rtts = sorted(rtts[1:])
-            chunk = bytes([BULK]) + bytes(2**20 - 1)
-            t0 = time.perf_counter()
-            await ws.send_bytes(chunk)
-            await ws.receive(timeout=10)
-            elapsed = time.perf_counter() - t0
-        rtt = rtts[len(rtts) // 2]
-        return {"latency_s": rtt / 2, "bytes_per_s": len(chunk) / max(elapsed - rtts[0],
-                                                                       elapsed * 0.05)}
+            prof = await measure_over(ws, url, pings=5, bulk_bytes=2**20, bulk_repeats=2)
+        return {"latency_s": prof.latency_s, "bytes_per_s": prof.bytes_per_s}
 
     async def load(self, index: int, ranges: list[tuple[int, int]], successor: str | None,
                    k: int) -> None:

@@ -71,13 +71,14 @@ async def probe_handler(request: web.Request) -> web.WebSocketResponse:
     probes: set[web.WebSocketResponse] = request.app.get(PROBES, set())
     probes.add(ws)
     try:
-        await _serve_probe(ws)
+        await serve_probe(ws)
     finally:
         probes.discard(ws)
     return ws
 
 
-async def _serve_probe(ws: web.WebSocketResponse) -> None:
+async def serve_probe(ws: web.WebSocketResponse) -> None:
+    """Answer the probe protocol on a prepared websocket until it closes."""
     async for msg in ws:
         if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
             await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
@@ -116,48 +117,58 @@ async def measure_link(url: str, *, session: aiohttp.ClientSession | None = None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise ConnectionError(f"cannot open the link probe at {url}: {exc}") from None
         async with ws:
-            async def exchange(frame: bytes) -> bytes:
-                try:
-                    await ws.send_bytes(frame)
-                    msg = await ws.receive(timeout=timeout_s)
-                except TimeoutError:
-                    raise ConnectionError(f"the link probe at {url} did not answer within "
-                                          f"{timeout_s:g} s") from None
-                except (aiohttp.ClientError, OSError) as exc:
-                    raise ConnectionError(f"the link to {url} broke: {exc}") from None
-                if msg.type != aiohttp.WSMsgType.BINARY:
-                    raise ConnectionError(f"the link probe at {url} answered {msg.type.name} "
-                                          f"({msg.data!r}), not the probe protocol")
-                return bytes(msg.data)
-
-            ping = bytes([PING]) + b"\0" * max(0, ping_bytes - 1)
-            await exchange(ping)  # warm: the connection's buffers and both event loops
-            rtts = []
-            for _ in range(pings):
-                t0 = time.perf_counter()
-                if await exchange(ping) != ping:
-                    raise ConnectionError(f"the link probe at {url} did not echo a ping")
-                rtts.append(time.perf_counter() - t0)
-            rtt = statistics.median(rtts)
-            best = 0.0
-            chunk = bytes([BULK]) + b"\0" * (min(bulk_bytes, MAX_FRAME) - 1)
-            for _ in range(bulk_repeats):
-                t0 = time.perf_counter()
-                sent = 0
-                while sent < bulk_bytes:
-                    answer = await exchange(chunk)
-                    kind, got = struct.unpack("<BQ", answer[:9]) if len(answer) == 9 else (0, 0)
-                    if kind != ACK or got != len(chunk):
-                        raise ConnectionError(f"the link probe at {url} acknowledged {got} of "
-                                              f"{len(chunk)} bytes")
-                    sent += len(chunk)
-                elapsed = time.perf_counter() - t0
-                # each chunk paid one round trip for its acknowledgement: take those out
-                n_chunks = -(-bulk_bytes // len(chunk))
-                transfer = max(elapsed - n_chunks * min(rtts), elapsed * 0.05)
-                best = max(best, sent / transfer)
-        return LinkProfile(url=url, rtt_s=rtt, rtt_min_s=min(rtts), latency_s=rtt / 2,
-                           bytes_per_s=best, pings=pings, bulk_bytes=bulk_bytes)
+            return await measure_over(ws, url, pings=pings, ping_bytes=ping_bytes,
+                                      bulk_bytes=bulk_bytes, bulk_repeats=bulk_repeats,
+                                      timeout_s=timeout_s)
     finally:
         if own:
             await sess.close()
+
+
+async def measure_over(ws: aiohttp.ClientWebSocketResponse, url: str, *, pings: int = 20,
+                       ping_bytes: int = 64, bulk_bytes: int = 4 * 2**20, bulk_repeats: int = 3,
+                       timeout_s: float = 10.0) -> LinkProfile:
+    """The measurement itself, on a websocket already open to a probe (the API's, or a
+    cluster node's admitted one)."""
+    async def exchange(frame: bytes) -> bytes:
+        try:
+            await ws.send_bytes(frame)
+            msg = await ws.receive(timeout=timeout_s)
+        except TimeoutError:
+            raise ConnectionError(f"the link probe at {url} did not answer within "
+                                  f"{timeout_s:g} s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConnectionError(f"the link to {url} broke: {exc}") from None
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise ConnectionError(f"the link probe at {url} answered {msg.type.name} "
+                                  f"({msg.data!r}), not the probe protocol")
+        return bytes(msg.data)
+
+    ping = bytes([PING]) + b"\0" * max(0, ping_bytes - 1)
+    await exchange(ping)  # warm: the connection's buffers and both event loops
+    rtts = []
+    for _ in range(pings):
+        t0 = time.perf_counter()
+        if await exchange(ping) != ping:
+            raise ConnectionError(f"the link probe at {url} did not echo a ping")
+        rtts.append(time.perf_counter() - t0)
+    rtt = statistics.median(rtts)
+    best = 0.0
+    chunk = bytes([BULK]) + b"\0" * (min(bulk_bytes, MAX_FRAME) - 1)
+    for _ in range(bulk_repeats):
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < bulk_bytes:
+            answer = await exchange(chunk)
+            kind, got = struct.unpack("<BQ", answer[:9]) if len(answer) == 9 else (0, 0)
+            if kind != ACK or got != len(chunk):
+                raise ConnectionError(f"the link probe at {url} acknowledged {got} of "
+                                      f"{len(chunk)} bytes")
+            sent += len(chunk)
+        elapsed = time.perf_counter() - t0
+        # each chunk paid one round trip for its acknowledgement: take those out
+        n_chunks = -(-bulk_bytes // len(chunk))
+        transfer = max(elapsed - n_chunks * min(rtts), elapsed * 0.05)
+        best = max(best, sent / transfer)
+    return LinkProfile(url=url, rtt_s=rtt, rtt_min_s=min(rtts), latency_s=rtt / 2,
+                       bytes_per_s=best, pings=pings, bulk_bytes=bulk_bytes)
