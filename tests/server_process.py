@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"listening on http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 
 
 class ServerProcess:
@@ -29,10 +29,14 @@ class ServerProcess:
     def __init__(self, model: Path, state_dir: Path, *, ctx: int = 2048,
                  api_key: str | None = None, queue_limit: int | None = None,
                  cache_slots: int | None = None, threads: int | None = 1,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), prefix: Sequence[str] = (),
+                 url_host: str = "127.0.0.1") -> None:
         # one model thread by default: a tiny model gains nothing from two, and on a shared
         # machine a parallel kernel waits for its slowest (descheduled) thread at every step
-        self.args = [sys.executable, "-m", "prima_node.cli", "serve", "--model", str(model),
+        # prefix: e.g. ``ip netns exec NS`` to run the node in another network namespace;
+        # url_host: where this process reaches it then
+        self.url_host = url_host
+        self.args = [*prefix, sys.executable, "-m", "prima_node.cli", "serve", "--model", str(model),
                      "--port", "0", "--ctx", str(ctx), "--state-dir", str(state_dir)]
         if threads is not None:
             self.args += ["--threads", str(threads)]
@@ -127,7 +131,7 @@ class ServerProcess:
     @property
     def url(self) -> str:
         assert self.port is not None
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.url_host}:{self.port}"
 
     @property
     def base_url(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from server_process import ServerProcess
 from test_openapi import _check
 
 from prima_node.cluster.auth import AuthError, connect
-from prima_node.cluster.head import ClusterHead, RingExecutor
+from prima_node.cluster.head import ClusterHead, RingError, RingExecutor
 from prima_node.cluster.node import RING_PATH, ClusterNode, NodeConfig
 from prima_node.engine.model import Model
 
@@ -293,4 +294,194 @@ def test_a_worker_killed_mid_answer_ends_it_fast_and_the_ring_heals(
     finally:
         for srv in (head, a, b):
             if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+                assert srv.stop() == 0, srv.log()
+
+
+class FrozenThreads:
+    """Every thread of a process but its main one (the event loop: it still answers pings and
+    control requests) frozen by the cgroup-v1 freezer: a node that hangs in its model thread,
+    as one stuck on a dying disk does."""
+
+    ROOT = Path("/sys/fs/cgroup/freezer")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.group = self.ROOT / f"prima-test-{os.getpid()}-{pid}"
+
+    def __enter__(self) -> FrozenThreads:
+        assert self.ROOT.is_dir(), "this test needs the cgroup-v1 freezer (see env-notes.md)"
+        self.group.mkdir()
+        return self
+
+    def freeze(self) -> None:
+        tids = [int(t) for t in os.listdir(f"/proc/{self.pid}/task") if int(t) != self.pid]
+        assert tids, "the node has no thread besides its event loop"
+        for tid in tids:
+            (self.group / "tasks").write_text(str(tid))
+        (self.group / "freezer.state").write_text("FROZEN")
+
+    def __exit__(self, *exc: object) -> None:
+        (self.group / "freezer.state").write_text("THAWED")
+        for tid in (self.group / "tasks").read_text().split():
+            (self.ROOT / "tasks").write_text(tid)
+        self.group.rmdir()
+
+
+def test_a_worker_that_hangs_but_answers_pings_ends_the_answer_fast_and_is_left_out(
+        make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
+    model = make_model("llama", "small", "Q8_0")
+    a = _node(model, tmp_path / "a", profile_cache)
+    b = _node(model, tmp_path / "b", profile_cache)
+    head: ServerProcess | None = None
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        peers = ["--peer", f"127.0.0.1:{a.port}", "--peer", f"127.0.0.1:{b.port}"]
+        head = _node(model, tmp_path / "head", profile_cache, "--head", "--rounds", "2",
+                     "--all-nodes", *peers)
+        head.wait_ready()
+        client = openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Tell me a long story."}]
+
+        def short() -> str | None:
+            r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
+                                               max_tokens=6, temperature=0)
+            return r.choices[0].message.content
+
+        reference = short()
+        assert b.proc is not None
+        b_id = b.get_json("/health", auth=False)[1]["node_id"]
+        time.sleep(0.5)  # b's model thread back to waiting for work, without the GIL
+        with FrozenThreads(b.proc.pid) as hung:
+            # frozen while idle: a thread frozen holding the GIL would stop the event loop too,
+            # and that is a node whose pings stop (the killed-worker case)
+            hung.freeze()
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIError) as err:
+                for _ in client.chat.completions.create(
+                        model="m", messages=messages,  # type: ignore[arg-type]
+                        max_tokens=2000, temperature=0, stream=True):
+                    pass
+            assert time.monotonic() - t0 < 5, "the answer did not end within 5 s"
+            assert "stalled the ring" in str(err.value), str(err.value)
+            assert b_id in str(err.value), str(err.value)
+            assert b.get_json("/health", auth=False)[0] == 200  # its event loop lives on
+            # the next request runs on a ring without the hung node
+            assert short() == reference
+            assert "planning again with 2 node(s)" in head.log()
+        client.close()
+    finally:
+        for srv in (head, a, b):
+            if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+                assert srv.stop() == 0, srv.log()
+
+
+def test_a_round_that_does_not_come_back_names_the_hung_node_and_the_ring_replans(
+        make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
+    model = make_model("llama", "small", "Q8_0")
+    a = _node(model, tmp_path / "a", profile_cache)
+    b = _node(model, tmp_path / "b", profile_cache)
+    head: InProcessHead | None = None
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        head = InProcessHead(model, [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+                             profile_cache)
+        head.plan(2)
+        b_id = b.get_json("/health", auth=False)[1]["node_id"]
+        with Model.open(model, threads=1, n_ctx=CTX) as alone:
+            prompt = [3, 1, 4, 1, 5]
+            want = alone.logits(prompt)
+            head.ring.forward(prompt, session="s")
+            time.sleep(0.5)  # b's model thread idle again, without the GIL
+            assert b.proc is not None
+            with FrozenThreads(b.proc.pid) as hung:
+                hung.freeze()
+                t0 = time.monotonic()
+                with pytest.raises(RingError, match="stalled the ring") as err:
+                    head.ring.forward([9], session="s")  # straight into a round: no KV op
+                assert time.monotonic() - t0 < 5
+                assert b_id in str(err.value) and "running its window" in str(err.value)
+                assert head.head.needs_plan
+                # the next request plans a ring without it and computes what one node does
+                assert head.ring.n_cached("t") == 0
+                assert b_id not in head.head.plan.ring  # type: ignore[union-attr]
+                got = head.ring.forward(prompt, session="t")
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    finally:
+        if head is not None:
+            head.close()
+        for srv in (a, b):
+            if srv.proc is not None and srv.proc.poll() is None:
+                assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture
+def multicast_netns() -> Iterator[tuple[str, str]]:
+    """A network namespace where mDNS works (loopback with MULTICAST on), reached from here
+    through a veth pair: (its name, its address)."""
+    name, tag = f"prima-ct-{os.getpid()}", f"{os.getpid() % 250 + 1}"
+    outer, inner = f"pct{os.getpid()}a", f"pct{os.getpid()}b"
+
+    def ip(*args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True)
+        assert done.returncode == 0, (f"ip {' '.join(args)} failed (this test needs root and "
+                                      f"iproute2): {done.stderr}")
+
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "link", "set", "lo", "multicast", "on")
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", name)
+        ip("addr", "add", f"10.215.{tag}.1/24", "dev", outer)
+        ip("link", "set", outer, "up")
+        ip("-n", name, "addr", "add", f"10.215.{tag}.2/24", "dev", inner)
+        ip("-n", name, "link", "set", inner, "up")
+        yield name, f"10.215.{tag}.2"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes the veth
+
+
+def test_the_head_adopts_workers_it_discovers_over_mdns_and_lists_the_others(
+        make_model: ModelFactory, tmp_path: Path, profile_cache: Path,
+        multicast_netns: tuple[str, str]) -> None:
+    ns, address = multicast_netns
+    model = make_model("llama", "small", "Q8_0")
+    inside = ("ip", "netns", "exec", ns)
+
+    def start(state: str, *extra: str, secret: str = SECRET) -> ServerProcess:
+        srv = ServerProcess(model, tmp_path / state, ctx=CTX, prefix=inside, url_host=address,
+                            extra=("--cluster-secret", secret, "--host", "0.0.0.0", *extra))
+        os.environ["PRIMA_PROFILE_CACHE"] = str(profile_cache)
+        try:
+            return srv.start()
+        finally:
+            os.environ.pop("PRIMA_PROFILE_CACHE", None)
+
+    nodes = [start("worker"), start("stranger", secret="another-cluster-secret")]
+    try:
+        for n in nodes:
+            n.wait_ready()
+        head = start("head", "--head", "--all-nodes")
+        nodes.append(head)
+        head.wait_ready()
+        worker_id = nodes[0].get_json("/health", auth=False)[1]["node_id"]
+        deadline = time.monotonic() + 30
+        while "joined with the same model" not in head.log():
+            assert time.monotonic() < deadline, head.log()
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="m", max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "Hi"}])
+        assert r.choices[0].message.content is not None
+        client.close()
+        cluster = head.status()["cluster"]
+        assert len(cluster["plan"]["ring"]) == 2, cluster  # the head and the adopted worker
+        seen = {d["role"] + "/" + str(d["adopted"]): d for d in cluster["discovered"]}
+        assert set(seen) == {"worker/True", "worker/False"}, cluster["discovered"]
+        assert seen["worker/True"]["node_id"] == worker_id in cluster["plan"]["ring"]
+        assert "another cluster" in seen["worker/False"]["reason"]
+    finally:
+        for srv in nodes:
+            if srv.proc is not None and srv.proc.poll() is None:
                 assert srv.stop() == 0, srv.log()

@@ -12,19 +12,27 @@ from aiohttp import web
 from loopback import serving
 
 from prima_node.cluster.auth import AuthError, NonceLog, accept, connect
-from prima_node.cluster.frames import Frame, FrameError, decode, encode
+from prima_node.cluster.frames import (
+    MAX_MARKS,
+    MAX_SESSION,
+    Frame,
+    FrameError,
+    decode,
+    encode,
+    max_frame_bytes,
+)
 
 
 def _frame() -> Frame:
     h = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
-    return Frame("conv-1", 7, 1, 2, 40, h, [(0, 1234)])
+    return Frame("conv-1", 3, 7, 1, 2, 40, h, [(0, 1234)])
 
 
 def test_a_frame_round_trips_exactly_in_float32_and_closely_in_float16() -> None:
     f = _frame()
     back = decode(encode(f), 16)
-    assert (back.session, back.step, back.round, back.n_rounds, back.pos0, back.marks) == (
-        "conv-1", 7, 1, 2, 40, [(0, 1234)])
+    assert (back.session, back.epoch, back.step, back.round, back.n_rounds, back.pos0,
+            back.marks) == ("conv-1", 3, 7, 1, 2, 40, [(0, 1234)])
     assert np.array_equal(back.hidden, f.hidden)
     half = decode(encode(f, "f16"), 16)
     np.testing.assert_allclose(half.hidden, f.hidden, rtol=1e-3, atol=1e-3)
@@ -54,9 +62,20 @@ def test_non_finite_states_and_impossible_headers_are_refused() -> None:
         decode(encode(f), 16)
     g = _frame()
     data = bytearray(encode(g))
-    struct.pack_into("<H", data, 12, 5)  # round 5 of 2
+    struct.pack_into("<H", data, 16, 5)  # round 5 of 2
     with pytest.raises(FrameError, match="impossible header"):
         decode(bytes(data), 16)
+
+
+def test_the_largest_frame_a_model_sends_fits_the_socket_limit_and_a_bigger_one_does_not(
+        ) -> None:
+    rng = np.random.default_rng(1)
+    limit = max_frame_bytes(16, 8)
+    full = Frame("s" * MAX_SESSION, 1, 1, 0, 1, 0, rng.standard_normal((8, 16)).astype(
+        np.float32), [(0, 1)] * MAX_MARKS)
+    assert len(encode(full)) == limit
+    full.hidden = rng.standard_normal((9, 16)).astype(np.float32)
+    assert len(encode(full)) > limit
 
 
 async def _handshake(server_secret: bytes, client_secret: bytes, nonces: NonceLog

@@ -40,6 +40,12 @@ def _mac(secret: bytes, *parts: str) -> str:
     return hmac.new(secret, "\x1f".join((PROTOCOL, *parts)).encode(), hashlib.sha256).hexdigest()
 
 
+def cluster_id(secret: bytes) -> str:
+    """A public name for the cluster a secret defines: nodes advertise it so a head adopts
+    only its own cluster's workers, and it reveals nothing of the secret."""
+    return hmac.new(secret, b"prima-cluster-id", hashlib.sha256).hexdigest()[:16]
+
+
 class NonceLog:
     """Client nonces seen in the last ``ttl_s`` seconds: a replayed answer is refused even if
     it were ever paired with the same challenge again."""

@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"PRMA"
-VERSION = 1
+VERSION = 2
 KIND_ACTIVATIONS = 1
 DTYPES: dict[int, np.dtype] = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 DTYPE_CODES = {"f32": 0, "f16": 1}
 MAX_SESSION = 128
 MAX_MARKS = 1024
-# magic, version, kind, dtype, flags, step, round, n_rounds, pos0, n_tokens, n_embd,
+# magic, version, kind, dtype, flags, plan epoch, step, round, n_rounds, pos0, n_tokens, n_embd,
 # session length, marks
-_HEADER = struct.Struct("<4sBBBBIHHIIIHH")
+_HEADER = struct.Struct("<4sBBBBIIHHIIIHH")
 
 
 class FrameError(ValueError):
@@ -33,6 +33,7 @@ class FrameError(ValueError):
 @dataclass
 class Frame:
     session: str
+    epoch: int  # which plan the frame belongs to: a node holding another plan refuses it
     step: int  # the head's forward-call counter: answers must match the question
     round: int  # which round of k the states are in
     n_rounds: int
@@ -45,6 +46,13 @@ class Frame:
         return int(self.hidden.shape[0])
 
 
+def max_frame_bytes(n_embd: int, max_tokens: int) -> int:
+    """The largest frame a model of width ``n_embd`` ever sends (prefill chunks of at most
+    ``max_tokens``, float32): what a ring socket needs to accept, and no more, so that a peer
+    cannot make a node buffer hundreds of megabytes before it has proved anything."""
+    return _HEADER.size + MAX_SESSION + 8 * MAX_MARKS + max_tokens * n_embd * 4
+
+
 def encode(frame: Frame, dtype: str = "f32") -> bytes:
     code = DTYPE_CODES[dtype]
     h = np.ascontiguousarray(frame.hidden, dtype=DTYPES[code])
@@ -55,8 +63,8 @@ def encode(frame: Frame, dtype: str = "f32") -> bytes:
         raise ValueError(f"session names are at most {MAX_SESSION} bytes")
     if len(frame.marks) > MAX_MARKS:
         raise ValueError("too many timing marks")
-    head = _HEADER.pack(MAGIC, VERSION, KIND_ACTIVATIONS, code, 0, frame.step, frame.round,
-                        frame.n_rounds, frame.pos0, h.shape[0], h.shape[1], len(name),
+    head = _HEADER.pack(MAGIC, VERSION, KIND_ACTIVATIONS, code, 0, frame.epoch, frame.step,
+                        frame.round, frame.n_rounds, frame.pos0, h.shape[0], h.shape[1], len(name),
                         len(frame.marks))
     marks = struct.pack(f"<{2 * len(frame.marks)}I", *(v for m in frame.marks for v in m))
     return head + name + marks + h.tobytes()
@@ -66,8 +74,8 @@ def decode(data: bytes, n_embd: int) -> Frame:
     """The frame in ``data``, checked against the model's width; FrameError if malformed."""
     if len(data) < _HEADER.size:
         raise FrameError(f"a frame of {len(data)} bytes is shorter than the header")
-    (magic, version, kind, code, _flags, step, rnd, n_rounds, pos0, n_tokens, width, n_name,
-     n_marks) = _HEADER.unpack_from(data)
+    (magic, version, kind, code, _flags, epoch, step, rnd, n_rounds, pos0, n_tokens, width,
+     n_name, n_marks) = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise FrameError(f"not an activation frame (magic {magic!r})")
     if version != VERSION:
@@ -99,5 +107,5 @@ def decode(data: bytes, n_embd: int) -> Frame:
     hidden = hidden.reshape(n_tokens, width).astype(np.float32)
     if not np.isfinite(hidden).all():
         raise FrameError("the hidden states hold NaN or infinity")
-    return Frame(session, step, rnd, n_rounds, pos0, hidden,
+    return Frame(session, epoch, step, rnd, n_rounds, pos0, hidden,
                  [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)])

@@ -23,13 +23,16 @@ from ..errors import ClusterError, ContextOverflowError, PrimaError
 from ..planner.cluster_file import device_from_profile
 from ..planner.halda import Link, Options, Plan, plan
 from ..planner.model_profile import ModelProfile
-from .auth import AuthError, connect
+from .auth import AuthError, cluster_id, connect
 from .control import ControlLink, NodeError
 from .frames import Frame, encode
 from .node import RING_PATH, ClusterNode
 
 _LOG = logging.getLogger("prima.cluster")
 LIVENESS_POLL_S = 0.25
+STALL_FLOOR_S = 3.0  # a round may take this long whatever the plan predicts
+STALL_FACTOR = 4.0  # ... or this many times the predicted (or measured) time
+BENCH_S = 60.0  # a node that stalled a round stays out of the ring this long
 
 
 class RingError(ClusterError):
@@ -61,10 +64,13 @@ class ClusterHead:
         self.ring: list[Member] = []
         self.events: queue.Queue[tuple[int | None, Exception]] = queue.Queue()  # (step, error)
         self.needs_plan = False  # membership changed: plan again before the next forward
+        self.epoch = 0  # the plan's number, in every frame: nodes refuse other plans' frames
         self.planned_at: float | None = None
         self.measured_ms: dict[int, float] = {}  # ring position -> compute ms per token (EMA)
         self.measured_token_ms: float | None = None  # whole decode step, EMA
         self._rejoin: asyncio.Task[None] | None = None
+        self.benched: dict[str, float] = {}  # address -> monotonic time it may rejoin
+        self.discovered: dict[str, dict[str, Any]] = {}  # node id -> what mDNS says of it
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -101,6 +107,34 @@ class ClusterHead:
         _LOG.info("node %s (%s at %s) joined with the same model", peer_id, info["name"],
                   address)
 
+    def on_discovered(self, change: str, node: Any) -> None:
+        """A node seen over mDNS (a ``DiscoveredNode``): a worker of this cluster with the
+        head's model becomes a peer (taken in by the membership watcher within seconds);
+        the others are only listed, with the reason."""
+        if change == "removed":
+            self.discovered.pop(node.node_id, None)
+            return
+        mine = self.node.info()["model"]
+        why = None
+        if node.role != "worker":
+            why = f"a {node.role}, not a worker"
+        elif node.cluster != self.cluster:
+            why = "another cluster (its secret differs)"
+        elif (node.size, node.hash) != (mine["size"], mine["fingerprint"]):
+            why = f"holds another model file ({node.model}, {node.size} bytes)"
+        self.discovered[node.node_id] = {
+            "node_id": node.node_id, "name": node.name, "address": node.address,
+            "role": node.role, "model": node.model, "version": node.version,
+            "adopted": why is None, "reason": why}
+        if why is None and node.address not in self.peers:
+            _LOG.info("discovered worker %s (%s) at %s: taking it in", node.name,
+                      node.node_id, node.address)
+            self.peers.append(node.address)
+
+    @property
+    def cluster(self) -> str:
+        return cluster_id(self.node.config.secret)
+
     async def watch_members(self, every_s: float = 2.0) -> None:
         """Bring back configured peers that went away, so the next plan can use them again."""
         while True:
@@ -110,8 +144,9 @@ class ClusterHead:
                 self.members = [m for m in self.members if m not in gone]
                 self.needs_plan = True
             present = {m.address for m in self.members}
+            now = time.monotonic()
             for address in self.peers:
-                if address in present:
+                if address in present or self.benched.get(address, 0.0) > now:
                     continue
                 try:
                     await self._join(address)
@@ -119,10 +154,23 @@ class ClusterHead:
                     _LOG.debug("peer %s still away: %s", address, exc)
                     continue
                 self.needs_plan = True
+            await self.refresh_info()
+
+    async def refresh_info(self) -> None:
+        """Each worker's own figures (paging, busy state) for the status document."""
+        for m in self.members[1:]:
+            if m.control is None or not m.control.alive:
+                continue
+            try:
+                m.info = await m.control.call("info", timeout=2.0)
+            except NodeError as exc:
+                _LOG.debug("no info from %s: %s", m.name, exc)
 
     async def replan(self, k: int | None = None) -> None:
+        now = time.monotonic()
         self.members = [self.members[0], *(m for m in self.members[1:]
-                                           if m.control is not None and m.control.alive)]
+                                           if m.control is not None and m.control.alive
+                                           and self.benched.get(m.address, 0.0) <= now)]
         self.needs_plan = False
         _LOG.info("planning again with %d node(s)", len(self.members))
         try:
@@ -130,6 +178,50 @@ class ClusterHead:
         except BaseException:
             self.needs_plan = True  # half the nodes may hold the new plan: never run on that
             raise
+
+    async def find_stall(self, step: int, r: int, waited_s: float) -> str:
+        """Why round ``r`` of ``step`` has not come back: asks every ring node what it is
+        doing, names the one holding the activations, and benches it (out of the next plans
+        for a while) since a node that hangs but still answers pings would otherwise be
+        planned in again at once."""
+        async def ask(m: Member) -> dict[str, Any] | None:
+            assert m.control is not None
+            try:
+                return await m.control.call("info", timeout=1.0)
+            except NodeError:
+                return None
+
+        workers = [m for m in self.ring[1:] if m.control is not None]
+        answers = await asyncio.gather(*(ask(m) for m in workers))
+        culprit, why = None, "the activations did not come back"
+        for m, info in zip(workers, answers, strict=True):
+            if info is None:
+                culprit, why = m, "it does not answer"
+                break
+            busy = info.get("busy")
+            if busy and (busy.get("step"), busy.get("round")) == (step, r):
+                culprit, why = m, f"it has been running its window for {busy['for_s']:.1f} s"
+                break
+            if info.get("last_out") != {"epoch": self.epoch, "step": step, "round": r}:
+                culprit, why = m, "the activations reached it and went no further"
+                break
+        self.needs_plan = True
+        if culprit is None:
+            return f"the ring stalled: round {r + 1} did not come back within {waited_s:.1f} s"
+        await self.bench(culprit, why)
+        return (f"node {culprit.name} ({culprit.node_id}) stalled the ring: {why} "
+                f"(waited {waited_s:.1f} s); the next request runs without it")
+
+    def round_deadline_s(self, n_tokens: int) -> float:
+        """How long one round of ``n_tokens`` may take before the ring counts as stalled:
+        generous (prefill chunks are priced at the decode rate), but short enough that a hung
+        node ends the request within seconds."""
+        per_token = 0.0
+        if self.plan is not None:
+            per_token = self.plan.latency_s
+        if self.measured_token_ms is not None:
+            per_token = max(per_token, self.measured_token_ms / 1e3)
+        return max(STALL_FLOOR_S, STALL_FACTOR * per_token * n_tokens)
 
     def _on_event(self, node_id: str, event: dict[str, Any]) -> None:
         name = next((m.name for m in self.members if m.node_id == node_id), node_id)
@@ -178,13 +270,16 @@ class ClusterHead:
     async def apply(self, p: Plan) -> None:
         by_id = {m.node_id: m for m in self.members}
         ring = [by_id[node_id] for node_id in p.ring]
+        self.epoch = (self.epoch + 1) % 2**32
         for i, (member, dp) in enumerate(zip(ring, p.devices, strict=True)):
             successor = ring[(i + 1) % len(ring)].url if len(ring) > 1 else None
             if member.control is None:
-                await self.node.load(i, dp.ranges, successor, p.k)
+                await self.node.load(i, dp.ranges, successor, p.k, self.epoch,
+                                     dp.streamed_bytes > 0)
             else:
                 await member.control.call("load", index=i, ranges=dp.ranges,
-                                          successor=successor, k=p.k)
+                                          successor=successor, k=p.k, epoch=self.epoch,
+                                          stream=dp.streamed_bytes > 0)
         self.plan, self.ring = p, ring
         self.planned_at = time.time()
         self.measured_ms, self.measured_token_ms = {}, None
@@ -219,6 +314,8 @@ class ClusterHead:
             d = devices.get(m.node_id)
             pos = positions.get(m.node_id)
             measured = self.measured_ms.get(pos) if pos is not None else None
+            info = self.node.info() if m.control is None else m.info
+            paging = info.get("paging") or {}
             nodes.append({
                 "node_id": m.node_id, "name": m.name,
                 "role": "head" if m.control is None else "worker",
@@ -231,6 +328,10 @@ class ClusterHead:
                 "predicted_compute_ms": round(1e3 * d.compute_s, 3) if d else None,
                 "predicted_disk_ms": round(1e3 * d.disk_s, 3) if d else None,
                 "measured_compute_ms": round(measured, 3) if measured is not None else None,
+                "paging": {key: paging.get(key) for key in (
+                    "enabled", "mode", "held_bytes", "capacity_bytes", "uses", "hit_rate",
+                    "mean_residency", "prefetches", "releases", "bytes_prefetched",
+                    "bytes_released")} if paging else None,
             })
         plan_doc = None
         if p is not None:
@@ -242,16 +343,34 @@ class ClusterHead:
                 "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
                     self.planned_at or 0)),
                 "dropped": dict(p.dropped)}
-        return {"mode": "ring", "nodes": nodes, "plan": plan_doc}
+        return {"mode": "ring", "nodes": nodes, "plan": plan_doc,
+                "discovered": sorted(self.discovered.values(), key=lambda d: d["name"])}
 
     async def kv_everywhere(self, action: str, session: str, n: int = 0) -> None:
+        """A KV-cache operation on every ring node. A node that does not answer in time holds
+        a cache nobody can trust: it is benched like a node that stalls a round."""
+        limit = self.round_deadline_s(1)
         for m in self.ring[1:]:
             if m.control is None or not m.control.alive:
                 continue  # gone: it will not be in the next ring
             try:
-                await m.control.call("kv", action=action, session=session, n=n)
+                await m.control.call("kv", timeout=limit, action=action, session=session, n=n)
             except NodeError as exc:
+                if not m.control.alive:
+                    continue  # it went away meanwhile: the forward reports that
                 _LOG.warning("KV %s on %s failed: %s", action, m.name, exc)
+                await self.bench(m, "it did not carry out a KV-cache operation in time")
+                raise RingError(f"node {m.name} ({m.node_id}) stalled the ring: {exc}; the "
+                                "next request runs without it") from None
+
+    async def bench(self, m: Member, why: str) -> None:
+        """Keep a node that hangs (but still answers pings) out of the plans for a while."""
+        self.needs_plan = True
+        self.benched[m.address] = time.monotonic() + BENCH_S
+        if m.control is not None:
+            await m.control.close()
+        _LOG.warning("node %s (%s) stalled the ring (%s); it stays out of the plan for %d s",
+                     m.name, m.node_id, why, BENCH_S)
 
     async def close(self) -> None:
         if self._rejoin is not None:
@@ -347,6 +466,9 @@ class RingExecutor:
 
     def _round(self, h: np.ndarray, r: int, pos: np.ndarray, session: str) -> np.ndarray:
         windows = self._windows()
+        pager = self.node.pager
+        if pager is not None:
+            pager.before_use(r)
         t0 = time.perf_counter()
         h = windows[r].forward(h, pos, session)
         mark = (0, int(1e6 * (time.perf_counter() - t0)))
@@ -356,20 +478,28 @@ class RingExecutor:
             return h
         self._step = (self._step + 1) % 2**32
         step = self._step
-        frame = Frame(session, step, r, len(windows), int(pos[0]), h, [mark])
+        epoch = self.head.epoch
+        frame = Frame(session, epoch, step, r, len(windows), int(pos[0]), h, [mark])
         data = encode(frame, self.node.config.link_dtype)
         self._check_events()
         try:
             self._call(out_ws.send_bytes(data))
         except (ConnectionError, RuntimeError) as exc:
             raise RingError(f"cannot send to the next node: {exc}") from None
+        if pager is not None:
+            pager.after_use(r)
+        t_sent = time.monotonic()
+        deadline = self.head.round_deadline_s(int(pos.size))
         while True:
             self._check_events()
             try:
                 back = self._frames.get(timeout=LIVENESS_POLL_S)
             except queue.Empty:
+                waited = time.monotonic() - t_sent
+                if waited > deadline:
+                    raise RingError(self._call(self.head.find_stall(step, r, waited))) from None
                 continue
-            if back.step == step and back.round == r:
+            if (back.epoch, back.step, back.round) == (epoch, step, r):
                 self.last_marks = back.marks
                 return back.hidden
             _LOG.debug("dropped a stale frame (step %d, round %d)", back.step, back.round)

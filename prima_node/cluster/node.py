@@ -27,11 +27,13 @@ from .. import __version__
 from ..device.link import measure_over, serve_probe
 from .auth import AuthError, NonceLog, Peer, accept, connect
 from .fingerprint import fingerprint
-from .frames import Frame, FrameError, decode, encode
+from .frames import Frame, FrameError, decode, encode, max_frame_bytes
+from .pager import Pager
 
 _LOG = logging.getLogger("prima.cluster")
 RING_PATH = "/cluster/ws"
-MAX_FRAME_BYTES = 256 * 2**20
+CONTROL_BYTES = 4 * 2**20  # handshakes, control requests: small JSON
+MAX_UNADMITTED = 16  # connections still proving the secret; more wait for a free place
 
 
 @dataclass
@@ -44,6 +46,7 @@ class NodeConfig:
     threads: int | None = None
     profile_cache: Path | None = None
     link_dtype: str = "f32"
+    prefetch: bool = True  # release/prefetch windows when they do not all fit in memory
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Assignment:
     """The windows the plan gives this node, and where its output goes."""
 
     index: int  # position in the ring (the head is 0)
+    epoch: int  # the plan's number: frames of any other plan are refused
     ranges: list[tuple[int, int]]  # [start, end) of its window in each round
     successor_url: str | None  # None: a ring of one
     k: int = 1
@@ -70,8 +74,13 @@ class ClusterNode:
         self.on_round_done: Callable[[Frame], None] | None = None  # set on the head
         self.sockets: set[web.WebSocketResponse] = set()
         self.frames_in = 0
+        self.max_frame = CONTROL_BYTES  # until the model is open and its width known
+        self.unadmitted = 0
+        self.busy: tuple[int, int, float] | None = None  # (step, round, since) of the frame
+        self.last_out: tuple[int, int, int] | None = None  # (epoch, step, round) sent on
         self._out_reader: asyncio.Task[None] | None = None
         self.compute_s = 0.0
+        self.pager: Pager | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -82,6 +91,10 @@ class ClusterNode:
         if self.model is None:
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
                                     n_ctx=self.config.n_ctx)
+            from ..engine.model import DEFAULT_BATCH
+
+            self.max_frame = max(CONTROL_BYTES,
+                                 max_frame_bytes(self.model.config.n_embd, DEFAULT_BATCH))
 
     async def start(self, app: web.Application) -> None:
         self.client = aiohttp.ClientSession()
@@ -97,6 +110,8 @@ class ClusterNode:
         if self.client is not None:
             await self.client.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.pager is not None:
+            self.pager.close()
         if self.model is not None:
             self.model.close()
             self.model = None
@@ -107,23 +122,39 @@ class ClusterNode:
                 "model": {"file": path.name, "size": path.stat().st_size,
                           "fingerprint": fingerprint(path)},
                 "assignment": None if self.assignment is None else {
-                    "index": self.assignment.index, "ranges": self.assignment.ranges,
-                    "k": self.assignment.k},
-                "frames": self.frames_in, "compute_s": round(self.compute_s, 6)}
+                    "index": self.assignment.index, "epoch": self.assignment.epoch,
+                    "ranges": self.assignment.ranges, "k": self.assignment.k},
+                "frames": self.frames_in, "compute_s": round(self.compute_s, 6),
+                "paging": None if self.pager is None else self.pager.as_dict(),
+                "busy": None if self.busy is None else {
+                    "step": self.busy[0], "round": self.busy[1],
+                    "for_s": round(time.monotonic() - self.busy[2], 3)},
+                "last_out": None if self.last_out is None else dict(
+                    zip(("epoch", "step", "round"), self.last_out, strict=True))}
 
     # -- the endpoint -----------------------------------------------------------------------------
 
-    async def handler(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=2.0,
-                                   compress=False)
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        if self.unadmitted >= MAX_UNADMITTED:  # a flood of handshakes: memory stays bounded
+            _LOG.warning("refused a cluster connection from %s: %d others are still proving "
+                         "the secret", request.remote, self.unadmitted)
+            return web.json_response({"error": {"code": "busy", "message": "too many "
+                                                "connections waiting for admission"}},
+                                     status=503, headers={"Retry-After": "1"})
+        # the limit fits the largest frame this model sends: an unadmitted peer can make the
+        # node hold at most MAX_UNADMITTED of those, for at most the handshake's timeout
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=2.0, compress=False)
         await ws.prepare(request)
         self.sockets.add(ws)
         try:
+            self.unadmitted += 1
             try:
                 peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces)
             except AuthError as exc:
                 _LOG.warning("refused a cluster connection from %s: %s", request.remote, exc)
                 return ws
+            finally:
+                self.unadmitted -= 1
             _LOG.info("admitted %s link from node %s (%s)", peer.purpose, peer.node_id,
                       request.remote)
             if peer.purpose == "control":
@@ -188,7 +219,8 @@ class ClusterNode:
             return {"link": await self.measure_link(str(req["url"]))}
         if op == "load":
             await self.load(int(req["index"]), [tuple(r) for r in req["ranges"]],
-                            req.get("successor"), int(req["k"]))
+                            req.get("successor"), int(req["k"]), int(req["epoch"]),
+                            bool(req.get("stream", False)))
             return self.info()
         if op == "kv":
             await loop.run_in_executor(self.executor, self.kv, str(req["action"]),
@@ -215,10 +247,12 @@ class ClusterNode:
         return {"latency_s": prof.latency_s, "bytes_per_s": prof.bytes_per_s}
 
     async def load(self, index: int, ranges: list[tuple[int, int]], successor: str | None,
-                   k: int) -> None:
+                   k: int, epoch: int, stream: bool = False) -> None:
+        """Hold the plan's windows (``stream``: Halda planned this node to stream them from
+        disk), and open the ring link to the successor."""
         loop = asyncio.get_running_loop()
 
-        def build() -> list[Any]:
+        def build() -> tuple[list[Any], Pager]:
             assert self.model is not None
             windows = [self.model.window(a, b) for a, b in ranges]
             n_embd = self.model.config.n_embd
@@ -227,10 +261,16 @@ class ClusterNode:
                     w.forward(np.zeros((n, n_embd), np.float32),
                               np.arange(n, dtype=np.int64), "warm-up")
                 w.drop("warm-up")
-            return windows
+            from ..engine.paging import WindowPages
+
+            pages = [WindowPages.of_window(self.model.file, w) for w in windows]
+            return windows, Pager(pages, enabled=self.config.prefetch, planned_stream=stream)
 
         self.assignment = None  # until the new plan is whole, no frame runs on the old one
-        windows = await loop.run_in_executor(self.executor, build)
+        if self.pager is not None:
+            self.pager.close()
+            self.pager = None
+        windows, self.pager = await loop.run_in_executor(self.executor, build)
         if self.out_ws is not None:
             old, self.out_ws = self.out_ws, None
             await old.close()
@@ -238,12 +278,12 @@ class ClusterNode:
             assert self.client is not None
             self.out_ws, peer = await connect(self.client, successor, self.config.secret,
                                               self.config.node_id, "ring",
-                                              max_msg_size=MAX_FRAME_BYTES)
+                                              max_msg_size=CONTROL_BYTES)
             # nothing comes back on an outgoing link, but reading it is what answers the far
             # end's pings and notices its close
             self._out_reader = asyncio.create_task(self._watch_out(self.out_ws, peer))
             _LOG.info("ring link to %s open", peer)
-        self.assignment = Assignment(index, ranges, successor, k, windows)
+        self.assignment = Assignment(index, epoch, ranges, successor, k, windows)
         _LOG.info("holding layers %s (%d round%s)", " ".join(f"{a}-{b - 1}" for a, b in ranges),
                   k, "s" if k > 1 else "")
 
@@ -310,13 +350,25 @@ class ClusterNode:
         while (frame := await pending.get()) is not None:
             a = self.assignment
             try:
-                if a is None or frame.round >= len(a.windows) or frame.n_rounds != a.k:
+                if a is None:
+                    raise ValueError("this node holds no plan (a new one is loading)")
+                if frame.epoch != a.epoch:
+                    raise ValueError(f"a frame of plan {frame.epoch} reached a node holding "
+                                     f"plan {a.epoch}")
+                if frame.round >= len(a.windows) or frame.n_rounds != a.k:
                     raise ValueError(f"no window for round {frame.round} of {frame.n_rounds} "
                                      "here (the plan changed?)")
-                out = await loop.run_in_executor(self.executor, self._run, a, frame)
+                self.busy = (frame.step, frame.round, time.monotonic())
+                try:
+                    out = await loop.run_in_executor(self.executor, self._run, a, frame)
+                finally:
+                    self.busy = None
                 if self.out_ws is None or self.out_ws.closed:
                     raise ConnectionError("the ring link to the next node is down")
                 await self.out_ws.send_bytes(encode(out, self.config.link_dtype))
+                self.last_out = (frame.epoch, frame.step, frame.round)
+                if self.pager is not None:
+                    self.pager.after_use(frame.round)
             except Exception as exc:
                 _LOG.warning("frame of step %d round %d failed: %s", frame.step, frame.round,
                              exc)
@@ -328,6 +380,8 @@ class ClusterNode:
     def _run(self, a: Assignment, frame: Frame) -> Frame:
         t0 = time.perf_counter()
         window = a.windows[frame.round]
+        if self.pager is not None:
+            self.pager.before_use(frame.round)
         pos = np.arange(frame.pos0, frame.pos0 + frame.n_tokens, dtype=np.int64)
         h = window.forward(frame.hidden, pos, frame.session)
         dt = time.perf_counter() - t0

@@ -131,6 +131,20 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 _PER_TOKEN = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+class LabelledGauge(_Metric):
+    """Gauges read when scraped whose label sets come and go (one per cluster node)."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help: str,
+                 read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
+        super().__init__(name, help)
+        self.read = read
+
+    def lines(self) -> list[str]:
+        return [f"{self.name}{_labels(k)} {_num(v)}" for k, v in sorted(self.read())]
+
+
 class ServerMetrics:
     """The head's metrics; the gauges read the runtime when scraped."""
 

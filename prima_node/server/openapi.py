@@ -457,6 +457,23 @@ def _status_document() -> Schema:
                                         "streaming time per token."),
                 "measured_compute_ms": _t(["number", "null"], "Ring: measured compute per "
                                           "decoded token (moving average); null before one."),
+                "paging": _obj({
+                    "enabled": _t("boolean", "false: --prefetch off (paging left to the OS)."),
+                    "mode": {"enum": ["resident", "stream"], "description": "resident: its "
+                             "windows fit and stay in memory; stream: each window is released "
+                             "after use and the next one read ahead."},
+                    "held_bytes": _t("integer", "Weights of all its windows."),
+                    "capacity_bytes": _t("integer", "Memory it could count on for them when "
+                                         "the plan loaded."),
+                    "uses": count,
+                    "hit_rate": _t(["number", "null"], "Share of measured window uses that "
+                                   "found at least 99% of the window in memory."),
+                    "mean_residency": _t(["number", "null"], "Mean share of a window in "
+                                         "memory before its use."),
+                    "prefetches": count, "releases": count,
+                    "bytes_prefetched": count, "bytes_released": count,
+                }, nullable=True, description="Ring: prefetch and release of its windows; "
+                   "null before it holds a plan."),
             }, required=["node_id", "name", "role", "online", "address", "layers"])),
             "plan": _obj({
                 "k": _t("integer", "Rounds a token makes around the ring."),
@@ -470,7 +487,18 @@ def _status_document() -> Schema:
                 "dropped": _t("object", "Nodes left out of the ring, with the reason.",
                               additionalProperties={"type": "string"}),
             }, nullable=True, description="The ring's plan; null on a lone node."),
-        }),
+            "discovered": _t("array", "Ring: nodes seen over mDNS (_prima._tcp); workers of "
+                             "this cluster holding the head's model are adopted.",
+                             items=_obj({
+                                 "node_id": _t("string"), "name": _t("string"),
+                                 "address": _t("string", "host:port"),
+                                 "role": {"enum": ["head", "worker", "standalone"]},
+                                 "model": _t("string", "Its model file's name."),
+                                 "version": _t("string"),
+                                 "adopted": _t("boolean"),
+                                 "reason": _t(["string", "null"], "Why it was not adopted."),
+                             })),
+        }, required=["mode", "nodes", "plan"]),
     }, description="The node's state for dashboards (Home Assistant). Later versions add "
        "fields; clients must ignore fields they do not know.")
 

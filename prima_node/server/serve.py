@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..errors import PrimaError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
     from aiohttp import web
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..cluster.head import ClusterHead, RingExecutor
     from ..cluster.node import ClusterNode, NodeConfig
     from .app import ServerConfig
+    from .presence import Presence
 
 _LOG = logging.getLogger("prima.server")
 
@@ -69,6 +70,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="every node takes part, even where Halda would leave it out")
     c.add_argument("--link-dtype", choices=["f32", "f16"], default="f32",
                    help="hidden states on the wire: f32 (exact) or f16 (half the bytes)")
+    c.add_argument("--prefetch", choices=["on", "off"], default="on",
+                   help="on: a node whose windows do not all fit in memory releases each after "
+                   "use and reads the next ahead while the ring works elsewhere; off: leave "
+                   "paging to the OS")
+    p.add_argument("--no-discovery", action="store_true",
+                   help="do not advertise this node over mDNS (_prima._tcp) nor look for "
+                   "workers; --peer still works")
     c.add_argument("--advertise", default=None, metavar="HOST",
                    help="the address other nodes reach this one at (default: --host, or the "
                    "host name when listening on every address)")
@@ -140,10 +148,18 @@ def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _LOG.warning("listening on %s without an API key: anyone on the network can use the "
                      "model (set --api-key or --api-key-file)", args.host)
-    secret = _secret(args)
-    if secret is None:
-        return asyncio.run(_serve(config, args.threads))
     import socket
+
+    from ..cluster.auth import cluster_id
+    from .presence import Presence
+
+    secret = _secret(args)
+    role = "standalone" if secret is None else "head" if args.head else "worker"
+    presence = None if args.no_discovery else Presence(
+        model_path, node_id=config.node_id, name=socket.gethostname(), role=role,
+        host=args.host, cluster=None if secret is None else cluster_id(secret))
+    if secret is None:
+        return asyncio.run(_serve(config, args.threads, presence=presence))
 
     from ..cluster.node import NodeConfig
 
@@ -153,18 +169,19 @@ def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
                       name=socket.gethostname(), n_ctx=args.ctx, threads=args.threads,
                       profile_cache=Path(os.environ.get("PRIMA_PROFILE_CACHE")
                                          or Path.home() / ".cache" / "prima" / "profiles"),
-                      link_dtype=args.link_dtype)
+                      link_dtype=args.link_dtype, prefetch=args.prefetch == "on")
     advertise = args.advertise or (socket.gethostname() if args.host in ("0.0.0.0", "::")
                                    else args.host)
     if args.head:
         return asyncio.run(_serve(config, args.threads, node, args.peer, args.rounds,
-                                  advertise, args.all_nodes))
-    return asyncio.run(_serve_worker(config, node))
+                                  advertise, args.all_nodes, presence))
+    return asyncio.run(_serve_worker(config, node, presence))
 
 
 async def _serve(config: ServerConfig, threads: int | None, node_config: NodeConfig | None = None,
                  peers: Sequence[str] = (), rounds: int | None = None,
-                 advertise: str = "127.0.0.1", all_nodes: bool = False) -> int:
+                 advertise: str = "127.0.0.1", all_nodes: bool = False,
+                 presence: Presence | None = None) -> int:
     import threading
 
     from aiohttp import web
@@ -219,6 +236,7 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
 
         app[PLANNER] = planner
         app[STATUS].cluster_view = head.view
+        _ring_metrics(app, head)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     port = await _listen(runner, config)
@@ -233,9 +251,15 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
     app[STATUS].port = port
     host = f"[{config.host}]" if ":" in config.host else config.host
     _LOG.info("listening on http://%s:%d (OpenAI API at /v1, status at /api/status)", host, port)
+    if presence is not None:
+        if head is not None:
+            presence.on_change = head.on_discovered
+        presence.start(port)
     try:
         return await _until_stopped(runner)
     finally:
+        if presence is not None:
+            await presence.stop()
         if head is not None:
             await head.close()
         if node is not None:
@@ -259,7 +283,47 @@ async def _listen(runner: web.AppRunner, config: ServerConfig) -> int:
     return int(port)
 
 
-async def _serve_worker(config: ServerConfig, node_config: NodeConfig) -> int:
+def _ring_metrics(app: web.Application, head: ClusterHead) -> None:
+    """Per-node gauges on the head's /metrics, read from the cluster view when scraped."""
+    from .app import METRICS
+    from .metrics import LabelledGauge
+
+    def per_node(read: Callable[[dict[str, Any]], float | None]
+                 ) -> Callable[[], list[tuple[tuple[tuple[str, str], ...], float]]]:
+        def values() -> list[tuple[tuple[tuple[str, str], ...], float]]:
+            out: list[tuple[tuple[tuple[str, str], ...], float]] = []
+            for n in head.view()["nodes"]:
+                v = read(n)
+                if v is not None:
+                    out.append(((("node", str(n["name"])), ("node_id", str(n["node_id"]))),
+                                float(v)))
+            return out
+        return values
+
+    def paging(key: str) -> Callable[[dict[str, Any]], float | None]:
+        return lambda n: (n.get("paging") or {}).get(key)
+
+    registry = app[METRICS].registry
+    for name, help, read in (
+            ("prima_node_online", "1 while the node is connected to the head.",
+             lambda n: float(n["online"])),
+            ("prima_node_layers", "Layers the plan gives the node.",
+             lambda n: n["layer_count"]),
+            ("prima_node_compute_ms_per_token", "Measured compute per decoded token.",
+             lambda n: n["measured_compute_ms"]),
+            ("prima_node_prefetch_hit_ratio", "Window uses that found at least 99% of the "
+             "window in memory (residency measured before each use).", paging("hit_rate")),
+            ("prima_node_window_residency_ratio", "Mean share of a window in memory before "
+             "its use.", paging("mean_residency")),
+            ("prima_node_bytes_prefetched", "Bytes the node asked the OS to read ahead.",
+             paging("bytes_prefetched")),
+            ("prima_node_bytes_released", "Bytes the node dropped after use (streaming).",
+             paging("bytes_released"))):
+        registry.add(LabelledGauge(name, help, per_node(read)))
+
+
+async def _serve_worker(config: ServerConfig, node_config: NodeConfig,
+                        presence: Presence | None = None) -> int:
     """A worker: the admitted cluster endpoint and a health check, no API of its own."""
     from aiohttp import web
 
@@ -285,7 +349,13 @@ async def _serve_worker(config: ServerConfig, node_config: NodeConfig) -> int:
     host = f"[{config.host}]" if ":" in config.host else config.host
     _LOG.info("listening on http://%s:%d (cluster worker %s: waiting for the head)", host, port,
               node_config.node_id)
-    return await _until_stopped(runner)
+    if presence is not None:
+        presence.start(port)
+    try:
+        return await _until_stopped(runner)
+    finally:
+        if presence is not None:
+            await presence.stop()
 
 
 async def _until_stopped(runner: web.AppRunner) -> int:

@@ -1,0 +1,92 @@
+"""A node's paging policy: which of its windows it keeps in memory, prefetches and releases.
+
+A node holds one window per round. When its windows together fit in the memory it can count
+on, it keeps them all (warm-up made them resident) and only checks now and then that they
+stayed so. When they do not fit (Halda planned it to stream, or memory shrank since), it runs
+the paper's schedule: after sending a window's output it releases that window and asks the OS
+to read the next one, on a thread of its own, while the activations travel the rest of the ring.
+Residency is measured (mincore) just before each use, which is what the prefetch hit rate means.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..device.memory import memory_info
+from ..engine.paging import HIT_RESIDENCY, PagingStats, WindowPages, should_release
+
+_LOG = logging.getLogger("prima.cluster")
+#: While everything fits, residency is measured on one use in this many (mincore costs about
+#: 20 ms per GB: too much for every decode step of a resident model).
+RESIDENT_SAMPLE = 16
+
+
+class Pager:
+    def __init__(self, pages: list[WindowPages], *, enabled: bool = True,
+                 planned_stream: bool = False) -> None:
+        self.pages = pages
+        self.enabled = enabled
+        self.held_bytes = sum(p.n_bytes for p in pages)
+        resident = sum(p.resident_bytes() or 0 for p in pages)
+        mem = memory_info()
+        # our own resident pages are memory these windows can use whether or not the OS counts
+        # them as available yet (active file pages are not in a cgroup's reclaimable figure)
+        self.capacity = mem.available + resident
+        self.stream = enabled and len(pages) > 1 and (
+            planned_stream or should_release(self.held_bytes, self.capacity))
+        self.stats = PagingStats()
+        self._lock = threading.Lock()
+        self._low: set[int] = set()  # windows found short of resident: prefetch them again
+        self._uses = 0
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="prima-prefetch")
+        if enabled and pages:
+            _LOG.info("windows hold %.0f MB, memory for them %.0f MB: %s", self.held_bytes / 1e6,
+                      self.capacity / 1e6,
+                      "release each after use and prefetch the next" if self.stream
+                      else "keep them all resident")
+
+    def before_use(self, r: int) -> None:
+        """Model thread, just before window ``r`` runs: measure how much of it is there."""
+        if not self.enabled or not self.pages:
+            return
+        self._uses += 1
+        if not self.stream and self._uses % RESIDENT_SAMPLE != 1:
+            return
+        with self._lock:
+            residency = self.stats.measure_use(self.pages[r])
+        if residency is not None and residency < HIT_RESIDENCY:
+            self._low.add(r)
+
+    def after_use(self, r: int) -> None:
+        """Window ``r``'s output has left: release it (streaming) and prefetch the next one,
+        off the calling thread."""
+        if not self.enabled or not self.pages:
+            return
+        nxt = (r + 1) % len(self.pages)
+        if self.stream or nxt in self._low:
+            self._low.discard(nxt)
+            self._worker.submit(self._page, r if self.stream else None, nxt)
+
+    def _page(self, release: int | None, prefetch: int) -> None:
+        try:
+            if release is not None and release != prefetch:
+                seconds = self.pages[release].release()
+                with self._lock:
+                    self.stats.record_release(self.pages[release].n_bytes, seconds)
+            seconds = self.pages[prefetch].prefetch()
+            with self._lock:
+                self.stats.record_prefetch(self.pages[prefetch].n_bytes, seconds)
+        except (OSError, ValueError) as exc:  # a hint that failed: the window still pages in
+            _LOG.warning("prefetching window %d failed: %s", prefetch, exc)
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            stats = self.stats.as_dict()
+        return {"enabled": self.enabled, "mode": "stream" if self.stream else "resident",
+                "held_bytes": self.held_bytes, "capacity_bytes": self.capacity, **stats}
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)

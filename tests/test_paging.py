@@ -1,0 +1,386 @@
+"""Prefetching, releasing and measuring a window's pages, on a real GGUF file.
+
+The model file is private to this module (its own seed), and every Model is closed and collected
+after its test: ``posix_fadvise(DONTNEED)`` cannot evict pages that another live mapping of the
+file still has mapped, so a forgotten map would make the release tests fail for the wrong reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prima_node.engine import paging
+from prima_node.engine.model import Model
+from prima_node.engine.paging import (
+    HIT_RESIDENCY,
+    PAGE,
+    PagingStats,
+    WindowPages,
+    merged_pages,
+    should_release,
+)
+from prima_node.engine.window import LayerWindow
+
+# Measured on this kernel: a released window keeps at most a few pages (pages still sitting in
+# another CPU's LRU batch are not dropped), far below 1 % of a window of this model.
+RELEASED_MAX = 0.01
+PREFETCH_WAIT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def model_path(make_model) -> Path:
+    # "small" Q8_0: ~3 MB per layer, hundreds of pages per window
+    path = make_model("llama", "small", "Q8_0", seed=7)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages of a file just written cannot be dropped
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.fixture
+def model(model_path: Path) -> Iterator[Model]:
+    m = Model.open(model_path, threads=1, n_ctx=32)
+    yield m
+    m.close()
+    del m
+    gc.collect()  # unmap now, not whenever the views happen to go
+
+
+def wait_resident(pages: WindowPages, at_least: float, timeout: float = PREFETCH_WAIT_S) -> float:
+    """Poll residency until it reaches ``at_least`` (readahead is asynchronous) or time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = pages.resident_fraction()
+        assert r is not None
+        if r >= at_least or time.monotonic() > deadline:
+            return r
+        time.sleep(0.02)
+
+
+def fraction(pages: WindowPages) -> float:
+    r = pages.resident_fraction()
+    assert r is not None, "mincore is available on the platforms the tests run on"
+    return r
+
+
+def hidden(model: Model, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((3, model.config.n_embd)).astype(np.float32)
+
+
+def run_window(model: Model, a: int, b: int) -> tuple[np.ndarray, LayerWindow]:
+    """Read every weight of layers [a, b) by running them; returns (output, window)."""
+    window = model.window(a, b)
+    return window.forward(hidden(model), np.arange(3)), window
+
+
+# -- merged_pages -------------------------------------------------------------------------------
+
+
+def brute_pages(ranges: list[tuple[int, int]], page: int) -> set[int]:
+    return {p for a, b in ranges if b > a for p in range(a // page, (b - 1) // page + 1)}
+
+
+@pytest.mark.parametrize("page", [4096, 16384, 10])
+def test_merged_pages_matches_page_sets(page: int) -> None:
+    rng = np.random.default_rng(page)
+    for _ in range(300):
+        n = int(rng.integers(0, 12))
+        starts = rng.integers(0, 20 * page, n)
+        lengths = rng.integers(0, 3 * page, n)
+        ranges = [(int(a), int(a + n_)) for a, n_ in zip(starts, lengths, strict=True)]
+        out = merged_pages(ranges, page)
+        pages: set[int] = set()
+        for i, (a, b) in enumerate(out):
+            assert a % page == 0 and b % page == 0 and a < b
+            if i:
+                assert a > out[i - 1][1], "overlapping or adjacent ranges were not merged"
+            pages |= set(range(a // page, b // page))
+        assert pages == brute_pages(ranges, page)
+
+
+def test_merged_pages_crafted() -> None:
+    p = 4096
+    # unaligned, out of order, overlapping, adjacent after rounding, empty, a separate one
+    ranges = [(5 * p + 1, 6 * p - 1), (10, 20), (p - 1, p + 1), (2 * p, 2 * p), (3 * p, 3 * p + 5)]
+    assert merged_pages(ranges, p) == [(0, 2 * p), (3 * p, 4 * p), (5 * p, 6 * p)]
+    assert merged_pages([(0, p), (p, 2 * p)], p) == [(0, 2 * p)]  # adjacent
+    assert merged_pages([(0, 3 * p), (p, p + 1)], p) == [(0, 3 * p)]  # contained
+    assert merged_pages([], p) == []
+    with pytest.raises(ValueError):
+        merged_pages([(5, 4)], p)
+    with pytest.raises(ValueError):
+        merged_pages([(-1, 4)], p)
+    with pytest.raises(ValueError):
+        merged_pages([(0, 4)], 0)
+
+
+# -- which pages a window has --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("a", "b"), [(0, 2), (2, 3), (5, 6)])
+def test_window_pages_cover_its_tensors_only(model: Model, a: int, b: int) -> None:
+    mf = model.file
+    pages = WindowPages.of_window(mf, model.window(a, b))
+    own = [t.byte_range for name, t in mf.tensors.items()
+           if name.startswith("blk.") and a <= int(name.split(".")[1]) < b]
+    assert own and pages.n_bytes >= 8 * PAGE  # the tests below need windows of many pages
+    # every byte of the window's tensors is covered ...
+    for s, e in own:
+        assert any(ra <= s and e <= rb for ra, rb in pages.ranges), (s, e)
+    # ... and exactly the pages those tensors touch, no more
+    covered = {p for ra, rb in pages.ranges for p in range(ra // PAGE, rb // PAGE)}
+    assert covered == brute_pages(own, PAGE)
+    assert pages.n_bytes == len(covered) * PAGE
+    # other tensors (other layers, embeddings, output) only share the rounding pages at their ends
+    for name, t in mf.tensors.items():
+        if t.byte_range in own:
+            continue
+        s, e = t.byte_range
+        overlap = sum(max(0, min(e, rb) - max(s, ra)) for ra, rb in pages.ranges)
+        assert overlap < 2 * PAGE, name
+    assert WindowPages.of_layers(mf, range(a, b)).ranges == pages.ranges
+
+
+def test_ranges_are_checked(model: Model) -> None:
+    mf = model.file
+    with pytest.raises(ValueError, match="outside"):
+        WindowPages(mf, [(0, mf.size + 1)])
+    with pytest.raises(ValueError, match="no tensors for layers"):
+        WindowPages.of_layers(mf, [model.config.n_layer])
+    empty = WindowPages(mf, [])
+    assert empty.n_bytes == 0 and empty.resident_fraction() == 1.0
+    empty.prefetch()
+    empty.release()
+
+
+# -- release, prefetch, residency ---------------------------------------------------------------
+
+
+def test_release_drops_only_the_window_and_data_reads_back(model: Model) -> None:
+    mf = model.file
+    out1, window = run_window(model, 1, 3)
+    run_window(model, 4, 5)
+    pages = WindowPages.of_window(mf, window)
+    other = WindowPages.of_layers(mf, [4])
+    assert pages.resident_fraction() == 1.0  # the forward pass read all of it
+    assert other.resident_fraction() == 1.0
+
+    assert pages.release() >= 0.0
+    assert fraction(pages) <= RELEASED_MAX
+    assert other.resident_fraction() == 1.0  # a layer not adjacent to the window is untouched
+
+    # the mapping still works: pages fault back in from the file, with the same bytes
+    out2 = window.forward(hidden(model), np.arange(3))
+    np.testing.assert_array_equal(out1, out2)
+    assert pages.resident_fraction() == 1.0
+
+
+def test_prefetch_from_a_worker_thread_loads_a_released_window(model: Model) -> None:
+    pages = WindowPages.of_layers(model.file, [2, 3])
+    run_window(model, 2, 4)
+    pages.release()
+    time.sleep(0.2)
+    assert fraction(pages) <= RELEASED_MAX  # nothing loads it back by itself
+    with ThreadPoolExecutor(1) as pool:
+        seconds = pool.submit(pages.prefetch).result()
+    assert seconds >= 0.0
+    assert wait_resident(pages, 1.0) == 1.0
+
+
+def test_prefetch_loads_ranges_longer_than_one_readahead(model: Model) -> None:
+    """Linux reads at most the device's readahead limit per WILLNEED call (8 MB here): the whole
+    model is prefetched in chunks, so all of it must arrive."""
+    mf = model.file
+    pages = WindowPages(mf, [t.byte_range for t in mf.tensors.values()])
+    assert pages.n_bytes > 4 * paging.PREFETCH_CHUNK
+    pages.release()
+    assert fraction(pages) <= RELEASED_MAX
+    pages.prefetch()
+    assert wait_resident(pages, 1.0) == 1.0
+
+
+def test_stats_of_a_miss_then_a_hit(model: Model) -> None:
+    pages = WindowPages.of_layers(model.file, [0, 1])
+    stats = PagingStats()
+    stats.record_release(pages.n_bytes, pages.release())
+    missed = stats.measure_use(pages)
+    assert missed is not None and missed <= RELEASED_MAX
+    stats.record_prefetch(pages.n_bytes, pages.prefetch())
+    wait_resident(pages, 1.0)
+    hit = stats.measure_use(pages)
+    assert hit == 1.0
+    assert (stats.uses, stats.measured_uses, stats.hits) == (2, 2, 1)
+    assert stats.hit_rate == 0.5
+    assert list(stats.recent_residency) == [missed, hit]
+    assert stats.mincore_s > 0.0 and stats.prefetch_s > 0.0 and stats.release_s > 0.0
+    assert stats.bytes_prefetched == stats.bytes_released == pages.n_bytes
+    assert (stats.prefetches, stats.releases) == (1, 1)
+
+
+def test_closed_model_gives_a_clear_error(model_path: Path) -> None:
+    m = Model.open(model_path, threads=1, n_ctx=8)
+    pages = WindowPages.of_layers(m.file, [1])
+    m.close()
+    for call in (pages.prefetch, pages.release, pages.resident_bytes, pages.resident_fraction):
+        with pytest.raises(ValueError, match=r"model file is closed") as info:
+            call()
+        assert str(model_path) in str(info.value)
+    with pytest.raises(ValueError, match="closed"):
+        WindowPages(m.file, [])
+    with pytest.raises(ValueError, match="closed"):
+        WindowPages.of_layers(m.file, [1])
+    del pages, m
+    gc.collect()
+
+
+def test_platform_without_the_calls(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS lacks posix_fadvise, other systems may lack madvise or mincore: no-ops, no guesses."""
+    pages = WindowPages.of_layers(model.file, [1])
+    monkeypatch.setattr(paging, "_fadvise", None)
+    pages.release()  # madvise alone
+    monkeypatch.setattr(paging, "_madvise", None)
+    monkeypatch.setattr(paging, "_mincore", None)
+    assert pages.prefetch() >= 0.0
+    assert pages.release() >= 0.0
+    assert pages.resident_bytes() is None and pages.resident_fraction() is None
+    stats = PagingStats()
+    assert stats.measure_use(pages) is None
+    assert (stats.uses, stats.measured_uses, stats.hits) == (1, 0, 0)
+    assert stats.hit_rate is None and stats.mean_residency is None
+    out, _ = run_window(model, 1, 2)  # the weights still read fine
+    assert np.isfinite(out).all()
+
+
+# -- stats and the release rule -------------------------------------------------------------------
+
+
+def test_stats_counting() -> None:
+    stats = PagingStats()
+    seq = [1.0, 0.995, HIT_RESIDENCY, 0.989, 0.0, None, 0.5]
+    hits = [stats.record_use(r, 0.001) for r in seq]
+    assert hits == [True, True, True, False, False, False, False]
+    assert (stats.uses, stats.measured_uses, stats.hits) == (7, 6, 3)
+    assert stats.hit_rate == pytest.approx(3 / 6)
+    assert stats.mean_residency == pytest.approx((1.0 + 0.995 + 0.99 + 0.989 + 0.0 + 0.5) / 6)
+    assert stats.mincore_s == pytest.approx(0.007)
+    stats.record_prefetch(100, 0.5)
+    stats.record_prefetch(50, 0.25)
+    stats.record_release(100, 0.125)
+    doc = json.loads(json.dumps(stats.as_dict()))
+    assert doc["bytes_prefetched"] == 150 and doc["prefetches"] == 2
+    assert doc["bytes_released"] == 100 and doc["releases"] == 1
+    assert doc["prefetch_s"] == pytest.approx(0.75) and doc["release_s"] == pytest.approx(0.125)
+    assert doc["recent_residency"] == [r for r in seq if r is not None]
+    assert doc["hit_rate"] == pytest.approx(0.5)
+
+
+def test_recent_residency_is_bounded() -> None:
+    stats = PagingStats()
+    for i in range(paging.RECENT_USES + 10):
+        stats.record_use(i / 1000)
+    assert len(stats.recent_residency) == paging.RECENT_USES
+    assert stats.recent_residency[-1] == (paging.RECENT_USES + 9) / 1000
+    assert stats.measured_uses == paging.RECENT_USES + 10
+
+
+def test_should_release() -> None:
+    gib = 1 << 30
+    assert not should_release(4 * gib, 8 * gib)
+    assert not should_release(7 * gib, 8 * gib, headroom=0.1)  # 7 <= 7.2
+    assert should_release(int(7.5 * gib), 8 * gib, headroom=0.1)  # inside the headroom
+    assert should_release(9 * gib, 8 * gib, headroom=0.0)
+    assert not should_release(8 * gib, 8 * gib, headroom=0.0)
+    assert should_release(1, 0)
+    assert not should_release(0, 0)
+    with pytest.raises(ValueError):
+        should_release(1, 1, headroom=1.0)
+
+
+# -- the node's policy (cluster.pager) ------------------------------------------------------------
+
+
+def _until(cond: object, timeout: float = PREFETCH_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "the pager's worker did not finish in time"
+        time.sleep(0.02)
+
+
+def test_a_streaming_node_releases_the_window_it_used_and_reads_the_next_ahead(
+        model: Model) -> None:
+    from prima_node.cluster.pager import Pager
+
+    n = model.config.n_layer
+    windows = [model.window(0, n // 2), model.window(n // 2, n)]
+    for w in windows:
+        w.forward(hidden(model), np.arange(3), "s")
+    pages = [WindowPages.of_window(model.file, w) for w in windows]
+    pages[1].release()
+    pager = Pager(pages, planned_stream=True)  # what a node Halda plans to stream gets
+    try:
+        assert pager.stream
+        pager.before_use(0)  # resident (just ran): a hit
+        pager.after_use(0)  # release 0, prefetch 1, off this thread
+        _until(lambda: pager.stats.prefetches == 1)
+        assert fraction(pages[0]) < 0.05
+        assert wait_resident(pages[1], 1.0) == 1.0
+        pager.before_use(1)  # arrived ahead of its use: a hit
+        pager.after_use(1)  # release 1, prefetch 0
+        _until(lambda: pager.stats.prefetches == 2)
+        assert fraction(pages[1]) < 0.05
+        doc = pager.as_dict()
+        assert (doc["mode"], doc["uses"], doc["hits"], doc["releases"]) == ("stream", 2, 2, 2)
+        assert doc["bytes_released"] == pages[0].n_bytes + pages[1].n_bytes
+        assert doc["held_bytes"] == pages[0].n_bytes + pages[1].n_bytes
+    finally:
+        pager.close()
+
+
+def test_a_node_whose_windows_fit_keeps_them_and_prefetches_only_what_went_missing(
+        model: Model) -> None:
+    from prima_node.cluster.pager import Pager
+
+    n = model.config.n_layer
+    windows = [model.window(0, n // 2), model.window(n // 2, n)]
+    pages = [WindowPages.of_window(model.file, w) for w in windows]
+    for w in windows:
+        w.forward(hidden(model), np.arange(3), "s")
+    pager = Pager(pages)  # a few MB against this machine's memory: they fit
+    try:
+        assert not pager.stream
+        pages[1].release()  # the OS took it (another program needed the memory)
+        pager.before_use(1)  # measured (the first use is), found short
+        assert pager.stats.hits == 0
+        pager.after_use(0)  # the next is window 1: read it ahead again; nothing released
+        _until(lambda: pager.stats.prefetches == 1)
+        assert wait_resident(pages[1], 1.0) == 1.0
+        assert fraction(pages[0]) == 1.0 and pager.stats.releases == 0
+    finally:
+        pager.close()
+
+
+def test_prefetch_off_leaves_paging_to_the_os(model: Model) -> None:
+    from prima_node.cluster.pager import Pager
+
+    n = model.config.n_layer
+    pages = [WindowPages.of_layers(model.file, range(0, n // 2)),
+             WindowPages.of_layers(model.file, range(n // 2, n))]
+    pager = Pager(pages, enabled=False, planned_stream=True)
+    try:
+        assert not pager.stream
+        pager.before_use(0)
+        pager.after_use(0)
+        assert pager.as_dict()["uses"] == 0 and pager.stats.prefetches == 0
+    finally:
+        pager.close()
