@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_LISTENING = re.compile(r"listening on http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
+_LISTENING = re.compile(r"listening on https?://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 
 
 class ServerProcess:
@@ -36,8 +37,10 @@ class ServerProcess:
         # prefix: e.g. ``ip netns exec NS`` to run the node in another network namespace;
         # url_host: where this process reaches it then
         self.url_host = url_host
-        self.args = [*prefix, sys.executable, "-m", "prima_node.cli", "serve", "--model", str(model),
-                     "--port", "0", "--ctx", str(ctx), "--state-dir", str(state_dir)]
+        self.scheme = "https" if "--tls-cert" in extra else "http"
+        self.ssl_context: ssl.SSLContext | None = None  # how HTTPS answers are checked
+        self.args = [*prefix, sys.executable, "-m", "prima_node.cli", "serve", "--model",
+                     str(model), "--port", "0", "--ctx", str(ctx), "--state-dir", str(state_dir)]
         if threads is not None:
             self.args += ["--threads", str(threads)]
         if api_key is not None:
@@ -131,7 +134,7 @@ class ServerProcess:
     @property
     def url(self) -> str:
         assert self.port is not None
-        return f"http://{self.url_host}:{self.port}"
+        return f"{self.scheme}://{self.url_host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -145,7 +148,7 @@ class ServerProcess:
         if auth and self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as err:
             with err:
@@ -162,7 +165,7 @@ class ServerProcess:
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
             with err:

@@ -485,3 +485,76 @@ def test_the_head_adopts_workers_it_discovers_over_mdns_and_lists_the_others(
         for srv in nodes:
             if srv.proc is not None and srv.proc.poll() is None:
                 assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A home cluster's own CA and a certificate for 127.0.0.1 it signed (openssl CLI), and a
+    second CA that signed nothing of ours."""
+    d = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        done = subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=d)
+        assert done.returncode == 0, done.stderr
+
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2",
+                "-subj", f"/CN=prima test {ca}")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=prima node")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "node.pem", "-days", "2", "-extfile", "san.ext")
+    return {name: d / f"{name}" for name in ("ca.pem", "other-ca.pem", "node.pem", "node.key")}
+
+
+def test_a_tls_cluster_answers_over_https_and_refuses_plain_or_unknown_peers(
+        make_model: ModelFactory, tmp_path: Path, profile_cache: Path,
+        tls_files: dict[str, Path]) -> None:
+    import ssl
+
+    model = make_model("llama", "small", "Q8_0")
+    tls = ("--tls-cert", str(tls_files["node.pem"]), "--tls-key", str(tls_files["node.key"]),
+           "--tls-ca", str(tls_files["ca.pem"]))
+    trust = ssl.create_default_context(cafile=str(tls_files["ca.pem"]))
+    workers = [_node(model, tmp_path / f"w{i}", profile_cache, *tls) for i in range(2)]
+    nodes = list(workers)
+    try:
+        for w in workers:
+            w.ssl_context = trust
+            w.wait_ready()
+        peers = [a for w in workers for a in ("--peer", f"127.0.0.1:{w.port}")]
+        head = _node(model, tmp_path / "head", profile_cache, "--head", "--all-nodes", *peers,
+                     *tls)
+        nodes.append(head)
+        head.ssl_context = trust
+        head.wait_ready()
+        assert head.base_url.startswith("https://")
+        with openai.DefaultHttpxClient(verify=trust) as http:
+            client = openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0,
+                                   http_client=http)
+            r = client.chat.completions.create(model="m", max_tokens=5, temperature=0,
+                                               messages=[{"role": "user", "content": "Hi"}])
+            assert r.choices[0].finish_reason == "length"
+        assert len(head.status()["cluster"]["plan"]["ring"]) == 3
+
+        async def attempt(url: str, ctx: ssl.SSLContext | None) -> str:
+            connector = aiohttp.TCPConnector(ssl=ctx) if ctx is not None else None
+            async with aiohttp.ClientSession(connector=connector) as s:
+                try:
+                    ws, _ = await connect(s, url, SECRET.encode(), "tester", "probe")
+                except ConnectionError as exc:
+                    return str(exc)
+                await ws.close()
+                return "admitted"
+
+        target = f"127.0.0.1:{workers[0].port}{RING_PATH}"
+        assert asyncio.run(attempt(f"wss://{target}", trust)) == "admitted"
+        assert "cannot reach" in asyncio.run(attempt(f"ws://{target}", None))
+        other = ssl.create_default_context(cafile=str(tls_files["other-ca.pem"]))
+        assert "certificate verify failed" in asyncio.run(attempt(f"wss://{target}", other))
+    finally:
+        for srv in nodes:
+            if srv.proc is not None and srv.proc.poll() is None:
+                assert srv.stop() == 0, srv.log()

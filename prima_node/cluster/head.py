@@ -46,10 +46,11 @@ class Member:
     address: str  # host:port
     control: ControlLink | None = None  # None for the head itself
     info: dict[str, Any] = field(default_factory=dict)
+    scheme: str = "ws"  # wss on a TLS cluster
 
     @property
     def url(self) -> str:
-        return f"ws://{self.address}{RING_PATH}"
+        return f"{self.scheme}://{self.address}{RING_PATH}"
 
 
 class ClusterHead:
@@ -59,7 +60,8 @@ class ClusterHead:
         self.peers = peers
         self.force_k = force_k
         self.use_all = use_all
-        self.members: list[Member] = [Member(node.config.node_id, node.config.name, address)]
+        self.members: list[Member] = [Member(node.config.node_id, node.config.name, address,
+                                             scheme=node.config.scheme)]
         self.plan: Plan | None = None
         self.ring: list[Member] = []
         self.events: queue.Queue[tuple[int | None, Exception]] = queue.Queue()  # (step, error)
@@ -90,7 +92,7 @@ class ClusterHead:
     async def _join(self, address: str) -> None:
         assert self.node.client is not None
         mine = self.node.info()["model"]
-        url = f"ws://{address}{RING_PATH}"
+        url = f"{self.node.config.scheme}://{address}{RING_PATH}"
         ws, peer_id = await connect(self.node.client, url, self.node.config.secret,
                                     self.node.config.node_id, "control",
                                     name=self.node.config.name)
@@ -103,7 +105,8 @@ class ClusterHead:
                 f"node {info['name']} ({address}) holds a different model file: "
                 f"{theirs['file']} ({theirs['size']} bytes) where the head has "
                 f"{mine['file']} ({mine['size']} bytes); copy the head's file there")
-        self.members.append(Member(peer_id, str(info["name"]), address, link, info))
+        self.members.append(Member(peer_id, str(info["name"]), address, link, info,
+                                   self.node.config.scheme))
         _LOG.info("node %s (%s at %s) joined with the same model", peer_id, info["name"],
                   address)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,11 @@ class NodeConfig:
     profile_cache: Path | None = None
     link_dtype: str = "f32"
     prefetch: bool = True  # release/prefetch windows when they do not all fit in memory
+    tls_client: ssl.SSLContext | None = None  # set: the cluster runs on TLS (wss://)
+
+    @property
+    def scheme(self) -> str:
+        return "ws" if self.tls_client is None else "wss"
 
 
 @dataclass
@@ -97,10 +103,15 @@ class ClusterNode:
                                  max_frame_bytes(self.model.config.n_embd, DEFAULT_BATCH))
 
     async def start(self, app: web.Application) -> None:
-        self.client = aiohttp.ClientSession()
+        self.client = self.new_client()
         await asyncio.get_running_loop().run_in_executor(self.executor, self.open_model)
         _LOG.info("node %s (%s) ready for a plan: %s", self.config.node_id, self.config.name,
                   self.config.model_path.name)
+
+    def new_client(self) -> aiohttp.ClientSession:
+        """The session the node opens its links with (checking peers' certificates on TLS)."""
+        ctx = self.config.tls_client
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx) if ctx else None)
 
     async def stop(self, app: web.Application | None = None) -> None:
         for ws in list(self.sockets):

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class ServerConfig:
     queue_limit: int = 32
     cache_slots: int = 2
     node_id: str = "local"
+    tls: ssl.SSLContext | None = None  # set: the listener speaks HTTPS (and wss)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

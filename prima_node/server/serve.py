@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,6 +78,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-discovery", action="store_true",
                    help="do not advertise this node over mDNS (_prima._tcp) nor look for "
                    "workers; --peer still works")
+    t = p.add_argument_group("TLS", "HTTPS for the API and wss for the ring, with your own "
+                             "certificates (every node of a cluster must use TLS alike)")
+    t.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="this node's certificate (chain), for the names or IP addresses "
+                   "it is reached at")
+    t.add_argument("--tls-key", default=None, metavar="PEM", help="its private key (unencrypted)")
+    t.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="the CA that signed the other nodes' certificates (default: the "
+                   "system's CAs)")
     c.add_argument("--advertise", default=None, metavar="HOST",
                    help="the address other nodes reach this one at (default: --host, or the "
                    "host name when listening on every address)")
@@ -119,6 +129,21 @@ def _secret(args: argparse.Namespace) -> bytes | None:
     return text.encode()
 
 
+def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(what the listener presents, how peers are checked); (None, None) without TLS."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_ca is not None:
+            raise PrimaError("--tls-ca needs --tls-cert and --tls-key (a TLS cluster is TLS "
+                             "on every node)")
+        return None, None
+    if args.tls_cert is None or args.tls_key is None:
+        raise PrimaError("TLS needs both --tls-cert and --tls-key")
+    from ..cluster.tls import client_context, server_context
+
+    return (server_context(Path(args.tls_cert), Path(args.tls_key)),
+            client_context(Path(args.tls_ca) if args.tls_ca else None))
+
+
 def _state_dir(args: argparse.Namespace) -> Path:
     if args.state_dir:
         return Path(args.state_dir)
@@ -153,6 +178,8 @@ def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
     from ..cluster.auth import cluster_id
     from .presence import Presence
 
+    server_tls, client_tls = _tls(args)
+    config.tls = server_tls
     secret = _secret(args)
     role = "standalone" if secret is None else "head" if args.head else "worker"
     presence = None if args.no_discovery else Presence(
@@ -169,7 +196,8 @@ def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
                       name=socket.gethostname(), n_ctx=args.ctx, threads=args.threads,
                       profile_cache=Path(os.environ.get("PRIMA_PROFILE_CACHE")
                                          or Path.home() / ".cache" / "prima" / "profiles"),
-                      link_dtype=args.link_dtype, prefetch=args.prefetch == "on")
+                      link_dtype=args.link_dtype, prefetch=args.prefetch == "on",
+                      tls_client=client_tls)
     advertise = args.advertise or (socket.gethostname() if args.host in ("0.0.0.0", "::")
                                    else args.host)
     if args.head:
@@ -241,16 +269,15 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
     await runner.setup()
     port = await _listen(runner, config)
     if node is not None and head is not None:
-        import aiohttp
-
-        node.client = aiohttp.ClientSession()
+        node.client = node.new_client()
         head.members[0].address = f"{advertise}:{port}"
     listening.set()
     from .app import STATUS
 
     app[STATUS].port = port
     host = f"[{config.host}]" if ":" in config.host else config.host
-    _LOG.info("listening on http://%s:%d (OpenAI API at /v1, status at /api/status)", host, port)
+    _LOG.info("listening on %s://%s:%d (OpenAI API at /v1, status at /api/status)",
+              "https" if config.tls else "http", host, port)
     if presence is not None:
         if head is not None:
             presence.on_change = head.on_discovered
@@ -269,7 +296,7 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
 async def _listen(runner: web.AppRunner, config: ServerConfig) -> int:
     from aiohttp import web
 
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=config.tls)
     try:
         await site.start()
     except OSError as exc:
@@ -347,8 +374,8 @@ async def _serve_worker(config: ServerConfig, node_config: NodeConfig,
     await runner.setup()
     port = await _listen(runner, config)
     host = f"[{config.host}]" if ":" in config.host else config.host
-    _LOG.info("listening on http://%s:%d (cluster worker %s: waiting for the head)", host, port,
-              node_config.node_id)
+    _LOG.info("listening on %s://%s:%d (cluster worker %s: waiting for the head)",
+              "https" if config.tls else "http", host, port, node_config.node_id)
     if presence is not None:
         presence.start(port)
     try:
