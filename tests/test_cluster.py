@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -22,6 +23,7 @@ from aiohttp import web
 from conftest import ModelFactory
 from server_process import ServerProcess
 from test_openapi import _check
+from test_server import API_DOC
 
 from prima_node.cluster.auth import AuthError, connect
 from prima_node.cluster.head import ClusterHead, RingError, RingExecutor
@@ -187,6 +189,23 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
         held = sorted(i for n in cluster["nodes"] for a, b in n["ranges"] for i in range(a, b))
         assert held == list(range(n_layer))
         assert cluster["plan"]["measured_ms_per_token"] > 0
+        # the workers' paging arrives with the head's next poll of them: the model fits, so
+        # every node keeps its windows resident and releases nothing
+        deadline = time.monotonic() + 10
+        while any(n["paging"] is None for n in head.status()["cluster"]["nodes"]):
+            assert time.monotonic() < deadline, head.status()["cluster"]["nodes"]
+            time.sleep(0.2)
+        nodes = head.status()["cluster"]["nodes"]
+        assert all(n["paging"]["mode"] == "resident" and n["paging"]["releases"] == 0
+                   and n["paging"]["held_bytes"] > 0 for n in nodes), nodes
+        metrics = head.metrics()
+        online = {k: v for k, v in metrics.items() if k.startswith("prima_node_online{")}
+        assert len(online) == 3 and set(online.values()) == {1.0}, online
+        body = head.get("/metrics")[2].decode()
+        per_node = dict(re.findall(r"^# TYPE (prima_node_\w+) (gauge)$", body, re.M))
+        documented = dict(re.findall(r"^\| `(prima_node_\w+)` \| (gauge) \|",
+                                     API_DOC.read_text(encoding="utf-8"), re.M))
+        assert per_node == documented and per_node
         # plan again on demand, with one round
         status, raw = head.post("/api/plan", {"k": 1}, timeout=120)
         view = json.loads(raw)
