@@ -577,3 +577,25 @@ def test_a_tls_cluster_answers_over_https_and_refuses_plain_or_unknown_peers(
         for srv in nodes:
             if srv.proc is not None and srv.proc.poll() is None:
                 assert srv.stop() == 0, srv.log()
+
+
+def test_one_worker_under_two_addresses_joins_once_and_a_second_head_is_refused(
+        cluster_model: Path, workers: list[ServerProcess], profile_cache: Path) -> None:
+    w0, w1 = (w.port for w in workers)
+    # the same worker as 127.0.0.1 and as localhost (a --peer and an mDNS address, say)
+    first = InProcessHead(cluster_model, [f"127.0.0.1:{w0}", f"localhost:{w0}",
+                                          f"127.0.0.1:{w1}"], profile_cache)
+    second: InProcessHead | None = None
+    try:
+        assert len(first.head.members) == 3, [m.address for m in first.head.members]
+        assert first.head.aliases == {f"localhost:{w0}": first.head.members[1].node_id}
+        p = first.plan(2)
+        assert len(set(p.ring)) == len(p.ring) == 3
+        # another head of the same cluster cannot take the workers over while this one lives
+        second = InProcessHead(cluster_model, [f"127.0.0.1:{w0}"], profile_cache)
+        assert len(second.head.members) == 1
+        assert "another head controls this node" in workers[0].log()
+    finally:
+        for h in (second, first):
+            if h is not None:
+                h.close()

@@ -29,7 +29,10 @@ def run_serve(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
 def test_help_explains_every_option() -> None:
     out = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=60).stdout
     for option in ("--model", "--host", "--port", "--api-key", "--api-key-file", "--ctx",
-                   "--threads", "--queue-limit", "--cache-slots", "--state-dir", "--log-level"):
+                   "--threads", "--queue-limit", "--cache-slots", "--state-dir", "--log-level",
+                   "--cluster-secret", "--cluster-secret-file", "--head", "--peer", "--rounds",
+                   "--all-nodes", "--link-dtype", "--prefetch", "--no-discovery", "--tls-cert",
+                   "--tls-key", "--tls-ca", "--advertise"):
         assert option in out
 
 
@@ -39,6 +42,11 @@ def test_help_explains_every_option() -> None:
     (["--ctx", "4"], "--ctx must be between"),
     (["--cache-slots", "0"], "--cache-slots must be between"),
     (["--api-key-file", "/nonexistent/key"], "cannot read the API key file"),
+    (["--tls-cert", "/nonexistent/node.pem", "--tls-key", "/nonexistent/node.key"],
+     "cannot read the TLS certificate or key /nonexistent/node.pem"),
+    (["--tls-cert", "/tmp", "--tls-key", "/tmp"], "Is a directory"),
+    (["--tls-cert", "/etc/hostname"], "TLS needs both --tls-cert and --tls-key"),
+    (["--tls-ca", "/etc/hostname"], "--tls-ca needs --tls-cert and --tls-key"),
 ])
 def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
                                             make_model: ModelFactory) -> None:

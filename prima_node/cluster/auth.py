@@ -9,6 +9,7 @@ is worthless: the next connection gets a new nonce, and nonces seen recently are
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -125,8 +126,10 @@ async def connect(session: aiohttp.ClientSession, url: str, secret: bytes, node_
     not one of its), ConnectionError if the peer cannot be reached.
     """
     try:
-        ws = await session.ws_connect(url, max_msg_size=max_msg_size, heartbeat=2.0,
-                                      timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+        # bounded: an address that swallows packets must not hold the caller for minutes
+        ws = await asyncio.wait_for(session.ws_connect(
+            url, max_msg_size=max_msg_size, heartbeat=2.0,
+            timeout=aiohttp.ClientWSTimeout(ws_close=timeout)), timeout)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise ConnectionError(f"cannot reach the node at {url}: {exc}") from None
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ LIVENESS_POLL_S = 0.25
 STALL_FLOOR_S = 3.0  # a round may take this long whatever the plan predicts
 STALL_FACTOR = 4.0  # ... or this many times the predicted (or measured) time
 BENCH_S = 60.0  # a node that stalled a round stays out of the ring this long
+LOAD_TIMEOUT_S = 300.0  # a first load may compile the kernels (about a minute on a Pi)
 
 
 class RingError(ClusterError):
@@ -66,12 +68,15 @@ class ClusterHead:
         self.ring: list[Member] = []
         self.events: queue.Queue[tuple[int | None, Exception]] = queue.Queue()  # (step, error)
         self.needs_plan = False  # membership changed: plan again before the next forward
-        self.epoch = 0  # the plan's number, in every frame: nodes refuse other plans' frames
+        # the plan's number, in every frame: nodes refuse other plans' frames (random start: a
+        # second head of the same cluster must not reuse this one's numbers)
+        self.epoch = secrets.randbits(32)
         self.planned_at: float | None = None
         self.measured_ms: dict[int, float] = {}  # ring position -> compute ms per token (EMA)
         self.measured_token_ms: float | None = None  # whole decode step, EMA
         self._rejoin: asyncio.Task[None] | None = None
         self.benched: dict[str, float] = {}  # address -> monotonic time it may rejoin
+        self.aliases: dict[str, str] = {}  # another address of a member -> its node id
         self.discovered: dict[str, dict[str, Any]] = {}  # node id -> what mDNS says of it
 
     # -- membership -------------------------------------------------------------------------------
@@ -85,7 +90,7 @@ class ClusterHead:
                 await self._join(address)
             except AuthError:
                 raise
-            except ConnectionError as exc:
+            except (ConnectionError, NodeError) as exc:
                 _LOG.warning("peer %s is not reachable now (%s); the ring forms without it "
                              "and takes it in when it answers", address, exc)
 
@@ -97,14 +102,29 @@ class ClusterHead:
                                     self.node.config.node_id, "control",
                                     name=self.node.config.name)
         link = ControlLink(ws, peer_id, url, on_event=self._on_event)
-        info = await link.call("info")
-        theirs = info["model"]
-        if (theirs["size"], theirs["fingerprint"]) != (mine["size"], mine["fingerprint"]):
+        try:
+            known = next((m for m in self.members if m.node_id == peer_id), None)
+            if known is not None:  # one machine under two addresses (--peer and mDNS, ...)
+                self.aliases[address] = peer_id
+                _LOG.info("%s is node %s, already in the cluster at %s", address, peer_id,
+                          known.address)
+                await link.close()
+                return
+            info = await link.call("info")
+            busy = info.get("busy")
+            if busy and float(busy.get("for_s", 0)) > STALL_FLOOR_S:
+                self.benched[address] = time.monotonic() + BENCH_S
+                raise NodeError(f"node {peer_id} is still stuck in a window for "
+                                f"{busy['for_s']:.0f} s")
+            theirs = info["model"]
+            if (theirs["size"], theirs["fingerprint"]) != (mine["size"], mine["fingerprint"]):
+                raise PrimaError(
+                    f"node {info['name']} ({address}) holds a different model file: "
+                    f"{theirs['file']} ({theirs['size']} bytes) where the head has "
+                    f"{mine['file']} ({mine['size']} bytes); copy the head's file there")
+        except BaseException:
             await link.close()
-            raise PrimaError(
-                f"node {info['name']} ({address}) holds a different model file: "
-                f"{theirs['file']} ({theirs['size']} bytes) where the head has "
-                f"{mine['file']} ({mine['size']} bytes); copy the head's file there")
+            raise
         self.members.append(Member(peer_id, str(info["name"]), address, link, info,
                                    self.node.config.scheme))
         _LOG.info("node %s (%s at %s) joined with the same model", peer_id, info["name"],
@@ -129,6 +149,8 @@ class ClusterHead:
             "node_id": node.node_id, "name": node.name, "address": node.address,
             "role": node.role, "model": node.model, "version": node.version,
             "adopted": why is None, "reason": why}
+        if why is None and any(m.node_id == node.node_id for m in self.members):
+            return  # already in (perhaps under another address)
         if why is None and node.address not in self.peers:
             _LOG.info("discovered worker %s (%s) at %s: taking it in", node.name,
                       node.node_id, node.address)
@@ -146,7 +168,9 @@ class ClusterHead:
             if gone:
                 self.members = [m for m in self.members if m not in gone]
                 self.needs_plan = True
-            present = {m.address for m in self.members}
+            ids = {m.node_id for m in self.members}
+            present = {m.address for m in self.members} | {
+                a for a, node_id in self.aliases.items() if node_id in ids}
             now = time.monotonic()
             for address in self.peers:
                 if address in present or self.benched.get(address, 0.0) > now:
@@ -219,12 +243,15 @@ class ClusterHead:
         """How long one round of ``n_tokens`` may take before the ring counts as stalled:
         generous (prefill chunks are priced at the decode rate), but short enough that a hung
         node ends the request within seconds."""
-        per_token = 0.0
+        latency = compute = 0.0
         if self.plan is not None:
-            per_token = self.plan.latency_s
+            latency = self.plan.latency_s
+            # a prefill chunk costs each window's compute per token, not its disk streaming
+            # (one pass over the weights serves the whole chunk)
+            compute = sum(d.compute_s for d in self.plan.devices)
         if self.measured_token_ms is not None:
-            per_token = max(per_token, self.measured_token_ms / 1e3)
-        return max(STALL_FLOOR_S, STALL_FACTOR * per_token * n_tokens)
+            latency = max(latency, self.measured_token_ms / 1e3)
+        return max(STALL_FLOOR_S, STALL_FACTOR * (latency + compute * (n_tokens - 1)))
 
     def _on_event(self, node_id: str, event: dict[str, Any]) -> None:
         name = next((m.name for m in self.members if m.node_id == node_id), node_id)
@@ -280,9 +307,15 @@ class ClusterHead:
                 await self.node.load(i, dp.ranges, successor, p.k, self.epoch,
                                      dp.streamed_bytes > 0)
             else:
-                await member.control.call("load", index=i, ranges=dp.ranges,
-                                          successor=successor, k=p.k, epoch=self.epoch,
-                                          stream=dp.streamed_bytes > 0)
+                try:
+                    await member.control.call("load", timeout=LOAD_TIMEOUT_S, index=i,
+                                              ranges=dp.ranges, successor=successor, k=p.k,
+                                              epoch=self.epoch, stream=dp.streamed_bytes > 0)
+                except NodeError as exc:
+                    if member.control.alive:  # it answers pings but cannot load: hung
+                        await self.bench(member, f"it did not load its windows: {exc}")
+                    raise RingError(f"node {member.name} ({member.node_id}) could not take "
+                                    f"its windows: {exc}") from None
         self.plan, self.ring = p, ring
         self.planned_at = time.time()
         self.measured_ms, self.measured_token_ms = {}, None

@@ -35,6 +35,7 @@ _LOG = logging.getLogger("prima.cluster")
 RING_PATH = "/cluster/ws"
 CONTROL_BYTES = 4 * 2**20  # handshakes, control requests: small JSON
 MAX_UNADMITTED = 16  # connections still proving the secret; more wait for a free place
+CLOSE_OTHER_HEAD = 4409
 
 
 @dataclass
@@ -155,17 +156,21 @@ class ClusterNode:
         # the limit fits the largest frame this model sends: an unadmitted peer can make the
         # node hold at most MAX_UNADMITTED of those, for at most the handshake's timeout
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=2.0, compress=False)
-        await ws.prepare(request)
-        self.sockets.add(ws)
+        self.unadmitted += 1  # counted from before the first await: the cap cannot overshoot
         try:
-            self.unadmitted += 1
-            try:
-                peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces)
-            except AuthError as exc:
-                _LOG.warning("refused a cluster connection from %s: %s", request.remote, exc)
-                return ws
-            finally:
-                self.unadmitted -= 1
+            await ws.prepare(request)
+            self.sockets.add(ws)
+            peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces)
+        except AuthError as exc:
+            _LOG.warning("refused a cluster connection from %s: %s", request.remote, exc)
+            self.sockets.discard(ws)
+            return ws
+        except BaseException:
+            self.sockets.discard(ws)
+            raise
+        finally:
+            self.unadmitted -= 1
+        try:
             _LOG.info("admitted %s link from node %s (%s)", peer.purpose, peer.node_id,
                       request.remote)
             if peer.purpose == "control":
@@ -181,6 +186,12 @@ class ClusterNode:
     # -- control ----------------------------------------------------------------------------------
 
     async def _control(self, ws: web.WebSocketResponse, peer: Peer) -> None:
+        if self.head_ws is not None and not self.head_ws.closed:
+            # two heads of one cluster would hand this node two plans at once
+            _LOG.warning("refused a control link from %s: another head controls this node",
+                         peer.node_id)
+            await ws.close(code=CLOSE_OTHER_HEAD, message=b"another head controls this node")
+            return
         self.head_ws = ws
         lock = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()

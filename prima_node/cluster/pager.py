@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..device.memory import memory_info
@@ -30,16 +31,19 @@ class Pager:
         self.pages = pages
         self.enabled = enabled
         self.held_bytes = sum(p.n_bytes for p in pages)
-        resident = sum(p.resident_bytes() or 0 for p in pages)
         mem = memory_info()
-        # our own resident pages are memory these windows can use whether or not the OS counts
-        # them as available yet (active file pages are not in a cgroup's reclaimable figure)
-        self.capacity = mem.available + resident
+        self.capacity = mem.available
+        if mem.cgroup_available is not None and mem.available == mem.cgroup_available:
+            # a cgroup counts only inactive file pages as reclaimable: our windows, just
+            # warmed up, are active and memory they can use all the same (MemAvailable and
+            # macOS's figure already include them: adding them there would count them twice)
+            self.capacity += sum(p.resident_bytes() or 0 for p in pages)
         self.stream = enabled and len(pages) > 1 and (
             planned_stream or should_release(self.held_bytes, self.capacity))
         self.stats = PagingStats()
         self._lock = threading.Lock()
         self._low: set[int] = set()  # windows found short of resident: prefetch them again
+        self._pending: Future[None] | None = None  # the paging job in flight
         self._uses = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="prima-prefetch")
         if enabled and pages:
@@ -55,8 +59,10 @@ class Pager:
         self._uses += 1
         if not self.stream and self._uses % RESIDENT_SAMPLE != 1:
             return
+        t0 = time.perf_counter()
+        residency = self.pages[r].resident_fraction()  # outside the lock: ~20 ms per GB
         with self._lock:
-            residency = self.stats.measure_use(self.pages[r])
+            self.stats.record_use(residency, time.perf_counter() - t0)
         if residency is not None and residency < HIT_RESIDENCY:
             self._low.add(r)
 
@@ -67,8 +73,10 @@ class Pager:
             return
         nxt = (r + 1) % len(self.pages)
         if self.stream or nxt in self._low:
+            if self._pending is not None and not self._pending.done():
+                return  # the disk is behind: a queue of old hints would only get in the way
             self._low.discard(nxt)
-            self._worker.submit(self._page, r if self.stream else None, nxt)
+            self._pending = self._worker.submit(self._page, r if self.stream else None, nxt)
 
     def _page(self, release: int | None, prefetch: int) -> None:
         try:
@@ -89,4 +97,6 @@ class Pager:
                 "held_bytes": self.held_bytes, "capacity_bytes": self.capacity, **stats}
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        """Stop paging; a hint in progress finishes on its own (never waited for here: the
+        event loop calls this, and a prefetch can take as long as the disk needs)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)

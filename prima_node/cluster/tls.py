@@ -20,14 +20,20 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """What the node's listener presents; a missing or mismatched file is one clear error."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def no_passphrase() -> str:  # never prompt on the terminal of a daemon
+        raise PrimaError(f"the TLS key {key} is encrypted: give the node an unencrypted key "
+                         "(readable by its user only)")
+
     try:
-        ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise PrimaError(f"cannot read the TLS certificate or key: {exc.filename}") from None
+        ctx.load_cert_chain(cert, key, password=no_passphrase)
     except ssl.SSLError as exc:
         raise PrimaError(f"the TLS certificate {cert} and key {key} do not load together "
-                         f"({exc.reason or exc}): both must be PEM, the key unencrypted and "
-                         "matching the certificate") from None
+                         f"({exc.reason or exc}): both must be PEM, the key matching the "
+                         "certificate") from None
+    except OSError as exc:  # missing, unreadable, a directory, ...
+        raise PrimaError(f"cannot read the TLS certificate or key {exc.filename or cert}: "
+                         f"{exc.strerror or exc}") from None
     return ctx
 
 
@@ -39,9 +45,10 @@ def client_context(ca: Path | None) -> ssl.SSLContext:
     if ca is not None:
         try:
             ctx.load_verify_locations(cafile=ca)
-        except FileNotFoundError:
-            raise PrimaError(f"cannot read the TLS CA file {ca}") from None
         except ssl.SSLError as exc:
             raise PrimaError(f"the TLS CA file {ca} is not a PEM certificate bundle "
                              f"({exc.reason or exc})") from None
+        except OSError as exc:
+            raise PrimaError(f"cannot read the TLS CA file {ca}: "
+                             f"{exc.strerror or exc}") from None
     return ctx

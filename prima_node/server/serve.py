@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -315,11 +316,19 @@ def _ring_metrics(app: web.Application, head: ClusterHead) -> None:
     from .app import METRICS
     from .metrics import LabelledGauge
 
+    seen: list[Any] = [0.0, []]  # (when, nodes): one view per scrape, not one per gauge
+
+    def nodes() -> list[dict[str, Any]]:
+        now = time.monotonic()
+        if now - seen[0] > 0.5:
+            seen[:] = [now, head.view()["nodes"]]
+        return list(seen[1])
+
     def per_node(read: Callable[[dict[str, Any]], float | None]
                  ) -> Callable[[], list[tuple[tuple[tuple[str, str], ...], float]]]:
         def values() -> list[tuple[tuple[tuple[str, str], ...], float]]:
             out: list[tuple[tuple[tuple[str, str], ...], float]] = []
-            for n in head.view()["nodes"]:
+            for n in nodes():
                 v = read(n)
                 if v is not None:
                     out.append(((("node", str(n["name"])), ("node_id", str(n["node_id"]))),
