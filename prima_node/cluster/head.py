@@ -77,6 +77,7 @@ class ClusterHead:
         self._rejoin: asyncio.Task[None] | None = None
         self.benched: dict[str, float] = {}  # address -> monotonic time it may rejoin
         self.aliases: dict[str, str] = {}  # another address of a member -> its node id
+        self.discovered_at: dict[str, str] = {}  # address from mDNS -> the node's id
         self.discovered: dict[str, dict[str, Any]] = {}  # node id -> what mDNS says of it
 
     # -- membership -------------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class ClusterHead:
         the others are only listed, with the reason."""
         if change == "removed":
             self.discovered.pop(node.node_id, None)
+            self._forget(node.node_id)
             return
         mine = self.node.info()["model"]
         why = None
@@ -149,12 +151,26 @@ class ClusterHead:
             "node_id": node.node_id, "name": node.name, "address": node.address,
             "role": node.role, "model": node.model, "version": node.version,
             "adopted": why is None, "reason": why}
-        if why is None and any(m.node_id == node.node_id for m in self.members):
-            return  # already in (perhaps under another address)
-        if why is None and node.address not in self.peers:
-            _LOG.info("discovered worker %s (%s) at %s: taking it in", node.name,
-                      node.node_id, node.address)
-            self.peers.append(node.address)
+        self._forget(node.node_id)  # its addresses may have changed
+        if why is None:
+            # every address it advertises is a candidate (a Docker bridge may come first);
+            # the first that answers joins, the others are skipped while it is a member
+            addresses = [f"[{a}]:{node.port}" if ":" in a else f"{a}:{node.port}"
+                         for a in node.addresses]
+            fresh = [a for a in addresses if a not in self.peers]
+            for a in fresh:
+                self.peers.append(a)
+                self.discovered_at[a] = node.node_id
+            if fresh and not any(m.node_id == node.node_id for m in self.members):
+                _LOG.info("discovered worker %s (%s) at %s: taking it in", node.name,
+                          node.node_id, " or ".join(addresses))
+
+    def _forget(self, node_id: str) -> None:
+        """Drop the addresses mDNS gave for a node (never those given with --peer)."""
+        gone = {a for a, n in self.discovered_at.items() if n == node_id}
+        self.peers = [a for a in self.peers if a not in gone]
+        for a in gone:
+            del self.discovered_at[a]
 
     @property
     def cluster(self) -> str:
@@ -170,7 +186,8 @@ class ClusterHead:
                 self.needs_plan = True
             ids = {m.node_id for m in self.members}
             present = {m.address for m in self.members} | {
-                a for a, node_id in self.aliases.items() if node_id in ids}
+                a for a, node_id in (*self.aliases.items(), *self.discovered_at.items())
+                if node_id in ids}
             now = time.monotonic()
             for address in self.peers:
                 if address in present or self.benched.get(address, 0.0) > now:
