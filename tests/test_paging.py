@@ -384,3 +384,25 @@ def test_prefetch_off_leaves_paging_to_the_os(model: Model) -> None:
         assert pager.as_dict()["uses"] == 0 and pager.stats.prefetches == 0
     finally:
         pager.close()
+
+
+def test_tail_layers_is_the_fewest_trailing_layers_that_fit_halda_s_schedule() -> None:
+    import itertools
+
+    from prima_node.cluster.pager import tail_layers
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        k = int(rng.integers(1, 5))
+        windows = [rng.integers(1, 100, int(rng.integers(1, 6))).tolist() for _ in range(k)]
+        budget = int(rng.integers(0, 2 * sum(map(sum, windows)) + 1))
+        t = tail_layers(windows, budget)
+
+        def fits(t: int) -> bool:
+            heads = sum(sum(w[:len(w) - t]) for w in windows)
+            return heads + 2 * max(sum(w[len(w) - t:]) for w in windows) <= budget
+
+        most = max(map(len, windows))
+        feasible = [u for u in range(most + 1) if fits(u)]
+        assert t == (feasible[0] if feasible else most)
+        assert all(not fits(u) for u in itertools.islice(range(most + 1), t))

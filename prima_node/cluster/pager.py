@@ -17,7 +17,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..device.memory import memory_info
-from ..engine.paging import HIT_RESIDENCY, PagingStats, WindowPages, should_release
+from ..engine.paging import (
+    HIT_RESIDENCY,
+    RELEASE_HEADROOM,
+    PagingStats,
+    WindowPages,
+    should_release,
+)
 
 _LOG = logging.getLogger("prima.cluster")
 #: While everything fits, residency is measured on one use in this many (mincore costs about
@@ -25,9 +31,26 @@ _LOG = logging.getLogger("prima.cluster")
 RESIDENT_SAMPLE = 16
 
 
+def tail_layers(layer_bytes: list[list[int]], budget: int) -> int:
+    """How many trailing layers of each window to stream so that the rest fits: Halda's
+    streaming schedule keeps the head of every window resident and holds, besides, the tail in
+    use and the tail arriving (k heads + 2 tails <= memory). The fewest that fit; every layer
+    when even whole windows do not."""
+    most = max((len(w) for w in layer_bytes), default=0)
+    for t in range(most + 1):
+        heads = sum(sum(w[:len(w) - t]) for w in layer_bytes)
+        tails = max((sum(w[len(w) - t:]) for w in layer_bytes), default=0)
+        if heads + 2 * tails <= budget:
+            return t
+    return most
+
+
 class Pager:
     def __init__(self, pages: list[WindowPages], *, enabled: bool = True,
-                 planned_stream: bool = False) -> None:
+                 planned_stream: bool = False,
+                 layer_pages: list[list[WindowPages]] | None = None) -> None:
+        """``pages``: each round's window; ``layer_pages``: the same per layer, so that a
+        streaming node can keep each window's head and stream only its tail."""
         self.pages = pages
         self.enabled = enabled
         self.held_bytes = sum(p.n_bytes for p in pages)
@@ -41,6 +64,16 @@ class Pager:
         self.stream = enabled and len(pages) > 1 and (
             planned_stream or should_release(self.held_bytes, self.capacity))
         self.stats = PagingStats()
+        # what is released and prefetched per window: its tail layers, or all of it
+        self.moving = list(pages)
+        self.tail = 0
+        if self.stream and layer_pages is not None:
+            sizes = [[p.n_bytes for p in w] for w in layer_pages]
+            self.tail = tail_layers(sizes, int(self.capacity * (1 - RELEASE_HEADROOM)))
+            if self.tail < min(len(w) for w in layer_pages):
+                self.moving = [WindowPages(w[0].file, [r for p in w[len(w) - self.tail:]
+                                                       for r in p.ranges])
+                               for w in layer_pages]
         self._lock = threading.Lock()
         self._low: set[int] = set()  # windows found short of resident: prefetch them again
         self._pending: Future[None] | None = None  # the paging job in flight
@@ -49,8 +82,10 @@ class Pager:
         if enabled and pages:
             _LOG.info("windows hold %.0f MB, memory for them %.0f MB: %s", self.held_bytes / 1e6,
                       self.capacity / 1e6,
-                      "release each after use and prefetch the next" if self.stream
-                      else "keep them all resident")
+                      (f"keep each window's head, release its last {self.tail} layer(s) after "
+                       "use and prefetch the next" if self.moving is not self.pages
+                       and self.tail else "release each window after use and prefetch the "
+                       "next") if self.stream else "keep them all resident")
 
     def before_use(self, r: int) -> None:
         """Model thread, just before window ``r`` runs: measure how much of it is there."""
@@ -81,12 +116,12 @@ class Pager:
     def _page(self, release: int | None, prefetch: int) -> None:
         try:
             if release is not None and release != prefetch:
-                seconds = self.pages[release].release()
+                seconds = self.moving[release].release()
                 with self._lock:
-                    self.stats.record_release(self.pages[release].n_bytes, seconds)
-            seconds = self.pages[prefetch].prefetch()
+                    self.stats.record_release(self.moving[release].n_bytes, seconds)
+            seconds = self.moving[prefetch].prefetch()
             with self._lock:
-                self.stats.record_prefetch(self.pages[prefetch].n_bytes, seconds)
+                self.stats.record_prefetch(self.moving[prefetch].n_bytes, seconds)
         except (OSError, ValueError) as exc:  # a hint that failed: the window still pages in
             _LOG.warning("prefetching window %d failed: %s", prefetch, exc)
 
@@ -94,7 +129,9 @@ class Pager:
         with self._lock:
             stats = self.stats.as_dict()
         return {"enabled": self.enabled, "mode": "stream" if self.stream else "resident",
-                "held_bytes": self.held_bytes, "capacity_bytes": self.capacity, **stats}
+                "held_bytes": self.held_bytes, "capacity_bytes": self.capacity,
+                "streamed_bytes": sum(p.n_bytes for p in self.moving) if self.stream else 0,
+                **stats}
 
     def close(self) -> None:
         """Stop paging; a hint in progress finishes on its own (never waited for here: the
