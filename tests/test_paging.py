@@ -387,8 +387,6 @@ def test_prefetch_off_leaves_paging_to_the_os(model: Model) -> None:
 
 
 def test_tail_layers_is_the_fewest_trailing_layers_that_fit_halda_s_schedule() -> None:
-    import itertools
-
     from prima_node.cluster.pager import tail_layers
 
     rng = np.random.default_rng(3)
@@ -398,11 +396,13 @@ def test_tail_layers_is_the_fewest_trailing_layers_that_fit_halda_s_schedule() -
         budget = int(rng.integers(0, 2 * sum(map(sum, windows)) + 1))
         t = tail_layers(windows, budget)
 
-        def fits(t: int) -> bool:
-            heads = sum(sum(w[:len(w) - t]) for w in windows)
-            return heads + 2 * max(sum(w[len(w) - t:]) for w in windows) <= budget
-
         most = max(map(len, windows))
-        feasible = [u for u in range(most + 1) if fits(u)]
+        feasible = [u for u in range(most + 1) if _fits(windows, budget, u)]
         assert t == (feasible[0] if feasible else most)
-        assert all(not fits(u) for u in itertools.islice(range(most + 1), t))
+        assert all(not _fits(windows, budget, u) for u in range(t))
+
+
+def _fits(windows: list[list[int]], budget: int, t: int) -> bool:
+    """Whether k window heads plus two of the largest tail (in use, arriving) fit."""
+    heads = sum(sum(w[:len(w) - t]) for w in windows)
+    return heads + 2 * max(sum(w[len(w) - t:]) for w in windows) <= budget
