@@ -406,3 +406,26 @@ def _fits(windows: list[list[int]], budget: int, t: int) -> bool:
     """Whether k window heads plus two of the largest tail (in use, arriving) fit."""
     heads = sum(sum(w[:len(w) - t]) for w in windows)
     return heads + 2 * max(sum(w[len(w) - t:]) for w in windows) <= budget
+
+
+def test_a_streaming_node_whose_disk_is_behind_still_releases_but_queues_no_prefetch(
+        model: Model) -> None:
+    from concurrent.futures import Future
+
+    from prima_node.cluster.pager import Pager
+
+    n = model.config.n_layer
+    windows = [model.window(0, n // 2), model.window(n // 2, n)]
+    for w in windows:
+        w.forward(hidden(model), np.arange(3), "s")
+    pages = [WindowPages.of_window(model.file, w) for w in windows]
+    pager = Pager(pages, planned_stream=True)
+    try:
+        busy: Future[None] = Future()  # a prefetch still reading
+        pager._pending = busy
+        pager.after_use(0)
+        _until(lambda: pager.stats.releases == 1)
+        assert fraction(pages[0]) < 0.05  # released all the same
+        assert pager.stats.prefetches == 0 and pager._pending is busy  # nothing queued
+    finally:
+        pager.close()

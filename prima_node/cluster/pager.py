@@ -109,21 +109,27 @@ class Pager:
         nxt = (r + 1) % len(self.pages)
         if self.stream or nxt in self._low:
             if self._pending is not None and not self._pending.done():
-                return  # the disk is behind: a queue of old hints would only get in the way
+                # the disk is behind: a queue of stale prefetches would only get in the way,
+                # but the release must happen or the windows outgrow the memory
+                if self.stream:
+                    self._worker.submit(self._page, r, None)
+                return
             self._low.discard(nxt)
             self._pending = self._worker.submit(self._page, r if self.stream else None, nxt)
 
-    def _page(self, release: int | None, prefetch: int) -> None:
+    def _page(self, release: int | None, prefetch: int | None) -> None:
         try:
             if release is not None and release != prefetch:
                 seconds = self.moving[release].release()
                 with self._lock:
                     self.stats.record_release(self.moving[release].n_bytes, seconds)
+            if prefetch is None:
+                return
             seconds = self.moving[prefetch].prefetch()
             with self._lock:
                 self.stats.record_prefetch(self.moving[prefetch].n_bytes, seconds)
         except (OSError, ValueError) as exc:  # a hint that failed: the window still pages in
-            _LOG.warning("prefetching window %d failed: %s", prefetch, exc)
+            _LOG.warning("paging windows %s/%s failed: %s", release, prefetch, exc)
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
