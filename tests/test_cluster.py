@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import numpy as np
@@ -260,34 +260,63 @@ def test_a_corrupt_frame_closes_that_link_and_the_node_lives_on(
         time.sleep(0.05)
 
 
+class ProcessRing:
+    """A head process (k = 2, every node used) and two worker processes a and b on a fresh
+    small model, with an OpenAI client and a short greedy question to compare answers by."""
+
+    MESSAGES: ClassVar[list[dict[str, str]]] = [
+        {"role": "user", "content": "Tell me a long story."}]
+
+    def __init__(self, make_model: ModelFactory, tmp_path: Path, cache: Path) -> None:
+        self.model = make_model("llama", "small", "Q8_0")
+        self.tmp_path, self.cache = tmp_path, cache
+        self.a = _node(self.model, tmp_path / "a", cache)
+        self.b = _node(self.model, tmp_path / "b", cache)
+        self.head: ServerProcess | None = None
+        self.client: openai.OpenAI | None = None
+
+    def __enter__(self) -> ProcessRing:
+        self.a.wait_ready()
+        self.b.wait_ready()
+        peers = ["--peer", f"127.0.0.1:{self.a.port}", "--peer", f"127.0.0.1:{self.b.port}"]
+        self.head = _node(self.model, self.tmp_path / "head", self.cache, "--head", "--rounds",
+                          "2", "--all-nodes", *peers)
+        self.head.wait_ready()
+        self.client = openai.OpenAI(base_url=self.head.base_url, api_key="x", max_retries=0,
+                                    timeout=60)
+        return self
+
+    def short(self) -> str | None:
+        assert self.client is not None
+        r = self.client.chat.completions.create(
+            model="m", messages=self.MESSAGES,  # type: ignore[arg-type]
+            max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        return r.choices[0].message.content
+
+    def stream(self) -> Any:
+        assert self.client is not None
+        return self.client.chat.completions.create(
+            model="m", messages=self.MESSAGES,  # type: ignore[arg-type]
+            max_tokens=2000, temperature=0, stream=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+        for srv in (self.head, self.a, self.b):
+            if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+                assert srv.stop() == 0, srv.log()
+
+
 def test_a_worker_killed_mid_answer_ends_it_fast_and_the_ring_heals(
         make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
-    model = make_model("llama", "small", "Q8_0")
-    a = _node(model, tmp_path / "a", profile_cache)
-    b = _node(model, tmp_path / "b", profile_cache)
-    head: ServerProcess | None = None
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        peers = ["--peer", f"127.0.0.1:{a.port}", "--peer", f"127.0.0.1:{b.port}"]
-        head = _node(model, tmp_path / "head", profile_cache, "--head", "--rounds", "2",
-                     "--all-nodes", *peers)
-        head.wait_ready()
-        client = openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0, timeout=60)
-        messages = [{"role": "user", "content": "Tell me a long story."}]
-
-        def short() -> str | None:
-            r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
-                                               max_tokens=6, temperature=0)
-            assert r.choices[0].finish_reason == "length"
-            return r.choices[0].message.content
-
-        reference = short()  # greedy: every healthy ring must give exactly this
-        stream = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
-                                                max_tokens=2000, temperature=0, stream=True)
+    with ProcessRing(make_model, tmp_path, profile_cache) as ring:
+        head, b = ring.head, ring.b
+        assert head is not None
+        reference = ring.short()  # greedy: every healthy ring must give exactly this
         killed_at = None
         with pytest.raises(openai.APIError) as err:
-            for i, _ in enumerate(stream):
+            for i, _ in enumerate(ring.stream()):
                 if i == 3:
                     assert b.proc is not None
                     b.proc.kill()
@@ -296,24 +325,18 @@ def test_a_worker_killed_mid_answer_ends_it_fast_and_the_ring_heals(
         assert time.monotonic() - killed_at < 5, "the answer did not end within 5 s"
         assert "went away" in str(err.value) and "retry" in str(err.value)
         # the next request is answered by the ring without the dead node, from an empty cache
-        assert short() == reference
+        assert ring.short() == reference
         assert "planning again with 2 node(s)" in head.log()
         # the node comes back on its port: the head takes it in again
         assert b.proc is not None and b.proc.wait(10) is not None
-        b2 = _node(model, tmp_path / "b", profile_cache, "--port", str(b.port))
-        b = b2
-        b.wait_ready()
+        ring.b = _node(ring.model, tmp_path / "b", profile_cache, "--port", str(b.port))
+        ring.b.wait_ready()
         deadline = time.monotonic() + 20
         while head.log().count("joined with the same model") < 3:
             assert time.monotonic() < deadline, head.log()
             time.sleep(0.2)
-        assert short() == reference
+        assert ring.short() == reference
         assert "planning again with 3 node(s)" in head.log()
-        client.close()
-    finally:
-        for srv in (head, a, b):
-            if srv is not None and srv.proc is not None and srv.proc.poll() is None:
-                assert srv.stop() == 0, srv.log()
 
 
 class FrozenThreads:
@@ -348,27 +371,10 @@ class FrozenThreads:
 
 def test_a_worker_that_hangs_but_answers_pings_ends_the_answer_fast_and_is_left_out(
         make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
-    model = make_model("llama", "small", "Q8_0")
-    a = _node(model, tmp_path / "a", profile_cache)
-    b = _node(model, tmp_path / "b", profile_cache)
-    head: ServerProcess | None = None
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        peers = ["--peer", f"127.0.0.1:{a.port}", "--peer", f"127.0.0.1:{b.port}"]
-        head = _node(model, tmp_path / "head", profile_cache, "--head", "--rounds", "2",
-                     "--all-nodes", *peers)
-        head.wait_ready()
-        client = openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0, timeout=60)
-        messages = [{"role": "user", "content": "Tell me a long story."}]
-
-        def short() -> str | None:
-            r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
-                                               max_tokens=6, temperature=0)
-            return r.choices[0].message.content
-
-        reference = short()
-        assert b.proc is not None
+    with ProcessRing(make_model, tmp_path, profile_cache) as ring:
+        head, b = ring.head, ring.b
+        assert head is not None and b.proc is not None
+        reference = ring.short()
         b_id = b.get_json("/health", auth=False)[1]["node_id"]
         time.sleep(0.5)  # b's model thread back to waiting for work, without the GIL
         with FrozenThreads(b.proc.pid) as hung:
@@ -377,22 +383,15 @@ def test_a_worker_that_hangs_but_answers_pings_ends_the_answer_fast_and_is_left_
             hung.freeze()
             t0 = time.monotonic()
             with pytest.raises(openai.APIError) as err:
-                for _ in client.chat.completions.create(
-                        model="m", messages=messages,  # type: ignore[arg-type]
-                        max_tokens=2000, temperature=0, stream=True):
+                for _ in ring.stream():
                     pass
             assert time.monotonic() - t0 < 5, "the answer did not end within 5 s"
             assert "stalled the ring" in str(err.value), str(err.value)
             assert b_id in str(err.value), str(err.value)
             assert b.get_json("/health", auth=False)[0] == 200  # its event loop lives on
             # the next request runs on a ring without the hung node
-            assert short() == reference
+            assert ring.short() == reference
             assert "planning again with 2 node(s)" in head.log()
-        client.close()
-    finally:
-        for srv in (head, a, b):
-            if srv is not None and srv.proc is not None and srv.proc.poll() is None:
-                assert srv.stop() == 0, srv.log()
 
 
 def test_a_round_that_does_not_come_back_names_the_hung_node_and_the_ring_replans(
