@@ -598,3 +598,28 @@ def test_one_worker_under_two_addresses_joins_once_and_a_second_head_is_refused(
         for h in (second, first):
             if h is not None:
                 h.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_two_node_ring_of_the_tiny_preset_gives_one_node_s_logits(
+        arch: str, make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
+    model = make_model(arch, "tiny", "Q8_0")  # two layers: one per node
+    worker = _node(model, tmp_path / "w", profile_cache)
+    head: InProcessHead | None = None
+    try:
+        worker.wait_ready()
+        head = InProcessHead(model, [f"127.0.0.1:{worker.port}"], profile_cache)
+        p = head.plan(1)
+        assert [d.layers for d in p.devices] == [1, 1]
+        with Model.open(model, threads=1, n_ctx=CTX) as alone:
+            prompt = np.random.default_rng(5).integers(0, alone.n_vocab, 30).tolist()
+            want = alone.forward(prompt, session="s")
+            got = head.ring.forward(prompt, session="s")
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+            np.testing.assert_allclose(head.ring.forward([7], session="s"),
+                                       alone.forward([7], session="s"), rtol=1e-5,
+                                       atol=1e-5 * np.abs(want).max())
+    finally:
+        if head is not None:
+            head.close()
+        assert worker.stop() == 0, worker.log()
