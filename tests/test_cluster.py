@@ -189,6 +189,11 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
         held = sorted(i for n in cluster["nodes"] for a, b in n["ranges"] for i in range(a, b))
         assert held == list(range(n_layer))
         assert cluster["plan"]["measured_ms_per_token"] > 0
+        # every ordered pair of the three nodes, measured over loopback
+        ids = {n["node_id"] for n in cluster["nodes"]}
+        assert {(h["from"], h["to"]) for h in cluster["links"]} == {
+            (x, y) for x in ids for y in ids if x != y}
+        assert all(h["latency_ms"] > 0 and h["mbit_per_s"] > 0 for h in cluster["links"])
         # the workers' paging arrives with the head's next poll of them: the model fits, so
         # every node keeps its windows resident and releases nothing
         deadline = time.monotonic() + 10

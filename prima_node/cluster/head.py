@@ -79,6 +79,7 @@ class ClusterHead:
         self.aliases: dict[str, str] = {}  # another address of a member -> its node id
         self.discovered_at: dict[str, str] = {}  # address from mDNS -> the node's id
         self.discovered: dict[str, dict[str, Any]] = {}  # node id -> what mDNS says of it
+        self.links: dict[tuple[str, str], Link] = {}  # measured hops of the last plan
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -301,6 +302,7 @@ class ClusterHead:
                 else:
                     hop = (await a.control.call("link", url=b.url))["link"]
                 links[(a.node_id, b.node_id)] = Link(hop["latency_s"], hop["bytes_per_s"])
+        self.links = links
         devices = [device_from_profile(p) for p in profiles]
         model = ModelProfile.load(self.node.config.model_path)
         result = plan(devices, model, Options(n_ctx=self.node.config.n_ctx,
@@ -396,7 +398,10 @@ class ClusterHead:
                 "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
                     self.planned_at or 0)),
                 "dropped": dict(p.dropped)}
-        return {"mode": "ring", "nodes": nodes, "plan": plan_doc,
+        hops = [{"from": a, "to": b, "latency_ms": round(1e3 * link.latency_s, 3),
+                 "mbit_per_s": round(8e-6 * link.bytes_per_s, 1)}
+                for (a, b), link in sorted(self.links.items())]
+        return {"mode": "ring", "nodes": nodes, "plan": plan_doc, "links": hops,
                 "discovered": sorted(self.discovered.values(), key=lambda d: d["name"])}
 
     async def kv_everywhere(self, action: str, session: str, n: int = 0) -> None:

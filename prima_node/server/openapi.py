@@ -487,6 +487,12 @@ def _status_document() -> Schema:
                 "dropped": _t("object", "Nodes left out of the ring, with the reason.",
                               additionalProperties={"type": "string"}),
             }, nullable=True, description="The ring's plan; null on a lone node."),
+            "links": _t("array", "Ring: every hop between two nodes as measured over the "
+                        "real link when the plan was made.", items=_obj({
+                            "from": _t("string", "Node id."), "to": _t("string", "Node id."),
+                            "latency_ms": _t("number", "Half the median round trip."),
+                            "mbit_per_s": _t("number", "Throughput of bulk transfers."),
+                        })),
             "discovered": _t("array", "Ring: nodes seen over mDNS (_prima._tcp); workers of "
                              "this cluster holding the head's model are adopted.",
                              items=_obj({
