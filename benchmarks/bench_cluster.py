@@ -13,12 +13,11 @@ has exactly N tokens):
    file, so each is charged for its own pages as separate devices would be. The limit is the
    node's own anonymous memory (measured in a calibration run without limits) plus a fraction
    (``--mem-frac``) of its equal share of the weights. Rows:
-   - ``halda``: limits in place from the start, as the product runs (Halda plans with them);
-   - ``halda*``: Halda plans with its fixed compute-buffer reserve (``--planner-reserve-mb``)
-     added to the limit, which is lowered to the real one after the warm-up answer (prefetch
-     on and off where ``serve --prefetch`` exists); a stand-in while the planner refuses the
-     real limits, with the caveat that nodes size their paging from memory at load time;
-   - ``k=1, even split``: planned with room for 1.1 shares per node, then the real limits;
+   - ``halda, prefetch`` and ``halda, no prefetch``: limits in place from the start, as the
+     product runs (Halda plans with them; ``serve --prefetch on|off``);
+   - ``k=1, even split``: planned with room for 1.1 shares per node, then the real limits
+     (one window per node: nothing can be prefetched without evicting what is used next, so
+     the page cache re-reads what does not fit);
    - one node alone, and llama.cpp (llama-cpp-python, mmap) alone, under the head's limit.
 3. ``wifi``: nodes in network namespaces joined by a user-space switch with a one-way delay
    and a per-sender rate (this kernel has neither sch_netem nor sch_fq: see ``_hub_main``);
@@ -292,6 +291,7 @@ class NodeSpec:
     extra: list[str] = field(default_factory=list)
     netns: str | None = None
     cgroup: Path | None = None
+    all_nodes: bool = True  # head: every node takes part (else Halda chooses which)
 
 
 class Node:
@@ -308,7 +308,7 @@ class Node:
         if spec.role != "single":
             argv += ["--cluster-secret", SECRET]
         if spec.role == "head":
-            argv += ["--head", "--all-nodes"]
+            argv += ["--head", *(["--all-nodes"] if spec.all_nodes else [])]
             for peer in spec.peers:
                 argv += ["--peer", peer]
             if spec.rounds is not None:
@@ -412,7 +412,8 @@ class Cluster:
     def __init__(self, name: str, scratch: Path, models: Sequence[Path], threads: int, *,
                  rounds: int | None = None, extra: Sequence[str] = (),
                  hosts: Sequence[str] | None = None, netns: Sequence[str] | None = None,
-                 cgroups: Sequence[Path | None] | None = None, timeout: float = 600.0) -> None:
+                 cgroups: Sequence[Path | None] | None = None, timeout: float = 600.0,
+                 all_nodes: bool = True) -> None:
         self.name, self.scratch, self.models = name, scratch, list(models)
         self.threads, self.rounds, self.extra = threads, rounds, list(extra)
         n = len(self.models)
@@ -420,6 +421,7 @@ class Cluster:
         self.netns: list[str | None] = list(netns) if netns is not None else [None] * n
         self.cgroups: list[Path | None] = list(cgroups) if cgroups is not None else [None] * n
         self.timeout = timeout
+        self.all_nodes = all_nodes
         self.nodes: list[Node] = []  # head (or the single node) first
 
     def __enter__(self) -> Cluster:
@@ -454,7 +456,8 @@ class Cluster:
         peers = [w.address for w in workers if w.address is not None]
         head = Node(NodeSpec(f"{self.name}-head", self.models[0], self.threads, "head",
                              host=self.hosts[0], peers=peers, rounds=self.rounds,
-                             extra=self.extra, netns=self.netns[0], cgroup=self.cgroups[0]),
+                             extra=self.extra, netns=self.netns[0], cgroup=self.cgroups[0],
+                             all_nodes=self.all_nodes),
                     self.scratch)
         self.nodes.insert(0, head)
         try:
@@ -991,11 +994,9 @@ def scenario_memory(ctx: Ctx) -> None:
     mp = ModelProfile.load(ctx.model)
     share = size / n
     budget = int(a.mem_frac * share)
-    reserve = a.planner_reserve_mb << 20
     has_prefetch = serve_has("--prefetch")
     info: dict[str, Any] = {"copies": [str(c) for c in copies], "share_bytes": int(share),
                             "page_budget_bytes": budget, "prefetch_flag": has_prefetch,
-                            "planner_reserve_bytes": reserve,
                             "layer_bytes_mean": mp.mean_layer_bytes,
                             "output_bytes": mp.output_bytes}
     ctx.details["memory"] = info
@@ -1023,14 +1024,11 @@ def scenario_memory(ctx: Ctx) -> None:
             anon = [_anon_bytes(cg) for cg in cgs]
     slack = a.mem_slack_mb << 20
     limits = [x + slack + budget for x in anon]
-    # what Halda is shown when it must plan as if its fixed compute-buffer reserve were not
-    # taken off memory the node already measures net of its own buffers
-    compensated = [x + reserve for x in limits]
     # room for an even split to fit (k = 1 must fit: the planner never plans a thrashing k=1)
-    fit = [x + slack + reserve + int(1.1 * share) + (mp.output_bytes if i == 0 else 0)
-           for i, x in enumerate(anon)]
+    fit = [x + slack + mp.scratch_bytes(256) + int(1.1 * share)
+           + (mp.output_bytes if i == 0 else 0) for i, x in enumerate(anon)]
     info.update(anon_bytes=anon, limits_bytes=limits, slack_bytes=slack,
-                compensated_plan_limits_bytes=compensated, fit_plan_limits_bytes=fit)
+                fit_plan_limits_bytes=fit)
     ctx.log("memory: limits " + ", ".join(f"{x / 2**20:.0f} MiB" for x in limits)
             + f" (own memory + {slack >> 20} MiB slack + {a.mem_frac:.0%} of a "
             f"{share / 2**20:.0f} MiB share)")
@@ -1055,8 +1053,11 @@ def scenario_memory(ctx: Ctx) -> None:
                                          f"{exc}") from None
 
             try:
+                # Halda's rows: Halda also chooses which nodes take part (all three cannot
+                # share 16 layers in equal rounds when a node holds at most one layer a round)
                 with Cluster(f"mem-{len(ctx.rows)}", ctx.scratch, copies, threads,
-                             rounds=rounds, extra=extra, cgroups=cgs) as cl:
+                             rounds=rounds, extra=extra, cgroups=cgs,
+                             all_nodes=rounds is not None) as cl:
                     m = measure(cl.head.url, a.mem_tokens, 1, ctx.eog, cl.pids,
                                 [str(c) for c in cgs],
                                 after_warmup=lower if list(plan_limits) != limits else None)
@@ -1084,19 +1085,13 @@ def scenario_memory(ctx: Ctx) -> None:
 
     on = ["--prefetch", "on"] if has_prefetch else []
     off = ["--prefetch", "off"] if has_prefetch else []
-    # Halda plans with the real limits (as the product runs today)
-    ring("halda", None, on, limit_note, limits)
-    # (a), (b): Halda shown its reserve on top, then the real limits
-    comp_note = (f"Halda planned with the limit + its {reserve >> 20} MiB buffer reserve, "
-                 "then the limit was lowered to the real one")
+    # Halda plans with the real limits, as the product runs
     if has_prefetch:
-        ring("halda*, prefetch", None, on, comp_note, compensated)
-        ring("halda*, no prefetch", None, off, "", compensated)
+        ring("halda, prefetch", None, on, limit_note, limits)
+        ring("halda, no prefetch", None, off, "", limits)
     else:
-        ring("halda*", None, [], comp_note + "; serve has no --prefetch flag yet (engine "
-             "default)", compensated)
-        ctx.rows.append(Row("memory", "halda*, no prefetch", n, None, threads,
-                            note="prefetch flag not yet available"))
+        ring("halda", None, [], limit_note + "; serve has no --prefetch flag (engine default)",
+             limits)
     # (c): k = 1, an even split planned where it fits, then the real limits
     for k in a.mem_k:
         ring(f"k={k}, even split", k, on,
@@ -1262,9 +1257,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-k", type=_csv(int), default=[1],
                    help="memory: rounds forced on an even split planned where it fits, then "
                         "run under the limits (default 1)")
-    p.add_argument("--planner-reserve-mb", type=int, default=300,
-                   help="memory: Halda's fixed compute-buffer reserve per device, added to the "
-                        "limit it plans with in the halda* rows (default 300)")
     p.add_argument("--mem-tokens", type=int, default=None,
                    help="memory: tokens per answer (default 12; quick 8)")
     p.add_argument("--wifi-nodes", type=int, default=3)

@@ -628,3 +628,63 @@ def test_a_two_node_ring_of_the_tiny_preset_gives_one_node_s_logits(
         if head is not None:
             head.close()
         assert worker.stop() == 0, worker.log()
+
+
+def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
+        make_model: ModelFactory, tmp_path: Path) -> None:
+    """A device profile is cached; one taken while the device was busy says it computes
+    many times slower than it does. Once decode steps show it, the head measures that node
+    again before the next request, and the plan after it prices the real speed. The same
+    steps teach the head what a hop costs beyond its link."""
+    from prima_node.cluster.head import REPROFILE_EVERY_S, STALE_AFTER_STEPS
+
+    model = make_model("llama", "tiny", "Q8_0")
+    cache = tmp_path / "profiles"  # this test's own: it spoils the cached profile
+    worker = _node(model, tmp_path / "w", cache)
+    head: InProcessHead | None = None
+    try:
+        worker.wait_ready()
+        head = InProcessHead(model, [f"127.0.0.1:{worker.port}"], cache)
+        head.plan(1)  # measures both nodes and caches their profiles
+        cached = sorted(cache.glob("device-*.json"))
+        assert cached
+        real = {}
+        for path in cached:
+            doc = json.loads(path.read_text())
+            real[path] = {t: k["decode_flops"] for t, k in doc["kernels"].items()}
+            for k in doc["kernels"].values():
+                k["decode_flops"] /= 50  # "measured" while something else ran
+            path.write_text(json.dumps(doc))
+        slow = head.plan(1)
+        ring = head.head
+        ids = [d.name for d in slow.devices]
+        head.ring.forward(list(range(1, 9)), session="s")
+        for t in range(STALE_AFTER_STEPS - 1):
+            head.ring.forward([t + 1], session="s")
+            assert not ring.stale_profiles  # too few steps to judge
+        head.ring.forward([3], session="s")
+        assert ring.stale_profiles == set(ids) and ring.needs_plan
+        assert ring.hop_overhead_s is not None and ring.hop_overhead_s >= 0
+        head.call(ring.replan(1))
+        for path, speeds in real.items():
+            fresh = json.loads(path.read_text())["kernels"]
+            assert all(fresh[t]["decode_flops"] > speeds[t] / 5 for t in speeds), (fresh, speeds)
+        assert not ring.stale_profiles and set(ring.reprofiled_at) == set(ids)
+        assert ring.plan is not None
+        for old, new in zip(slow.devices, ring.plan.devices, strict=True):
+            assert new.compute_s < old.compute_s / 10
+        # measured again once: the same contradiction within REPROFILE_EVERY_S does not
+        # repeat it; after that it would
+        ring.measured_ms = {i: 50e3 * d.compute_s for i, d in enumerate(slow.devices)}
+        ring._check_profiles(slow)
+        assert not ring.stale_profiles
+        for node_id in ids:
+            ring.reprofiled_at[node_id] -= REPROFILE_EVERY_S + 1
+        ring._check_profiles(slow)
+        assert ring.stale_profiles == set(ids)
+        ring.stale_profiles.clear()
+        assert ring.view()["plan"]["hop_overhead_ms"] >= 0
+    finally:
+        if head is not None:
+            head.close()
+        assert worker.stop() == 0, worker.log()

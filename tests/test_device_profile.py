@@ -77,3 +77,15 @@ def test_a_measured_profile_plans_the_model_it_was_measured_with(make_model: Mod
     measured = min(k["decode_flops"] for k in prof.kernels.values())
     fastest = max(k["decode_flops"] for k in prof.kernels.values())
     assert flops / fastest <= dev["compute_ms"] / 1e3 <= 1.5 * flops / measured
+
+
+def test_the_bandwidth_buffer_fits_in_what_the_device_can_spare() -> None:
+    """The first profile of a node in a 300 MiB container was killed for its 256 MiB buffer:
+    the buffer is at most an eighth of the available memory, and 256 MiB where there is room."""
+    from prima_node.device.profile import bandwidth_buffer_mib
+
+    mib = 2**20
+    for available in (300 * mib, 1024 * mib, 2047 * mib):
+        assert 16 <= bandwidth_buffer_mib(available) <= available // 8 // mib
+    assert bandwidth_buffer_mib(64 * 2**30) == 256
+    assert bandwidth_buffer_mib(0) == 16  # never nothing: the figure would mean nothing

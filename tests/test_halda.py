@@ -4,6 +4,7 @@ exact optimum of the same cost model (every subset of devices, k, window split a
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -163,3 +164,51 @@ def test_many_devices_leave_out_one_that_cannot_hold_a_layer() -> None:
     p = plan([*good, crumb], model, Options(n_ctx=512))
     assert "crumb" not in p.ring and "cannot hold even one layer" in p.dropped["crumb"]
     assert p.latency_s == pytest.approx(plan(good, model, Options(n_ctx=512)).latency_s)
+
+
+def test_measured_devices_reserve_the_engine_s_scratch_so_the_paper_s_scenario_plans() -> None:
+    """The paper's scenario: a model of the 1b's widths (24 layers, so that three nodes can
+    each take one layer a round) across three nodes whose memory holds 40 % of their
+    share. A measured profile's free memory is already net of the node process, so
+    Halda reserves only the engine's prefill scratch (tens of MiB for these shapes);
+    llama.cpp's fixed 300 MiB on top left no room to stream through."""
+    model = from_shapes(PublishedModel("1b", "llama", 24, 2048, 32, 8, 8192, 32000, 131072),
+                        "F16")
+    share = model.mean_layer_bytes * model.n_layer / 3
+    scratch = model.scratch_bytes(Options().batch)
+    assert scratch < 100 * 2**20
+    flops = {"F16": 20 * GB, "F32": 10 * GB}
+    devices = [Device(f"d{i}", mem_available=0.4 * share + scratch
+                      + (model.output_bytes if i == 0 else 0), disk_bytes_per_s=1 * GB,
+                      cpu_flops=flops) for i in range(3)]
+    links = {(a.name, b.name): Link(0.0005, 1e9) for a in devices for b in devices if a is not b}
+    p = plan(devices, model, Options(n_ctx=512, use_all=True), links)
+    assert p.k > 2 and len(p.ring) == 3
+    assert all(d.streamed_bytes > 0 for d in p.devices)  # each streams its windows' tails
+    llama_reserve = [Device(d.name, mem_available=d.mem_available,
+                            disk_bytes_per_s=d.disk_bytes_per_s, cpu_flops=flops,
+                            compute_buffer=300 * 2**20) for d in devices]
+    with pytest.raises(PlanError, match="needs room for two windows"):
+        plan(llama_reserve, model, Options(n_ctx=512, use_all=True), links)
+
+
+def test_the_nodes_handling_of_a_hop_is_priced_on_every_hop() -> None:
+    model = _model(12)
+    flops = {"Q4_K": 40 * GB, "Q6_K": 30 * GB, "F32": 20 * GB}
+    size = model.mean_layer_bytes * 12
+    devices = [Device(f"d{i}", mem_available=size, disk_bytes_per_s=2 * GB, cpu_flops=flops)
+               for i in range(3)]
+    links = {(a.name, b.name): Link(0.0005, 1e9) for a in devices for b in devices if a is not b}
+    for k in (1, 2, 4):
+        bare = plan(devices, model, Options(n_ctx=512, k=k, use_all=True), links)
+        priced = plan(devices, model, Options(n_ctx=512, k=k, use_all=True,
+                                              hop_overhead_s=0.004), links)
+        assert priced.latency_s == pytest.approx(bare.latency_s + 3 * k * 0.004, rel=1e-6)
+    # a device with less memory: the ring is worth its hops at their link price, not once
+    # each hop also costs the nodes' handling of it
+    small = [replace(d, mem_available=0.7 * size) if d.name == "d0" else d for d in devices]
+    unpriced = plan(small, model, Options(n_ctx=512), links)
+    priced = plan(small, model, Options(n_ctx=512, hop_overhead_s=0.5), links)
+    assert len(unpriced.ring) > 1 and len(priced.ring) < len(unpriced.ring)
+    with pytest.raises(PlanError, match="negative"):
+        plan(devices, model, Options(n_ctx=512, hop_overhead_s=-1e-3), links)

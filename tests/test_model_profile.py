@@ -109,3 +109,39 @@ def test_the_cli_prints_a_summary_and_the_exchange_format(make_model: ModelFacto
     assert ModelProfile.from_json(doc) == from_gguf(make_model())
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--published" in res.stderr
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_the_scratch_figure_covers_what_the_engine_allocates_for_a_prefill_chunk(
+        make_model: ModelFactory, preset: str) -> None:
+    """Halda reserves ``scratch_bytes`` on every node instead of a fixed 300 MiB: it must hold
+    what a 256-token chunk really allocates (tracemalloc sees numpy's buffers), and not be
+    wildly above it either, or memory-poor nodes get fewer layers than they can hold."""
+    import tracemalloc
+
+    import numpy as np
+
+    from prima_node.engine.model import DEFAULT_BATCH, Model
+    from prima_node.kernels import TILE_ELEMENTS
+    from prima_node.planner.halda import Options
+    from prima_node.planner.model_profile import ENGINE_TILE_ELEMENTS
+
+    assert (ENGINE_TILE_ELEMENTS, Options().batch) == (TILE_ELEMENTS, DEFAULT_BATCH)
+    path = make_model("llama", preset, "Q8_0", seed=3)
+    model = Model.open(path, threads=1, n_ctx=DEFAULT_BATCH)
+    try:
+        model.warm_up()
+        window = model.window(0, model.config.n_layer)
+        window.cache("s")  # the KV cache is priced apart
+        h = np.random.default_rng(0).standard_normal(
+            (DEFAULT_BATCH, model.config.n_embd)).astype(np.float32)
+        tracemalloc.start()
+        try:
+            window.forward(h, np.arange(DEFAULT_BATCH), "s")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        model.close()
+    figure = ModelProfile.load(path).scratch_bytes(DEFAULT_BATCH)
+    assert peak <= figure <= 2 * peak, (peak, figure)

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prima_node.device.memory import MemoryInfo
 from prima_node.engine import paging
 from prima_node.engine.model import Model
 from prima_node.engine.paging import (
     HIT_RESIDENCY,
     PAGE,
+    RELEASE_HEADROOM,
     PagingStats,
     WindowPages,
     merged_pages,
@@ -427,5 +429,61 @@ def test_a_streaming_node_whose_disk_is_behind_still_releases_but_queues_no_pref
         _until(lambda: pager.stats.releases == 1)
         assert fraction(pages[0]) < 0.05  # released all the same
         assert pager.stats.prefetches == 0 and pager._pending is busy  # nothing queued
+    finally:
+        pager.close()
+
+
+def _memory(available: int) -> MemoryInfo:
+    return MemoryInfo(total=2 * available, available=available, os_available=available,
+                      cgroup_limit=None, cgroup_available=None, cgroup_version=None,
+                      swap_total=0, swap_free=0, source="MemAvailable")
+
+
+def test_a_node_starts_streaming_when_memory_shrinks_and_stops_when_it_returns(
+        model: Model) -> None:
+    """The memory figure is read again while the node runs: other programs of the home take
+    memory and give it back, and the mode follows (with hysteresis)."""
+    from prima_node.cluster.pager import Pager
+
+    bounds = [(a, a + 2) for a in range(0, model.config.n_layer, 2)]  # 3 windows of 2 layers
+    windows = [model.window(a, b) for a, b in bounds]
+    for w in windows:
+        w.forward(hidden(model), np.arange(3), "s")
+    pages = [WindowPages.of_window(model.file, w) for w in windows]
+    per_layer = [[WindowPages.of_layers(model.file, [i]) for i in range(a, b)] for a, b in bounds]
+
+    def idle() -> None:  # every paging job submitted so far has run (one worker, in order)
+        pager._worker.submit(lambda: None).result(timeout=PREFETCH_WAIT_S)
+
+    held = sum(p.n_bytes for p in pages)
+    available = [4 * held]
+    pager = Pager(pages, layer_pages=per_layer, memory=lambda: _memory(available[0]),
+                  recheck_s=0.0)
+    try:
+        assert not pager.stream
+        available[0] = int(0.95 * held)  # another program took memory: no longer fits
+        pager.after_use(0)
+        idle()
+        assert pager.stream and pager.as_dict()["mode_changes"] == 1
+        assert pager.tail == 1  # 3 heads + 2 tails fit in 0.95 of the whole: only tails move
+        pager.after_use(0)  # now it releases what it used and prefetches the next
+        _until(lambda: pager.stats.releases >= 1 and pager.stats.prefetches >= 1)
+        # back to just above fitting: inside the hysteresis band, it keeps streaming
+        available[0] = int(held / (1 - 1.5 * RELEASE_HEADROOM))
+        pager.after_use(1)
+        idle()
+        assert pager.stream and pager.tail == 1 and pager.as_dict()["mode_changes"] == 1
+        available[0] = int(0.8 * held)  # less still: heads no longer fit, whole windows move
+        pager.after_use(2)
+        idle()
+        assert pager.tail == 2 and pager.moving == pages
+        released = [fraction(p) for p in pages]
+        available[0] = 4 * held  # given back: keep everything again, read back what went
+        pager.after_use(0)
+        idle()
+        assert not pager.stream
+        assert all(wait_resident(p, 1.0) == 1.0 for p in pages), released
+        doc = pager.as_dict()
+        assert (doc["mode"], doc["mode_changes"], doc["streamed_bytes"]) == ("resident", 3, 0)
     finally:
         pager.close()

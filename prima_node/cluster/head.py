@@ -34,6 +34,11 @@ LIVENESS_POLL_S = 0.25
 STALL_FLOOR_S = 3.0  # a round may take this long whatever the plan predicts
 STALL_FACTOR = 4.0  # ... or this many times the predicted (or measured) time
 BENCH_S = 60.0  # a node that stalled a round stays out of the ring this long
+#: A node's measured compute this many times above or below its profile's prediction, after
+#: ``STALE_AFTER_STEPS`` decode steps of a plan, gets its profile measured again.
+STALE_RATIO = 2.0
+STALE_AFTER_STEPS = 8
+REPROFILE_EVERY_S = 600.0
 LOAD_TIMEOUT_S = 300.0  # a first load may compile the kernels (about a minute on a Pi)
 
 
@@ -74,6 +79,13 @@ class ClusterHead:
         self.planned_at: float | None = None
         self.measured_ms: dict[int, float] = {}  # ring position -> compute ms per token (EMA)
         self.measured_token_ms: float | None = None  # whole decode step, EMA
+        # what a hop costs beyond its link (frame encode and decode, event loops, hand-off to
+        # the model thread), learnt from decode steps and priced by the next plan (EMA)
+        self.hop_overhead_s: float | None = None
+        self.decode_steps = 0  # decode steps measured on this plan
+        # nodes whose cached profile the ring contradicts: measured again by the next plan
+        self.stale_profiles: set[str] = set()
+        self.reprofiled_at: dict[str, float] = {}  # node id -> monotonic time last measured
         self._rejoin: asyncio.Task[None] | None = None
         self.benched: dict[str, float] = {}  # address -> monotonic time it may rejoin
         self.aliases: dict[str, str] = {}  # another address of a member -> its node id
@@ -288,10 +300,23 @@ class ClusterHead:
 
     async def make_plan(self, k: int | None = None) -> Plan:
         loop = asyncio.get_running_loop()
-        profiles = [await loop.run_in_executor(None, self.node._profile)]
-        for m in self.members[1:]:
-            assert m.control is not None
-            profiles.append((await m.control.call("profile", timeout=300))["profile"])
+        stale, self.stale_profiles = self.stale_profiles, set()
+        for node_id in stale:
+            _LOG.info("measuring node %s again: its cached profile is far from what the ring "
+                      "measured", self._name(node_id))
+        try:
+            profiles = [await loop.run_in_executor(None, self.node._profile,
+                                                   self.members[0].node_id in stale)]
+            for m in self.members[1:]:
+                assert m.control is not None
+                profiles.append((await m.control.call("profile", timeout=300,
+                                                      refresh=m.node_id in stale))["profile"])
+        except BaseException:
+            self.stale_profiles |= stale  # not measured: the next plan tries again
+            raise
+        now = time.monotonic()
+        for node_id in stale:
+            self.reprofiled_at[node_id] = now
         links: dict[tuple[str, str], Link] = {}
         for a in self.members:
             for b in self.members:
@@ -307,11 +332,17 @@ class ClusterHead:
         model = ModelProfile.load(self.node.config.model_path)
         result = plan(devices, model, Options(n_ctx=self.node.config.n_ctx,
                                               k=k if k is not None else self.force_k, head=0,
-                                              use_all=self.use_all),
+                                              use_all=self.use_all,
+                                              hop_overhead_s=self.hop_overhead_s or 0.0,
+                                              activation_bytes=self._wire_bytes()),
                       links)
         _LOG.info("plan: k=%d, ring %s, predicted %.1f ms/token", result.k,
                   " -> ".join(self._name(d) for d in result.ring), 1e3 * result.latency_s)
         return result
+
+    def _wire_bytes(self) -> int:
+        """Bytes per number of the activations on the ring links (``--link-dtype``)."""
+        return 2 if self.node.config.link_dtype == "f16" else 4
 
     def _name(self, node_id: str) -> str:
         return next((m.name for m in self.members if m.node_id == node_id), node_id)
@@ -338,6 +369,7 @@ class ClusterHead:
         self.plan, self.ring = p, ring
         self.planned_at = time.time()
         self.measured_ms, self.measured_token_ms = {}, None
+        self.decode_steps = 0
         while not self.events.empty():  # what happened before this ring formed is over
             self.events.get_nowait()
 
@@ -346,9 +378,12 @@ class ClusterHead:
         await self.apply(await self.make_plan())
         self._rejoin = asyncio.create_task(self.watch_members(), name="cluster membership")
 
-    def record(self, marks: list[tuple[int, int]], token_s: float) -> None:
-        """One decode step's per-node compute times (µs marks from the frames) and its whole
-        duration, folded into moving averages for the status document."""
+    def record(self, marks: list[tuple[int, int]], token_s: float, output_s: float = 0.0
+               ) -> None:
+        """One decode step's per-node compute times (µs marks from the frames), its whole
+        duration and the head's output projection, folded into moving averages for the status
+        document; what is left once compute, output and the links' measured cost are taken
+        off is what the nodes' handling of a hop costs, which the next plan prices."""
         per_node: dict[int, float] = {}
         for index, us in marks:
             per_node[index] = per_node.get(index, 0.0) + us / 1e3
@@ -358,6 +393,52 @@ class ClusterHead:
         ms = 1e3 * token_s
         old_t = self.measured_token_ms
         self.measured_token_ms = ms if old_t is None else 0.8 * old_t + 0.2 * ms
+        p = self.plan
+        if p is None:
+            return
+        self.decode_steps += 1
+        if self.decode_steps == STALE_AFTER_STEPS:
+            self._check_profiles(p)
+        if len(self.ring) < 2:
+            return
+        nbytes = (self.node.model.config.n_embd * self._wire_bytes()
+                  if self.node.model is not None else 0)
+        ids = [m.node_id for m in self.ring]
+        links = [self.links.get((a, b)) for a, b in zip(ids, ids[1:] + ids[:1], strict=True)]
+        if any(link is None for link in links):
+            return
+        network = p.k * sum(link.hop_s(nbytes) for link in links if link is not None)
+        residual = token_s - sum(us for _, us in marks) / 1e6 - output_s - network
+        per_hop = min(max(0.0, residual / (p.k * len(ids))), token_s)
+        old_h = self.hop_overhead_s
+        self.hop_overhead_s = per_hop if old_h is None else 0.8 * old_h + 0.2 * per_hop
+
+    def _check_profiles(self, p: Plan) -> None:
+        """Compare each node's measured compute with what its profile predicted. A profile is
+        cached per device and model; one taken while the device was busy (or before a
+        change of hardware or power mode) can be several times off, and a plan built on it
+        gives that node too few or too many layers. Such a node is measured again, at most
+        once per ``REPROFILE_EVERY_S``, by a plan made before the next request. Only nodes
+        that hold their windows in memory are judged: a streaming node's compute time includes
+        its waits for the disk."""
+        now = time.monotonic()
+        for index, ms in self.measured_ms.items():
+            if index >= len(self.ring) or index >= len(p.devices):
+                continue
+            member, planned = self.ring[index], p.devices[index]
+            if planned.streamed_bytes > 0 or planned.regime != "M4":
+                continue  # its measured compute includes waiting for the disk
+            predicted = 1e3 * planned.compute_s
+            if predicted <= 0 or 1 / STALE_RATIO <= ms / predicted <= STALE_RATIO:
+                continue
+            if now - self.reprofiled_at.get(member.node_id, -REPROFILE_EVERY_S) \
+                    < REPROFILE_EVERY_S:
+                continue
+            _LOG.warning("node %s computes its windows in %.1f ms a token, its profile said "
+                         "%.1f ms: it will be measured again before the next request",
+                         member.name, ms, predicted)
+            self.stale_profiles.add(member.node_id)
+            self.needs_plan = True
 
     def view(self) -> dict[str, Any]:
         """The cluster part of the head's status document."""
@@ -384,9 +465,9 @@ class ClusterHead:
                 "predicted_disk_ms": round(1e3 * d.disk_s, 3) if d else None,
                 "measured_compute_ms": round(measured, 3) if measured is not None else None,
                 "paging": {key: paging.get(key) for key in (
-                    "enabled", "mode", "held_bytes", "capacity_bytes", "uses", "hit_rate",
-                    "mean_residency", "prefetches", "releases", "bytes_prefetched",
-                    "bytes_released")} if paging else None,
+                    "enabled", "mode", "tail_layers", "mode_changes", "held_bytes",
+                    "capacity_bytes", "uses", "hit_rate", "mean_residency", "prefetches",
+                    "releases", "bytes_prefetched", "bytes_released")} if paging else None,
             })
         plan_doc = None
         if p is not None:
@@ -395,6 +476,8 @@ class ClusterHead:
                 "predicted_ms_per_token": round(1e3 * p.latency_s, 3), "bound": p.bound,
                 "measured_ms_per_token": None if self.measured_token_ms is None
                 else round(self.measured_token_ms, 3),
+                "hop_overhead_ms": None if self.hop_overhead_s is None
+                else round(1e3 * self.hop_overhead_s, 3),
                 "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
                     self.planned_at or 0)),
                 "dropped": dict(p.dropped)}
@@ -507,9 +590,11 @@ class RingExecutor:
                     raise
                 marks += self.last_marks
         assert h is not None
+        t1 = time.perf_counter()
         logits = np.asarray(self.model.head(h[-1:])[0])
         if ids.size == 1:  # a decode step: what the status shows per node
-            self.head.record(marks, time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            self.head.record(marks, t2 - t0, t2 - t1)
         return logits
 
     def replan_now(self, k: int | None = None) -> dict[str, Any]:

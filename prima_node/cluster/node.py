@@ -35,6 +35,9 @@ _LOG = logging.getLogger("prima.cluster")
 RING_PATH = "/cluster/ws"
 CONTROL_BYTES = 4 * 2**20  # handshakes, control requests: small JSON
 MAX_UNADMITTED = 16  # connections still proving the secret; more wait for a free place
+#: of those, from one address: one misbehaving device cannot take every place and keep the
+#: real nodes out (a head opens at most two at once to a node: control and a link probe)
+MAX_UNADMITTED_PER_PEER = 4
 CLOSE_OTHER_HEAD = 4409
 
 
@@ -83,6 +86,7 @@ class ClusterNode:
         self.frames_in = 0
         self.max_frame = CONTROL_BYTES  # until the model is open and its width known
         self.unadmitted = 0
+        self.unadmitted_from: dict[str, int] = {}  # remote address -> its share of those
         self.busy: tuple[int, int, float] | None = None  # (step, round, since) of the frame
         self.last_out: tuple[int, int, int] | None = None  # (epoch, step, round) sent on
         self._out_reader: asyncio.Task[None] | None = None
@@ -147,22 +151,28 @@ class ClusterNode:
     # -- the endpoint -----------------------------------------------------------------------------
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
-        if self.unadmitted >= MAX_UNADMITTED:  # a flood of handshakes: memory stays bounded
-            _LOG.warning("refused a cluster connection from %s: %d others are still proving "
-                         "the secret", request.remote, self.unadmitted)
+        remote = request.remote or "?"
+        mine = self.unadmitted_from.get(remote, 0)
+        if self.unadmitted >= MAX_UNADMITTED or mine >= MAX_UNADMITTED_PER_PEER:
+            # a flood of handshakes: memory stays bounded, and one address cannot take every
+            # place
+            _LOG.warning("refused a cluster connection from %s: %d connections (%d from it) "
+                         "are still proving the secret", remote, self.unadmitted, mine)
             return web.json_response({"error": {"code": "busy", "message": "too many "
                                                 "connections waiting for admission"}},
                                      status=503, headers={"Retry-After": "1"})
         # the limit fits the largest frame this model sends: an unadmitted peer can make the
         # node hold at most MAX_UNADMITTED of those, for at most the handshake's timeout
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=2.0, compress=False)
-        self.unadmitted += 1  # counted from before the first await: the cap cannot overshoot
+        # counted from before the first await: the caps cannot overshoot
+        self.unadmitted += 1
+        self.unadmitted_from[remote] = mine + 1
         try:
             await ws.prepare(request)
             self.sockets.add(ws)
             peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces)
         except AuthError as exc:
-            _LOG.warning("refused a cluster connection from %s: %s", request.remote, exc)
+            _LOG.warning("refused a cluster connection from %s: %s", remote, exc)
             self.sockets.discard(ws)
             return ws
         except BaseException:
@@ -170,6 +180,11 @@ class ClusterNode:
             raise
         finally:
             self.unadmitted -= 1
+            left = self.unadmitted_from[remote] - 1
+            if left:
+                self.unadmitted_from[remote] = left
+            else:
+                del self.unadmitted_from[remote]
         try:
             _LOG.info("admitted %s link from node %s (%s)", peer.purpose, peer.node_id,
                       request.remote)
@@ -236,7 +251,8 @@ class ClusterNode:
         if op == "info":
             return self.info()
         if op == "profile":
-            return {"profile": await loop.run_in_executor(None, self._profile)}
+            refresh = req.get("refresh") is True
+            return {"profile": await loop.run_in_executor(None, self._profile, refresh)}
         if op == "link":
             return {"link": await self.measure_link(str(req["url"]))}
         if op == "load":
@@ -250,11 +266,12 @@ class ClusterNode:
             return {}
         raise ValueError(f"unknown operation {op!r}")
 
-    def _profile(self) -> dict[str, Any]:
+    def _profile(self, refresh: bool = False) -> dict[str, Any]:
+        """This node's profile: cached speeds (``refresh``: measured again) and its memory now."""
         from ..device.profile import profile_device
 
         prof = profile_device(self.config.model_path, threads=self.config.threads,
-                              cache_dir=self.config.profile_cache)
+                              cache_dir=self.config.profile_cache, refresh=refresh)
         doc = prof.to_json()
         doc["name"] = self.config.node_id  # unique within the cluster; hostnames may repeat
         doc["host"] = self.config.name

@@ -6,6 +6,8 @@ stayed so. When they do not fit (Halda planned it to stream, or memory shrank si
 the paper's schedule: after sending a window's output it releases that window and asks the OS
 to read the next one, on a thread of its own, while the activations travel the rest of the ring.
 Residency is measured (mincore) just before each use, which is what the prefetch hit rate means.
+The memory is read again every few seconds of use, since the home's other programs take and
+give back memory while the node runs: the node starts or stops streaming accordingly.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..device.memory import memory_info
+from ..device.memory import MemoryInfo, memory_info
 from ..engine.paging import (
     HIT_RESIDENCY,
     RELEASE_HEADROOM,
@@ -29,6 +32,16 @@ _LOG = logging.getLogger("prima.cluster")
 #: While everything fits, residency is measured on one use in this many (mincore costs about
 #: 20 ms per GB: too much for every decode step of a resident model).
 RESIDENT_SAMPLE = 16
+#: Seconds of use between two readings of the memory the node can count on (a reading is a
+#: few /proc and cgroup files, plus mincore of the windows under a cgroup: ~20 ms per GB).
+RECHECK_S = 5.0
+
+
+class _Policy(NamedTuple):
+    stream: bool  # release each window's moving part after use and prefetch the next
+    tail: int  # trailing layers per window that move (0: nothing, or whole windows of
+    # unknown layers; at least a window's length: the whole window)
+    moving: list[WindowPages]  # what is released and prefetched, per window
 
 
 def tail_layers(layer_bytes: list[list[int]], budget: int) -> int:
@@ -48,44 +61,125 @@ def tail_layers(layer_bytes: list[list[int]], budget: int) -> int:
 class Pager:
     def __init__(self, pages: list[WindowPages], *, enabled: bool = True,
                  planned_stream: bool = False,
-                 layer_pages: list[list[WindowPages]] | None = None) -> None:
+                 layer_pages: list[list[WindowPages]] | None = None,
+                 memory: Callable[[], MemoryInfo] = memory_info,
+                 recheck_s: float = RECHECK_S) -> None:
         """``pages``: each round's window; ``layer_pages``: the same per layer, so that a
-        streaming node can keep each window's head and stream only its tail."""
+        streaming node can keep each window's head and stream only its tail. ``memory`` reads
+        what the node can count on, again every ``recheck_s`` seconds of use: memory is shared
+        with the rest of the home's programs, and a node must start streaming when they take
+        it and stop when they give it back."""
         self.pages = pages
+        self.layer_pages = layer_pages
         self.enabled = enabled
         self.held_bytes = sum(p.n_bytes for p in pages)
-        mem = memory_info()
-        self.capacity = mem.available
-        if mem.cgroup_available is not None and mem.available == mem.cgroup_available:
-            # a cgroup counts only inactive file pages as reclaimable: our windows, just
-            # warmed up, are active and memory they can use all the same (MemAvailable and
-            # macOS's figure already include them: adding them there would count them twice)
-            self.capacity += sum(p.resident_bytes() or 0 for p in pages)
-        self.stream = enabled and len(pages) > 1 and (
-            planned_stream or should_release(self.held_bytes, self.capacity))
-        self.stats = PagingStats()
-        # what is released and prefetched per window: its tail layers, or all of it
-        self.moving = list(pages)
-        self.tail = 0
-        if self.stream and layer_pages is not None:
-            sizes = [[p.n_bytes for p in w] for w in layer_pages]
-            self.tail = tail_layers(sizes, int(self.capacity * (1 - RELEASE_HEADROOM)))
-            if self.tail < min(len(w) for w in layer_pages):
-                self.moving = [WindowPages(w[0].file, [r for p in w[len(w) - self.tail:]
-                                                       for r in p.ranges])
-                               for w in layer_pages]
+        self._memory = memory
+        self.recheck_s = recheck_s
         self._lock = threading.Lock()
+        self.stats = PagingStats()
+        self.mode_changes = 0
+        self.capacity = self._capacity()
+        self._checked = time.monotonic()
+        # the policy in force, replaced whole (never edited) so the model thread and the
+        # paging thread each see one consistent policy
+        self._policy = self._choose(enabled and len(pages) > 1 and (
+            planned_stream or should_release(self.held_bytes, self.capacity)))
         self._low: set[int] = set()  # windows found short of resident: prefetch them again
         self._pending: Future[None] | None = None  # the paging job in flight
         self._uses = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="prima-prefetch")
         if enabled and pages:
-            _LOG.info("windows hold %.0f MB, memory for them %.0f MB: %s", self.held_bytes / 1e6,
-                      self.capacity / 1e6,
-                      (f"keep each window's head, release its last {self.tail} layer(s) after "
-                       "use and prefetch the next" if self.moving is not self.pages
-                       and self.tail else "release each window after use and prefetch the "
-                       "next") if self.stream else "keep them all resident")
+            self._log_policy()
+
+    @property
+    def stream(self) -> bool:
+        return self._policy.stream
+
+    @property
+    def tail(self) -> int:
+        return self._policy.tail
+
+    @property
+    def moving(self) -> list[WindowPages]:
+        return self._policy.moving
+
+    def _capacity(self) -> int:
+        """Memory for the windows: what the node can count on, with its own windows' pages
+        where the rule that decides does not already count them."""
+        mem = self._memory()
+        capacity = mem.available
+        if mem.cgroup_available is not None and mem.available == mem.cgroup_available:
+            # a cgroup counts only inactive file pages as reclaimable: our windows, once
+            # used, are active and memory they can use all the same (MemAvailable and
+            # macOS's figure already include them: adding them there would count them twice)
+            capacity += sum(p.resident_bytes() or 0 for p in self.pages)
+        return capacity
+
+    def _tail(self, headroom: float) -> int:
+        """Trailing layers per window to stream with this share of the capacity kept free
+        (at least one: a streaming node moves something)."""
+        assert self.layer_pages is not None
+        sizes = [[p.n_bytes for p in w] for w in self.layer_pages]
+        return max(1, tail_layers(sizes, int(self.capacity * (1 - headroom))))
+
+    def _choose(self, stream: bool, tail: int | None = None) -> _Policy:
+        """The policy for a mode: streaming moves each window's last ``tail`` layers (Halda's
+        schedule; by default the fewest that fit), or whole windows when per-layer pages are
+        not known."""
+        if not stream:
+            return _Policy(False, 0, list(self.pages))
+        if self.layer_pages is None:
+            return _Policy(True, 0, list(self.pages))
+        if tail is None:
+            tail = self._tail(RELEASE_HEADROOM)
+        moving = [whole if tail >= len(w) else
+                  WindowPages(w[0].file, [r for p in w[len(w) - tail:] for r in p.ranges])
+                  for whole, w in zip(self.pages, self.layer_pages, strict=True)]
+        return _Policy(True, tail, moving)
+
+    def _log_policy(self) -> None:
+        p = self._policy
+        _LOG.info("windows hold %.0f MB, memory for them %.0f MB: %s", self.held_bytes / 1e6,
+                  self.capacity / 1e6,
+                  (f"keep each window's head, release its last {p.tail} layer(s) after use "
+                   "and prefetch the next" if p.tail and any(
+                       m is not w for m, w in zip(p.moving, self.pages, strict=True))
+                   else "release each window after use and prefetch the next")
+                  if p.stream else "keep them all resident")
+
+    def recheck(self) -> bool:
+        """Read the memory again and change mode (or tail) if it moved; True if it did.
+
+        Hysteresis: a node streams more as soon as what it holds no longer fits with the
+        headroom (``should_release``), but streams less, or stops, only once it fits with
+        twice that, so that a figure hovering at an edge does not flip the policy on every
+        check."""
+        if not self.enabled or len(self.pages) < 2:
+            return False
+        self.capacity = self._capacity()
+        old = self._policy
+        if not old.stream:
+            new = self._choose(should_release(self.held_bytes, self.capacity))
+        elif self.held_bytes <= self.capacity * (1 - 2 * RELEASE_HEADROOM):
+            new = self._choose(False)
+        elif self.layer_pages is None:
+            new = old
+        else:
+            tight, loose = self._tail(RELEASE_HEADROOM), self._tail(2 * RELEASE_HEADROOM)
+            tail = tight if tight > old.tail else loose if loose < old.tail else old.tail
+            new = old if tail == old.tail else self._choose(True, tail)
+        if new is old or (new.stream, new.tail) == (old.stream, old.tail):
+            return False
+        with self._lock:
+            self._policy = new
+            self.mode_changes += 1
+        self._log_policy()
+        if old.stream and (not new.stream or new.tail < old.tail):
+            # what the old policy released is needed again: read it back now (this runs on
+            # the paging thread, after any release the old policy still had queued)
+            for pages in old.moving:
+                pages.prefetch()
+        return True
 
     def before_use(self, r: int) -> None:
         """Model thread, just before window ``r`` runs: measure how much of it is there."""
@@ -103,40 +197,58 @@ class Pager:
 
     def after_use(self, r: int) -> None:
         """Window ``r``'s output has left: release it (streaming) and prefetch the next one,
-        off the calling thread."""
+        off the calling thread; now and then, read the memory again there too."""
         if not self.enabled or not self.pages:
             return
+        now = time.monotonic()
+        recheck = now - self._checked >= self.recheck_s
+        if recheck:
+            self._checked = now
+        policy = self._policy
         nxt = (r + 1) % len(self.pages)
-        if self.stream or nxt in self._low:
+        if policy.stream or nxt in self._low:
             if self._pending is not None and not self._pending.done():
                 # the disk is behind: a queue of stale prefetches would only get in the way,
                 # but the release must happen or the windows outgrow the memory
-                if self.stream:
-                    self._worker.submit(self._page, r, None)
+                if policy.stream:
+                    self._worker.submit(self._page, policy.moving, r, None, recheck)
+                elif recheck:
+                    self._worker.submit(self._page, policy.moving, None, None, True)
                 return
             self._low.discard(nxt)
-            self._pending = self._worker.submit(self._page, r if self.stream else None, nxt)
+            self._pending = self._worker.submit(self._page, policy.moving,
+                                                r if policy.stream else None, nxt, recheck)
+        elif recheck:
+            self._worker.submit(self._page, policy.moving, None, None, True)
 
-    def _page(self, release: int | None, prefetch: int | None) -> None:
+    def _page(self, moving: list[WindowPages], release: int | None, prefetch: int | None,
+              recheck: bool = False) -> None:
         try:
             if release is not None and release != prefetch:
-                seconds = self.moving[release].release()
+                seconds = moving[release].release()
                 with self._lock:
-                    self.stats.record_release(self.moving[release].n_bytes, seconds)
-            if prefetch is None:
-                return
-            seconds = self.moving[prefetch].prefetch()
-            with self._lock:
-                self.stats.record_prefetch(self.moving[prefetch].n_bytes, seconds)
+                    self.stats.record_release(moving[release].n_bytes, seconds)
+            if prefetch is not None:
+                seconds = moving[prefetch].prefetch()
+                with self._lock:
+                    self.stats.record_prefetch(moving[prefetch].n_bytes, seconds)
         except (OSError, ValueError) as exc:  # a hint that failed: the window still pages in
             _LOG.warning("paging windows %s/%s failed: %s", release, prefetch, exc)
+        if recheck:
+            try:
+                self.recheck()
+            except (OSError, ValueError) as exc:  # keep the policy in force
+                _LOG.warning("reading the memory figures failed: %s", exc)
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             stats = self.stats.as_dict()
-        return {"enabled": self.enabled, "mode": "stream" if self.stream else "resident",
+            changes = self.mode_changes
+        policy = self._policy
+        return {"enabled": self.enabled, "mode": "stream" if policy.stream else "resident",
+                "tail_layers": policy.tail, "mode_changes": changes,
                 "held_bytes": self.held_bytes, "capacity_bytes": self.capacity,
-                "streamed_bytes": sum(p.n_bytes for p in self.moving) if self.stream else 0,
+                "streamed_bytes": sum(p.n_bytes for p in policy.moving) if policy.stream else 0,
                 **stats}
 
     def close(self) -> None:

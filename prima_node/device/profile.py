@@ -79,6 +79,13 @@ def _cache_path(cache_dir: Path, model: Path | None, threads: int) -> Path:
     return cache_dir / f"device-{digest}.json"
 
 
+def bandwidth_buffer_mib(available: int) -> int:
+    """The memory-bandwidth buffer: 256 MiB, far beyond any cache, but never more than an
+    eighth of what the device can spare (a 256 MiB buffer got a first profile killed in a
+    300 MiB container); 16 MiB still exceeds the last-level cache of the devices this runs on."""
+    return max(16, min(256, available // 8 >> 20))
+
+
 def profile_device(model: str | Path | None = None, *, threads: int | None = None,
                    cache_dir: Path | None = None, refresh: bool = False,
                    progress: Progress | None = None) -> DeviceProfile:
@@ -122,7 +129,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
     t0 = time.perf_counter()
     mem = memory_info().as_dict()
     step()
-    bandwidth = memory_read_bandwidth(size_mib=256, repeats=3)
+    bandwidth = memory_read_bandwidth(size_mib=bandwidth_buffer_mib(mem["available"]), repeats=3)
     step()
     disk = None
     if path is not None and path.suffix == ".gguf":

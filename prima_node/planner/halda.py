@@ -64,7 +64,10 @@ class Device:
     metal: bool = False  # macOS with Metal: GPU and CPU share memory
     gpu_flops: Mapping[str, float] | None = None
     vram_free: float = 0.0
-    compute_buffer: float = 300 * 2**20  # activations and scratch, bytes
+    # activations and scratch, bytes; None: what this project's engine allocates for the model
+    # (a measured profile's available memory is already net of the node process itself, so
+    # only the prefill chunk's working memory is still to come). llama.cpp reserves 300 MiB.
+    compute_buffer: float | None = None
     gpu_compute_buffer: float = 0.0
     swap_out: float = 0.0  # Android: anonymous memory the OS can swap out for us
 
@@ -88,6 +91,10 @@ class Options:
     k: int | None = None  # force the number of rounds
     head: int = 0  # index of the head device (holds embedding and output, samples)
     activation_bytes: int = 4  # float32 hidden states on the wire
+    batch: int = 256  # tokens per prefill chunk (the engine's DEFAULT_BATCH)
+    # per hop, besides the link: the nodes' own handling of a frame (encode, decode, event
+    # loops, hand-off to the model thread); the head learns it from decode steps
+    hop_overhead_s: float = 0.0
     # positions a new token attends to, for the latency figure; None: half the context (the
     # mean over a conversation that fills it)
     n_kv: int | None = None
@@ -199,8 +206,9 @@ def _coefficients(dev: Device, model: ModelProfile, opts: Options, is_head: bool
         assert dev.gpu_flops is not None
         beta = (_seconds(flops, dev.gpu_flops, f"{dev.name}'s GPU")
                 + _attention_s(model, n_kv, dev.gpu_flops) - alpha)
-    fixed = dev.compute_buffer + (model.embedding_row_bytes + model.output_bytes
-                                  if is_head else 0.0)
+    scratch = (model.scratch_bytes(opts.batch) if dev.compute_buffer is None
+               else dev.compute_buffer)
+    fixed = scratch + (model.embedding_row_bytes + model.output_bytes if is_head else 0.0)
     avail = dev.mem_available + (dev.swap_out if dev.os == "Android" else 0.0)
     gpu_cap = max(0.0, dev.vram_free - dev.gpu_compute_buffer) if dev.has_gpu else 0.0
     return _Coef(alpha, beta, model.mean_layer_bytes, model.kv_bytes_per_layer(opts.n_ctx),
@@ -386,7 +394,10 @@ def _problem(devices: Sequence[Device], model: ModelProfile, opts: Options,
     if opts.k is not None and (opts.k < 1 or L % opts.k):
         raise PlanError(f"k={opts.k} does not divide the model's {L} layers")
     nbytes = model.activation_bytes(opts.activation_bytes)
+    if opts.hop_overhead_s < 0:
+        raise PlanError(f"a hop cannot cost negative time ({opts.hop_overhead_s} s)")
     hop = {(i, j): (links.get((a.name, b.name)) or default_link).hop_s(nbytes)
+           + opts.hop_overhead_s
            for i, a in enumerate(devices) for j, b in enumerate(devices) if i != j}
     coefs = [_coefficients(d, model, opts, i == opts.head) for i, d in enumerate(devices)]
     head = devices[opts.head]

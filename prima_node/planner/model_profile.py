@@ -26,6 +26,9 @@ from ..synth.presets import Preset
 from ..synth.writer import tensor_plan
 
 FORMAT = "prima-model-profile/1"
+#: The prefill path's dequantised weight tile, in floats (``prima_node.kernels.TILE_ELEMENTS``,
+#: not imported: the planner runs where the kernels are not compiled).
+ENGINE_TILE_ELEMENTS = 256 * 8192
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
@@ -90,6 +93,17 @@ class ModelProfile:
     def attention_flops_per_layer(self, n_kv: int) -> int:
         """Q·Kᵀ and P·V for one new token attending over ``n_kv`` positions."""
         return 2 * 2 * self.n_head * self.head_dim * n_kv
+
+    def scratch_bytes(self, batch: int) -> int:
+        """What this project's engine allocates, besides weights and KV cache, to run a
+        ``batch``-token prefill chunk through a layer: float32 hidden states, attention and
+        feed-forward intermediates (fitted on two shapes: 8 widths of n_embd and 3 of n_ff per
+        token; 4 of n_ff are counted), one dequantised weight tile of the prefill path, the
+        frames in and out of the ring, and one row of logits. Against tracemalloc's peak the
+        figure is 1.25x for both the small and the 1b shapes (tests/test_model_profile.py)."""
+        e, f = self.n_embd, self.n_ff
+        return 4 * (batch * (8 * e + 4 * f) + min(ENGINE_TILE_ELEMENTS, e * f)
+                    + 2 * batch * e + self.n_vocab)
 
     def activation_bytes(self, dtype_bytes: int = 4) -> int:
         """What crosses a ring hop per token: one hidden state (float32 by default)."""

@@ -462,9 +462,15 @@ def _status_document() -> Schema:
                     "mode": {"enum": ["resident", "stream"], "description": "resident: its "
                              "windows fit and stay in memory; stream: each window is released "
                              "after use and the next one read ahead."},
+                    "tail_layers": _t("integer", "Streaming: trailing layers of each window "
+                                      "that are released and read ahead (the rest stays); "
+                                      "0 when whole windows move or nothing does."),
+                    "mode_changes": _t("integer", "Times the node changed mode or tail as "
+                                       "its available memory moved (read every few seconds "
+                                       "of use)."),
                     "held_bytes": _t("integer", "Weights of all its windows."),
-                    "capacity_bytes": _t("integer", "Memory it could count on for them when "
-                                         "the plan loaded."),
+                    "capacity_bytes": _t("integer", "Memory it can count on for them, as "
+                                         "last read."),
                     "uses": count,
                     "hit_rate": _t(["number", "null"], "Share of measured window uses that "
                                    "found at least 99% of the window in memory."),
@@ -483,6 +489,10 @@ def _status_document() -> Schema:
                 "bound": _t("string", "What sets the predicted latency."),
                 "measured_ms_per_token": _t(["number", "null"], "Decode steps, moving "
                                             "average; null before one."),
+                "hop_overhead_ms": _t(["number", "null"], "What a ring hop costs beyond its "
+                                      "link (the nodes' handling of a frame), learnt from "
+                                      "decode steps and priced by the next plan; null "
+                                      "before one."),
                 "planned_at": _t("string", format="date-time"),
                 "dropped": _t("object", "Nodes left out of the ring, with the reason.",
                               additionalProperties={"type": "string"}),
