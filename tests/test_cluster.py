@@ -203,6 +203,10 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
         nodes = head.status()["cluster"]["nodes"]
         assert all(n["paging"]["mode"] == "resident" and n["paging"]["releases"] == 0
                    and n["paging"]["held_bytes"] > 0 for n in nodes), nodes
+        # each node's vital signs for dashboards: its memory now, its disk from its profile
+        assert all(n["version"] == doc["version"] and n["disk_read_bytes_per_s"] > 0
+                   and 0 < n["memory"]["available_bytes"] <= n["memory"]["total_bytes"]
+                   for n in nodes), nodes
         metrics = head.metrics()
         online = {k: v for k, v in metrics.items() if k.startswith("prima_node_online{")}
         assert len(online) == 3 and set(online.values()) == {1.0}, online

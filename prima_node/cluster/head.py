@@ -86,6 +86,7 @@ class ClusterHead:
         # nodes whose cached profile the ring contradicts: measured again by the next plan
         self.stale_profiles: set[str] = set()
         self.reprofiled_at: dict[str, float] = {}  # node id -> monotonic time last measured
+        self.disk_speed: dict[str, float] = {}  # node id -> its profile's disk read bytes/s
         self._rejoin: asyncio.Task[None] | None = None
         self.benched: dict[str, float] = {}  # address -> monotonic time it may rejoin
         self.aliases: dict[str, str] = {}  # another address of a member -> its node id
@@ -317,6 +318,11 @@ class ClusterHead:
         now = time.monotonic()
         for node_id in stale:
             self.reprofiled_at[node_id] = now
+        for member, profile in zip(self.members, profiles, strict=True):
+            disk = profile.get("disk")
+            if isinstance(disk, dict) and isinstance(disk.get("sequential_bytes_per_s"),
+                                                     (int, float)):
+                self.disk_speed[member.node_id] = float(disk["sequential_bytes_per_s"])
         links: dict[tuple[str, str], Link] = {}
         for a in self.members:
             for b in self.members:
@@ -464,6 +470,8 @@ class ClusterHead:
                 "predicted_compute_ms": round(1e3 * d.compute_s, 3) if d else None,
                 "predicted_disk_ms": round(1e3 * d.disk_s, 3) if d else None,
                 "measured_compute_ms": round(measured, 3) if measured is not None else None,
+                "version": info.get("version"), "memory": info.get("memory"),
+                "disk_read_bytes_per_s": self.disk_speed.get(m.node_id),
                 "paging": {key: paging.get(key) for key in (
                     "enabled", "mode", "tail_layers", "mode_changes", "held_bytes",
                     "capacity_bytes", "uses", "hit_rate", "mean_residency", "prefetches",

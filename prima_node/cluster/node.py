@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..device.link import measure_over, serve_probe
+from ..device.vitals import vitals
 from .auth import AuthError, NonceLog, Peer, accept, connect
 from .fingerprint import fingerprint
 from .frames import Frame, FrameError, decode, encode, max_frame_bytes
@@ -135,6 +136,7 @@ class ClusterNode:
     def info(self) -> dict[str, Any]:
         path = self.config.model_path
         return {"node_id": self.config.node_id, "name": self.config.name, "version": __version__,
+                "memory": vitals(),
                 "model": {"file": path.name, "size": path.stat().st_size,
                           "fingerprint": fingerprint(path)},
                 "assignment": None if self.assignment is None else {

@@ -443,6 +443,20 @@ def _status_document() -> Schema:
                 "layers": _t(["array", "null"], "[first, end) of the layers this node runs "
                              "(single mode; null in a ring, see ranges).",
                              items={"type": "integer"}, minItems=2, maxItems=2),
+                "version": _t(["string", "null"], "The node's prima-node version; null "
+                              "while a worker has not reported it."),
+                "memory": _obj({
+                    "total_bytes": _t("integer"),
+                    "available_bytes": _t("integer", "What the node can count on now (the "
+                                          "OS's and its cgroup's rules)."),
+                    "pressure_some_avg10": _t(["number", "null"], "Linux PSI: percent of the "
+                                              "last 10 s some task waited for memory; null "
+                                              "without PSI."),
+                }, nullable=True, description="Read afresh (a worker's every 2 s); null while "
+                   "a worker has not reported it."),
+                "disk_read_bytes_per_s": _t(["number", "null"], "Ring: sequential read speed "
+                                            "of the disk under its model file, from its "
+                                            "profile; null before a plan and on a lone node."),
                 "ranges": _t("array", "Ring: [first, end) of its window in each round.",
                              items=_t("array", items={"type": "integer"}, minItems=2,
                                       maxItems=2)),

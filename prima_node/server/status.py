@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..device.vitals import vitals
 from .runtime import Runtime
 
 API_VERSION = 1
@@ -102,7 +103,9 @@ class Status:
                 "nodes": [{"node_id": self.node, "name": socket.gethostname(), "role": "head",
                            "online": rt.state in ("loading", "ready"),
                            "address": f"{self.host}:{self.port}",
-                           "layers": [0, n_layers] if n_layers else None}],
+                           "layers": [0, n_layers] if n_layers else None,
+                           "version": __version__, "memory": vitals(),
+                           "disk_read_bytes_per_s": None}],
                 "plan": None,
             },
         }
