@@ -31,15 +31,16 @@ class ServerProcess:
                  api_key: str | None = None, queue_limit: int | None = None,
                  cache_slots: int | None = None, threads: int | None = 1,
                  extra: Sequence[str] = (), prefix: Sequence[str] = (),
-                 url_host: str = "127.0.0.1") -> None:
+                 url_host: str = "127.0.0.1", python: str = sys.executable) -> None:
         # one model thread by default: a tiny model gains nothing from two, and on a shared
         # machine a parallel kernel waits for its slowest (descheduled) thread at every step
         # prefix: e.g. ``ip netns exec NS`` to run the node in another network namespace;
-        # url_host: where this process reaches it then
+        # url_host: where this process reaches it then; python: the node's interpreter (Home
+        # Assistant's tests run on another one, without the node package)
         self.url_host = url_host
         self.scheme = "https" if "--tls-cert" in extra else "http"
         self.ssl_context: ssl.SSLContext | None = None  # how HTTPS answers are checked
-        self.args = [*prefix, sys.executable, "-m", "prima_node.cli", "serve", "--model",
+        self.args = [*prefix, python, "-m", "prima_node.cli", "serve", "--model",
                      str(model), "--port", "0", "--ctx", str(ctx), "--state-dir", str(state_dir)]
         if threads is not None:
             self.args += ["--threads", str(threads)]
