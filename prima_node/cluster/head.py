@@ -14,6 +14,7 @@ import logging
 import queue
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class ClusterHead:
         self.discovered_at: dict[str, str] = {}  # address from mDNS -> the node's id
         self.discovered: dict[str, dict[str, Any]] = {}  # node id -> what mDNS says of it
         self.links: dict[tuple[str, str], Link] = {}  # measured hops of the last plan
+        #: called when nodes join, leave or go offline: the status document is pushed then
+        self.on_change: Callable[[], None] = lambda: None
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -190,10 +193,18 @@ class ClusterHead:
     def cluster(self) -> str:
         return cluster_id(self.node.config.secret)
 
+    def _membership(self) -> list[tuple[str, bool]]:
+        return [(m.node_id, m.control is None or m.control.alive) for m in self.members]
+
     async def watch_members(self, every_s: float = 2.0) -> None:
-        """Bring back configured peers that went away, so the next plan can use them again."""
+        """Bring back configured peers that went away, so the next plan can use them again;
+        tell the status document's listeners when nodes joined, left or went offline."""
+        seen = self._membership()
         while True:
             await asyncio.sleep(every_s)
+            if self._membership() != seen:  # a worker's link broke (or one joined by mDNS)
+                seen = self._membership()
+                self.on_change()
             gone = [m for m in self.members[1:] if m.control is not None and not m.control.alive]
             if gone:
                 self.members = [m for m in self.members if m not in gone]
@@ -213,6 +224,9 @@ class ClusterHead:
                     continue
                 self.needs_plan = True
             await self.refresh_info()
+            if self._membership() != seen:  # nodes left or joined
+                seen = self._membership()
+                self.on_change()
 
     async def refresh_info(self) -> None:
         """Each worker's own figures (paging, busy state) for the status document."""

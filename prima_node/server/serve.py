@@ -261,10 +261,11 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
 
     app = make_app(config, open_generator, node.handler if node is not None else None)
     if head is not None:
-        from .app import PLANNER, STATUS
+        from .app import HUB, PLANNER, STATUS
 
         app[PLANNER] = planner
         app[STATUS].cluster_view = head.view
+        head.on_change = app[HUB].changed  # Home Assistant learns of joins and departures
         _ring_metrics(app, head)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
