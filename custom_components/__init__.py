@@ -1,0 +1,1 @@
+"""Custom integrations of this repository (Home Assistant loads custom_components.<domain>)."""

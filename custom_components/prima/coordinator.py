@@ -1,0 +1,244 @@
+"""The cluster's state in Home Assistant: the head's status document, pushed and polled.
+
+The head pushes its status document over ``/api/events`` whenever it changes (a request
+taking its turn, a node joining, a plan); the coordinator listens there and polls
+``/api/status`` only while that stream is down. It also keeps what the document alone cannot
+say: since when each node has been missing, so that a node away for long raises a repair issue
+and one gone for good loses its device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from homeassistant.core import callback
+from homeassistant.exceptions import ConfigEntryAuthFailed
+from homeassistant.helpers import device_registry as dr
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.event import async_track_time_interval
+from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
+
+from .api import PrimaAuthError, PrimaClient, PrimaError
+from .const import (
+    DOMAIN,
+    LOGGER,
+    NODE_OFFLINE_ISSUE_S,
+    POLL_INTERVAL_S,
+    STALE_NODE_S,
+    SUPPORTED_API_VERSIONS,
+)
+
+if TYPE_CHECKING:
+    from homeassistant.config_entries import ConfigEntry
+    from homeassistant.core import HomeAssistant
+
+#: seconds between reconnection attempts of the event stream (doubling up to the poll interval)
+RECONNECT_MIN_S = 1.0
+#: seconds between checks of how long nodes have been away, also while the status is quiet
+HOUSEKEEPING_S = 60
+
+
+def cluster_nodes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The nodes of a status document (a lone node lists itself)."""
+    cluster = doc.get("cluster")
+    nodes = cluster.get("nodes") if isinstance(cluster, dict) else None
+    return [n for n in nodes or [] if isinstance(n, dict) and isinstance(n.get("node_id"), str)]
+
+
+class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
+    """The head's status document; ``data`` is the newest one."""
+
+    config_entry: ConfigEntry
+
+    def __init__(self, hass: HomeAssistant, entry: ConfigEntry, client: PrimaClient) -> None:
+        super().__init__(hass, LOGGER, config_entry=entry, name=DOMAIN,
+                         update_interval=timedelta(seconds=POLL_INTERVAL_S))
+        self.client = client
+        self.pushing = False  # the event stream is connected
+        self.last_seen: dict[str, float] = {}  # node id -> monotonic time last listed online
+        self.known_nodes: dict[str, dict[str, Any]] = {}  # node id -> its last entry
+        self._push_task: asyncio.Task[None] | None = None
+        self.hub_device_id = ""  # the cluster hub's device registry id, once registered
+
+    @property
+    def cluster_id(self) -> str:
+        return str(self.data.get("cluster_id") or self.data["node_id"])
+
+    async def _async_update_data(self) -> dict[str, Any]:
+        try:
+            doc = await self.client.status()
+        except PrimaAuthError as exc:
+            raise ConfigEntryAuthFailed(str(exc)) from exc
+        except PrimaError as exc:
+            raise UpdateFailed(str(exc)) from exc
+        self._track(doc)
+        return doc
+
+    # -- the pushed status -----------------------------------------------------------------------
+
+    def start_push(self) -> None:
+        """Listen to the head's event stream for as long as the entry is loaded."""
+        self._push_task = self.config_entry.async_create_background_task(
+            self.hass, self._push(), f"{DOMAIN} events from {self.client.url}")
+        self.config_entry.async_on_unload(async_track_time_interval(
+            self.hass, self._housekeeping, timedelta(seconds=HOUSEKEEPING_S)))
+
+    @callback
+    def _housekeeping(self, _now: datetime) -> None:
+        """Repair issues and stale devices follow the time a node is away, not only the
+        documents: a quiet head pushes nothing while its worker stays away. Nodes age only
+        while the head answers (a cluster switched off for a week keeps its devices), and the
+        nodes the newest document lists online are seen now."""
+        if self.data is None or not self.last_update_success:
+            return
+        now = time.monotonic()
+        for node in cluster_nodes(self.data):
+            if node.get("online", True):
+                self.last_seen[node["node_id"]] = now
+        self._issues(self.data, now)
+        self.remove_stale_devices()
+
+    async def _push(self) -> None:
+        delay = RECONNECT_MIN_S
+        while True:
+            try:
+                async for doc in self.client.events():
+                    if not self.pushing:
+                        self.pushing = True
+                        self.update_interval = None  # no polling while the head pushes
+                        LOGGER.debug("receiving the status from %s as it changes",
+                                     self.client.url)
+                    delay = RECONNECT_MIN_S
+                    self._track(doc)
+                    self.async_set_updated_data(doc)
+            except PrimaAuthError:
+                self._stop_pushing()
+                await self.async_request_refresh()  # raises the reauth flow through polling
+                return
+            except PrimaError as exc:
+                LOGGER.debug("event stream from %s: %s", self.client.url, exc)
+            self._stop_pushing()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, POLL_INTERVAL_S)
+
+    def _stop_pushing(self) -> None:
+        if self.pushing:
+            self.pushing = False
+            self.update_interval = timedelta(seconds=POLL_INTERVAL_S)
+            self.config_entry.async_create_task(self.hass, self.async_request_refresh())
+
+    async def async_shutdown(self) -> None:
+        if self._push_task is not None:
+            self._push_task.cancel()
+            self._push_task = None
+        await super().async_shutdown()
+
+    # -- membership, repairs ---------------------------------------------------------------------
+
+    def seed_from_registry(self) -> None:
+        """Know the nodes this entry has devices for, also those that left while Home
+        Assistant was stopped: they then age (and are removed in time) like the others."""
+        now = time.monotonic()
+        hub = f"cluster-{self.cluster_id}"
+        for device in dr.async_entries_for_config_entry(dr.async_get(self.hass),
+                                                        self.config_entry.entry_id):
+            if device.entry_type is dr.DeviceEntryType.SERVICE:
+                continue  # a conversation agent or AI Task entity, not a node
+            for domain, ident in device.identifiers:
+                if domain == DOMAIN and ident != hub and ident not in self.known_nodes:
+                    self.known_nodes[ident] = {"node_id": ident, "name": device.name}
+                    self.last_seen.setdefault(ident, now)
+
+    def issue_id(self, kind: str, node_id: str | None = None) -> str:
+        """A repair issue's id, scoped to this entry (and node)."""
+        entry = self.config_entry.entry_id
+        return f"{entry}_{kind}" if node_id is None else f"{entry}_{kind}_{node_id}"
+
+    def _track(self, doc: dict[str, Any]) -> None:
+        """Note which nodes are there; raise or clear the repair issues the document implies."""
+        now = time.monotonic()
+        for node in cluster_nodes(doc):
+            node_id = node["node_id"]
+            self.known_nodes[node_id] = node
+            if node.get("online", True):
+                self.last_seen[node_id] = now
+            else:
+                self.last_seen.setdefault(node_id, now)
+        listed = {n["node_id"] for n in cluster_nodes(doc)}
+        for node_id in list(self.known_nodes):
+            if node_id not in listed:
+                self.last_seen.setdefault(node_id, now)
+        self._issues(doc, now)
+
+    def missing_for(self, node_id: str) -> float:
+        """Seconds since a node was last listed online (0 while it is)."""
+        node = self.known_nodes.get(node_id)
+        listed = self.data is not None and any(
+            n["node_id"] == node_id and n.get("online", True) for n in cluster_nodes(self.data))
+        if node is None or listed:
+            return 0.0
+        return time.monotonic() - self.last_seen.get(node_id, time.monotonic())
+
+    def _issues(self, doc: dict[str, Any], now: float) -> None:
+        hass = self.hass
+        version = doc.get("api_version")
+        if version not in SUPPORTED_API_VERSIONS:
+            ir.async_create_issue(
+                hass, DOMAIN, self.issue_id("api_version"), is_fixable=False,
+                severity=ir.IssueSeverity.ERROR, translation_key="incompatible_version",
+                translation_placeholders={"url": self.client.url, "version": str(version),
+                                          "node_version": str(doc.get("version"))})
+        else:
+            ir.async_delete_issue(hass, DOMAIN, self.issue_id("api_version"))
+        head_version = doc.get("version")
+        for node_id, node in self.known_nodes.items():
+            issue = self.issue_id("node_offline", node_id)
+            away = now - self.last_seen.get(node_id, now)
+            if NODE_OFFLINE_ISSUE_S <= away < STALE_NODE_S:
+                ir.async_create_issue(
+                    hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
+                    translation_key="node_offline",
+                    translation_placeholders={"name": str(node.get("name") or node_id),
+                                              "minutes": str(int(away // 60))})
+            else:
+                ir.async_delete_issue(hass, DOMAIN, issue)
+            mismatch = self.issue_id("node_version", node_id)
+            if node.get("version") not in (None, head_version):
+                ir.async_create_issue(
+                    hass, DOMAIN, mismatch, is_fixable=False, severity=ir.IssueSeverity.ERROR,
+                    translation_key="node_version",
+                    translation_placeholders={"name": str(node.get("name") or node_id),
+                                              "version": str(node.get("version")),
+                                              "head_version": str(head_version)})
+            else:
+                ir.async_delete_issue(hass, DOMAIN, mismatch)
+        state = doc.get("state")
+        error = doc.get("error")
+        no_fit = state == "failed" and isinstance(error, str) and "fits" in error
+        issue = self.issue_id("model_does_not_fit")
+        if no_fit:
+            ir.async_create_issue(
+                hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.ERROR,
+                translation_key="model_does_not_fit",
+                translation_placeholders={"error": str(error)})
+        else:
+            ir.async_delete_issue(hass, DOMAIN, issue)
+
+    def remove_stale_devices(self) -> None:
+        """Remove the devices of nodes gone for longer than ``STALE_NODE_S``."""
+        now = time.monotonic()
+        registry = dr.async_get(self.hass)
+        for node_id, seen in list(self.last_seen.items()):
+            if now - seen < STALE_NODE_S:
+                continue
+            device = registry.async_get_device_by_identifier((DOMAIN, node_id),
+                                                             self.config_entry.entry_id)
+            if device is not None:
+                registry.async_remove_device(device.id)
+            self.last_seen.pop(node_id, None)
+            self.known_nodes.pop(node_id, None)
+            ir.async_delete_issue(self.hass, DOMAIN, self.issue_id("node_offline", node_id))
+            ir.async_delete_issue(self.hass, DOMAIN, self.issue_id("node_version", node_id))
