@@ -320,21 +320,35 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
         assert self._url is not None
         errors: dict[str, str] = {}
         if user_input is not None:
-            if self._needs_key:
-                self._api_key = _clean_key(user_input)
-                doc, error = await self._async_probe(self._url, self._api_key)
-                if doc is None:
-                    errors["base"] = error or "unknown"
-                else:
-                    self._doc = doc
+            await self._confirm_key(user_input, errors)
             if not errors:
                 return self._create()
-        if not self._needs_key:
-            self._set_confirm_only()
         placeholders = dict(self.context.get("title_placeholders") or {})
         placeholders["url"] = self._url
+        return self._confirm_form("zeroconf_confirm", errors, placeholders)
+
+    async def _confirm_key(self, user_input: dict[str, Any], errors: dict[str, str]
+                           ) -> dict[str, Any] | None:
+        """A discovered head's confirm step: test the key asked for, if one was; the head's
+        status when it answered it (errors filled otherwise)."""
+        if not self._needs_key:
+            return None
+        self._api_key = _clean_key(user_input)
+        assert self._url is not None
+        doc, error = await self._async_probe(self._url, self._api_key)
+        if doc is None:
+            errors["base"] = error or "unknown"
+            return None
+        self._doc = doc
+        return doc
+
+    def _confirm_form(self, step_id: str, errors: dict[str, str],
+                      placeholders: dict[str, str]) -> ConfigFlowResult:
+        """The confirm form: a plain confirmation, or the API key field when the head asks."""
+        if not self._needs_key:
+            self._set_confirm_only()
         return self.async_show_form(
-            step_id="zeroconf_confirm", errors=errors,
+            step_id=step_id, errors=errors,
             data_schema=_key_schema(required=True) if self._needs_key else None,
             description_placeholders=placeholders)
 
@@ -370,24 +384,14 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
         assert self._url is not None
         errors: dict[str, str] = {}
         if user_input is not None:
-            if self._needs_key:
-                self._api_key = _clean_key(user_input)
-                doc, error = await self._async_probe(self._url, self._api_key)
-                if doc is None:
-                    errors["base"] = error or "unknown"
-                else:
-                    self._doc = doc
-                    await self.async_set_unique_id(_cluster_id(doc), raise_on_progress=False)
-                    self._abort_if_configured({CONF_URL: self._url,
-                                               CONF_API_KEY: self._api_key})
+            doc = await self._confirm_key(user_input, errors)
+            if doc is not None:  # the key opened the head: now its cluster is known
+                await self.async_set_unique_id(_cluster_id(doc), raise_on_progress=False)
+                self._abort_if_configured({CONF_URL: self._url, CONF_API_KEY: self._api_key})
             if not errors:
                 return self._create()
-        if not self._needs_key:
-            self._set_confirm_only()
-        return self.async_show_form(
-            step_id="hassio_confirm", errors=errors,
-            data_schema=_key_schema(required=True) if self._needs_key else None,
-            description_placeholders={"addon": self._name or "", "url": self._url})
+        return self._confirm_form("hassio_confirm", errors,
+                                  {"addon": self._name or "", "url": self._url})
 
     # -- changing an entry ----------------------------------------------------------------------
 
