@@ -73,6 +73,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run(args, _demo_model)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    model = Path(args.model) if args.model else _demo_model()
+    if not args.model:
+        print("the built-in demo model has random weights: its answer is nonsense; point "
+              "--model at a real GGUF file for real answers", file=sys.stderr)
+    return run_demo(model, nodes=args.nodes, prompt=args.prompt, max_tokens=args.max_tokens,
+                    ctx=args.ctx, threads=args.threads)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.serve import cmd_serve as run
 
@@ -349,6 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
     lk.set_defaults(func=cmd_link)
 
     from .server.serve import add_serve_args
+
+    demo = sub.add_parser(
+        "demo", help="start a cluster of nodes on this machine, answer a chat prompt, stop",
+        description="Start --nodes node processes on 127.0.0.1 (workers, then a head with a "
+                    "fresh cluster secret), print the plan Halda made (who holds which layers, "
+                    "rounds, predicted time per token), stream an answer to the prompt through "
+                    "the head's OpenAI API, print each node's timings, and stop every node (also "
+                    "on Ctrl-C).")
+    demo.add_argument("--model", help="GGUF file (default: the built-in demo model, random "
+                                      "weights)")
+    demo.add_argument("--nodes", type=int, default=3, help="node processes (default 3)")
+    demo.add_argument("--prompt", default="Which lights are on in the kitchen?",
+                      help="the user's message")
+    demo.add_argument("--max-tokens", type=int, default=48, help="longest answer (default 48)")
+    demo.add_argument("--ctx", type=int, default=2048, help="context per node (default 2048)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="threads per node (default 1: the nodes share this machine)")
+    demo.set_defaults(func=cmd_demo)
 
     srv = sub.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API, alone or as a "
