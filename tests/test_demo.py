@@ -46,3 +46,31 @@ def test_a_model_that_cannot_be_read_is_one_line_and_no_node_is_left(tmp_path: P
     assert run.returncode == 2, run.stdout + run.stderr
     assert "prima-node: error:" in run.stderr and "truncated.gguf" in run.stderr
     assert "stopping the nodes" in run.stdout
+
+
+def test_ctrl_c_mid_answer_stops_every_node(make_model: ModelFactory) -> None:
+    """Ctrl-C while the answer streams: exit 130, and no node process outlives the demo."""
+    import signal
+    import time
+
+    model = make_model("llama", "small", "Q8_0", seed=3)
+    demo = subprocess.Popen([sys.executable, "-m", "prima_node.cli", "demo", "--model",
+                             str(model), "--max-tokens", "2000", "--prompt", "Tell me a story"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # the answer starts after the prompt is echoed
+            if line.startswith("> Tell me a story"):
+                break
+        nodes = psutil.Process(demo.pid).children(recursive=True)
+        assert len(nodes) == 3
+        time.sleep(0.5)
+        demo.send_signal(signal.SIGINT)
+        rest = demo.communicate(timeout=60)[0]
+        assert demo.returncode == 130, rest
+        assert "stopping the nodes" in rest
+        _, alive = psutil.wait_procs(nodes, timeout=5)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
