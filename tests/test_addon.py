@@ -216,7 +216,8 @@ def node_args(tmp_path: Path, **changes: Any) -> subprocess.CompletedProcess[str
     path = tmp_path / "options.json"
     path.write_text(json.dumps(options))
     return subprocess.run(["bash", str(ARGS_SH)], capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"], "PRIMA_OPTIONS": str(path)},
+                          env={"PATH": os.environ["PATH"], "PRIMA_OPTIONS": str(path),
+                               "PRIMA_SECRETS_DIR": str(tmp_path / "secrets")},
                           timeout=30)
 
 
@@ -224,6 +225,14 @@ def argv_of(tmp_path: Path, **changes: Any) -> list[str]:
     out = node_args(tmp_path, **changes)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
+
+
+def secret_in(path: str) -> str:
+    """A secret file the script wrote: its first line (as the node reads it), readable only by
+    its owner."""
+    file = Path(path)
+    assert file.stat().st_mode & 0o077 == 0, oct(file.stat().st_mode)
+    return file.read_text().splitlines()[0]
 
 
 def parsed(argv: list[str]) -> Any:
@@ -238,7 +247,7 @@ def test_standalone_defaults(tmp_path: Path) -> None:
                     "--prefetch", "on", "--log-level", "info"]  # threads 0: every CPU
     args = parsed(argv)
     assert (args.host, args.port, args.ctx, args.threads) == ("0.0.0.0", 8080, 4096, None)
-    assert args.cluster_secret is None and not args.head and args.api_key is None
+    assert args.cluster_secret_file is None and not args.head and args.api_key_file is None
 
 
 def test_head_with_peers_key_and_tuning(tmp_path: Path) -> None:
@@ -247,9 +256,11 @@ def test_head_with_peers_key_and_tuning(tmp_path: Path) -> None:
                    threads=6, context=8192, prefetch=False, log_level="debug", port=9090,
                    model="/media/models/a b.gguf")
     args = parsed(argv)
-    assert args.head and args.cluster_secret == "s3cret-of-the-house"
+    assert args.head and secret_in(args.cluster_secret_file) == "s3cret-of-the-house"
+    assert "s3cret-of-the-house" not in argv and "key with space" not in argv  # not in `ps`
     assert args.peer == ["192.168.1.20:8080", "nas.local:9000"]
-    assert args.api_key == "key with space" and args.model == "/media/models/a b.gguf"
+    assert secret_in(args.api_key_file) == "key with space"
+    assert args.model == "/media/models/a b.gguf"
     assert (args.threads, args.ctx, args.prefetch, args.log_level, args.port) == (
         6, 8192, "off", "debug", 9090)
     assert args.state_dir == "/data"
@@ -261,7 +272,8 @@ def test_explicit_roles(tmp_path: Path) -> None:
     worker = node_args(tmp_path, role="worker", cluster_secret="12345678", peers=["x:1"])
     assert worker.returncode == 0
     args = parsed(worker.stdout.splitlines())
-    assert not args.head and args.cluster_secret == "12345678" and args.peer == []
+    assert not args.head and secret_in(args.cluster_secret_file) == "12345678"
+    assert args.peer == []
     assert "peer x:1 ignored" in worker.stderr
 
 
@@ -283,7 +295,7 @@ def test_every_emitted_flag_is_in_serve_help(tmp_path: Path) -> None:
     for changes in ({}, {"cluster_secret": "12345678", "peers": ["a:1"], "api_key": "k",
                          "threads": 2, "prefetch": False}):
         emitted |= {a for a in argv_of(tmp_path, **changes) if a.startswith("--")}
-    assert {"--head", "--peer", "--cluster-secret", "--api-key", "--threads"} <= emitted
+    assert {"--head", "--peer", "--cluster-secret-file", "--api-key-file", "--threads"} <= emitted
     exe = Path(sys.executable).parent / "prima-node"
     help_text = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True,
                                check=True, timeout=60).stdout

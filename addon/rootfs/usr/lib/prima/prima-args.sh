@@ -7,8 +7,8 @@
 #   prima_port   the port the node listens on
 #   prima_opt    one option's value (empty when unset)
 #   prima_args   fills the array PRIMA_ARGV with the arguments after `prima-node serve`
-# Run directly it prints those arguments, one per line (for tests and for debugging; it prints
-# the secrets too).
+# Run directly it prints those arguments, one per line (for tests and for debugging). Secrets go
+# to files (see prima_secret_file), never on the command line.
 #
 # Needs bash and jq (both in Home Assistant's base images); bashio is only used for logging, when
 # it is loaded.
@@ -39,6 +39,14 @@ prima_check() {
         prima_log error "cannot read the options from ${PRIMA_OPTIONS}"
         return 1
     fi
+}
+
+# Writes secret $2 to a file only this user can read, in $PRIMA_SECRETS_DIR (default /run/prima,
+# memory only), and prints its path: on the command line a secret would show in `ps`.
+prima_secret_file() {
+    local dir="${PRIMA_SECRETS_DIR:-/run/prima}"
+    (umask 077 && mkdir -p "${dir}" && printf '%s\n' "$2" >"${dir}/$1")
+    printf '%s\n' "${dir}/$1"
 }
 
 prima_port() {
@@ -111,7 +119,7 @@ prima_args() {
     PRIMA_ARGV+=(--log-level "${level:-info}")
     secret="$(prima_opt cluster_secret)"
     if [[ "${role}" != standalone ]]; then
-        PRIMA_ARGV+=(--cluster-secret "${secret}")
+        PRIMA_ARGV+=(--cluster-secret-file "$(prima_secret_file cluster-secret "${secret}")")
     fi
     if [[ "${role}" == head ]]; then
         PRIMA_ARGV+=(--head)
@@ -127,7 +135,7 @@ prima_args() {
         "${PRIMA_OPTIONS}")
     key="$(prima_opt api_key)"
     if [[ -n "${key}" ]]; then
-        PRIMA_ARGV+=(--api-key "${key}")
+        PRIMA_ARGV+=(--api-key-file "$(prima_secret_file api-key "${key}")")
     fi
 }
 
