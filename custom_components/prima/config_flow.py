@@ -206,6 +206,20 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
 
     # -- talking to the head --------------------------------------------------------------------
 
+    async def _async_reach(self, user_input: dict[str, Any], errors: dict[str, str]
+                           ) -> tuple[str, str | None, dict[str, Any] | None]:
+        """The URL and key a form gave, and the head's status if it answers them (``errors``
+        says why not otherwise)."""
+        url = normalize_url(str(user_input[CONF_URL]))
+        api_key = _clean_key(user_input)
+        if not _valid_url(url):
+            errors[CONF_URL] = "invalid_url"
+            return url, api_key, None
+        doc, error = await self._async_probe(url, api_key)
+        if doc is None:
+            errors["base"] = error or "unknown"
+        return url, api_key, doc
+
     async def _async_probe(self, url: str, api_key: str | None
                            ) -> tuple[dict[str, Any] | None, str | None]:
         """The head's status document, or the error key for the form."""
@@ -261,19 +275,12 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
                               ) -> ConfigFlowResult:
         errors: dict[str, str] = {}
         if user_input is not None:
-            url = normalize_url(str(user_input[CONF_URL]))
-            api_key = _clean_key(user_input)
-            if not _valid_url(url):
-                errors[CONF_URL] = "invalid_url"
-            else:
-                doc, error = await self._async_probe(url, api_key)
-                if doc is None:
-                    errors["base"] = error or "unknown"
-                else:
-                    await self.async_set_unique_id(_cluster_id(doc))
-                    self._abort_if_configured({CONF_URL: url, CONF_API_KEY: api_key})
-                    self._url, self._api_key, self._doc = url, api_key, doc
-                    return self._create()
+            url, api_key, doc = await self._async_reach(user_input, errors)
+            if doc is not None:
+                await self.async_set_unique_id(_cluster_id(doc))
+                self._abort_if_configured({CONF_URL: url, CONF_API_KEY: api_key})
+                self._url, self._api_key, self._doc = url, api_key, doc
+                return self._create()
         return self.async_show_form(
             step_id="user", errors=errors,
             data_schema=_connection_schema(
@@ -400,18 +407,11 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
         entry = self._get_reconfigure_entry()
         errors: dict[str, str] = {}
         if user_input is not None:
-            url = normalize_url(str(user_input[CONF_URL]))
-            api_key = _clean_key(user_input)
-            if not _valid_url(url):
-                errors[CONF_URL] = "invalid_url"
-            else:
-                doc, error = await self._async_probe(url, api_key)
-                if doc is None:
-                    errors["base"] = error or "unknown"
-                else:
-                    await self.async_set_unique_id(_cluster_id(doc))
-                    self._abort_if_unique_id_mismatch(reason="wrong_cluster")
-                    return self._update_and_abort(entry, {CONF_URL: url, CONF_API_KEY: api_key})
+            url, api_key, doc = await self._async_reach(user_input, errors)
+            if doc is not None:
+                await self.async_set_unique_id(_cluster_id(doc))
+                self._abort_if_unique_id_mismatch(reason="wrong_cluster")
+                return self._update_and_abort(entry, {CONF_URL: url, CONF_API_KEY: api_key})
         current = user_input or entry.data
         return self.async_show_form(
             step_id="reconfigure", errors=errors,
