@@ -22,6 +22,7 @@ from homeassistant.config_entries import SOURCE_HASSIO, ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
+from loopback import serving
 from server_process import ServerProcess
 
 from custom_components.prima.const import CONF_API_KEY, CONF_URL, DOMAIN
@@ -42,15 +43,10 @@ async def _announce(head: ServerProcess, tmp_path: Path) -> dict[str, Any]:
 
     app = web.Application()
     app.router.add_post("/discovery", discovery)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     options = {**yaml.safe_load((ADDON / "config.yaml").read_text())["options"],
                "port": head.port, "api_key": API_KEY}
     (tmp_path / "options.json").write_text(json.dumps(options))
-    try:
+    async with serving(app) as port:
         proc = await asyncio.create_subprocess_exec(
             "bash", str(DISCOVERY), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -60,8 +56,6 @@ async def _announce(head: ServerProcess, tmp_path: Path) -> dict[str, Any]:
                  "PRIMA_DISCOVERY_HOST": "127.0.0.1"})
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
-    finally:
-        await runner.cleanup()
     assert len(posted) == 1
     return posted[0]
 

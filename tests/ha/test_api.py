@@ -7,13 +7,12 @@ for that (and for a head that dies mid-answer); the rest runs against the real h
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import pytest
 from aiohttp import web
 from conftest import head_url
 from homeassistant.core import HomeAssistant
+from loopback import serving
 from server_process import ServerProcess
 
 from custom_components.prima.api import (
@@ -24,7 +23,8 @@ from custom_components.prima.api import (
 )
 
 
-async def _sse_server(body: bytes) -> AsyncIterator[str]:
+def _sse_app(body: bytes) -> web.Application:
+    """An HTTP server whose chat completions stream ``body`` as it is."""
     async def handler(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -33,15 +33,7 @@ async def _sse_server(body: bytes) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    return app
 
 
 async def _collect(url: str) -> list[dict[str, object]]:
@@ -58,15 +50,16 @@ async def _collect(url: str) -> list[dict[str, object]]:
 ])
 async def test_events_as_the_protocol_allows_them(hass: HomeAssistant, body: bytes,
                                                   expected: list[dict[str, object]]) -> None:
-    async for url in _sse_server(body):
+    async with serving(_sse_app(body)) as port:
+        url = f"http://127.0.0.1:{port}"
         assert await _collect(url) == expected
 
 
 async def test_an_answer_cut_short_is_an_error_not_a_shorter_answer(hass: HomeAssistant
                                                                     ) -> None:
-    async for url in _sse_server(b'data: {"n": 1}\n\n'):
+    async with serving(_sse_app(b'data: {"n": 1}\n\n')) as port:
         with pytest.raises(PrimaConnectionError, match="stopped before its end"):
-            await _collect(url)
+            await _collect(f"http://127.0.0.1:{port}")
 
 
 @pytest.mark.parametrize(("code", "error"), [("node_failed", PrimaConnectionError),
@@ -75,7 +68,8 @@ async def test_an_error_event_says_whether_a_retry_can_help(
         hass: HomeAssistant, code: str, error: type[Exception]) -> None:
     body = (b'data: {"n": 1}\n\ndata: {"error": {"message": "node w1 went away", "code": "'
             + code.encode() + b'"}}\n\n')
-    async for url in _sse_server(body):
+    async with serving(_sse_app(body)) as port:
+        url = f"http://127.0.0.1:{port}"
         with pytest.raises(error, match="went away"):
             await _collect(url)
 

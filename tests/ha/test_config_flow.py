@@ -36,6 +36,7 @@ from homeassistant.helpers import llm
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.helpers.translation import async_get_translations
+from loopback import serving
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 from server_process import ServerProcess
 
@@ -200,15 +201,8 @@ async def foreign_server(request: pytest.FixtureRequest) -> AsyncIterator[str]:
             return web.json_response({"status": "ok", "version": "2.1"})
         app.router.add_get("/api/status", status)  # 200, but no node_id
     # else: every path answers aiohttp's plain 404
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("foreign_server", ["json", "not_found"], indirect=True)
