@@ -413,7 +413,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="prima-bench-") as state:
         server = Server(model, args.threads, ctx, state)
         try:
-            log("starting prima-node serve (the first start on a machine compiles kernels)")
+            log("starting prima-node serve")
             t0 = time.perf_counter()
             base = server.wait_ready(timeout=600)
             log(f"server ready after {time.perf_counter() - t0:.1f} s at {base}")

@@ -9,12 +9,8 @@ The engine's public API for people who embed it::
 
 from __future__ import annotations
 
-from ._blas import prefer_avx512_blas
-
-prefer_avx512_blas()  # before numpy loads OpenBLAS
-
-from .engine.model import Model  # noqa: E402
-from .errors import ContextOverflowError, ModelLoadError, PrimaError  # noqa: E402
+from .engine.model import Model
+from .errors import ContextOverflowError, ModelLoadError, PrimaError
 
 __version__ = "0.1.0"
 

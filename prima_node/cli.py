@@ -16,8 +16,6 @@ from typing import NoReturn
 
 from .errors import PrimaError
 
-DEMO_DIR = Path.home() / ".cache" / "prima" / "models"
-
 
 def _progress(label: str) -> Callable[[int, int], None]:
     """A one-line progress bar on stderr (no dependency, quiet when not a terminal)."""
@@ -77,9 +75,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     model = Path(args.model) if args.model else _demo_model()
-    if not args.model:
-        print("the built-in demo model has random weights: its answer is nonsense; point "
-              "--model at a real GGUF file for real answers", file=sys.stderr)
     return run_demo(model, nodes=args.nodes, prompt=args.prompt, max_tokens=args.max_tokens,
                     ctx=args.ctx, threads=args.threads)
 
@@ -221,14 +216,31 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def _demo_model() -> Path:
-    from .synth.writer import write_model
+    """The model when none is named: the real SmolLM2-135M-Instruct that setup installs."""
+    from .default_model import default_model
 
-    path = DEMO_DIR / "demo-llama-small-Q8_0.gguf"
-    if not path.exists():
-        print(f"writing the built-in demo model to {path} (random weights: it produces "
-              "nonsense; point --model at a real GGUF for real answers)", file=sys.stderr)
-        write_model(path, "llama", "small", "Q8_0", progress=_progress("demo model"))
-    return path
+    return default_model()
+
+
+DESCRIPTION = """\
+Run language models on the devices of your home, alone or together as a cluster.
+
+Start here:
+  prima-node demo                        three nodes on this machine answer a question
+  prima-node chat                        talk to the model in the terminal
+  prima-node serve --head ...            serve an OpenAI-compatible API (Home Assistant)
+Without --model, the commands use SmolLM2-135M-Instruct, which scripts/setup installs."""
+
+
+def models_epilog() -> str:
+    """Which models run: architectures and weight types (each checked against llama.cpp's
+    results on the same file by tests/test_conformance.py)."""
+    from .arch.spec import ARCHITECTURES
+    from .quant_types import CHECKED_TYPES
+
+    return (f"models: GGUF files of the architectures {', '.join(sorted(ARCHITECTURES))}, with\n"
+            "weights of any of these types (each checked against llama.cpp: identical logits):\n"
+            f"{', '.join(t.name for t in CHECKED_TYPES)}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -243,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .synth.presets import PRESETS
     from .synth.writer import MAKE_TYPES
 
-    p = _Parser(prog="prima-node", description=__doc__)
+    p = _Parser(prog="prima-node", description=DESCRIPTION, epilog=models_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     mk = sub.add_parser("make-model", help="write a synthetic GGUF model (random weights)")
@@ -263,14 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser(
         "bench", help="decode/prefill speed vs llama.cpp and memory bandwidth",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure this engine and llama.cpp (when llama_cpp is importable) on the "
-                    "same file and threads, in one run.",
+        description="Measure this engine and llama.cpp at its default settings (when "
+                    "llama_cpp is importable) on the same file and threads, taking turns in one "
+                    "process.",
         epilog=f"--json fields:\n{fields}")
     bn.add_argument("--model", required=True)
     bn.add_argument("--threads", type=int, default=2)
     bn.add_argument("--prompt-tokens", type=int, default=128)
     bn.add_argument("--gen-tokens", type=int, default=32)
-    bn.add_argument("--repeats", type=int, default=2, help="alternating runs; the best counts")
+    bn.add_argument("--repeats", type=int, default=6,
+                    help="rounds in which the engines take turns (ratios: their median)")
     bn.add_argument("--no-llama", action="store_true", help="skip the llama.cpp reference")
     bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.set_defaults(func=cmd_bench)
@@ -368,11 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "rounds, predicted time per token), stream an answer to the prompt through "
                     "the head's OpenAI API, print each node's timings, and stop every node (also "
                     "on Ctrl-C).")
-    demo.add_argument("--model", help="GGUF file (default: the built-in demo model, random "
-                                      "weights)")
+    demo.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, installed "
+                                      "by scripts/setup)")
     demo.add_argument("--nodes", type=int, default=3, help="node processes (default 3)")
-    demo.add_argument("--prompt", default="Which lights are on in the kitchen?",
-                      help="the user's message")
+    demo.add_argument("--prompt", default="What is the capital of France? Answer in one "
+                      "sentence.", help="the user's message")
     demo.add_argument("--max-tokens", type=int, default=48, help="longest answer (default 48)")
     demo.add_argument("--ctx", type=int, default=2048, help="context per node (default 2048)")
     demo.add_argument("--threads", type=int, default=1,

@@ -20,7 +20,8 @@ DEFAULT_PROMPT = "Write one sentence about the rooms of a house."
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file (default: the built-in demo model, random weights)")
+    p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, installed by "
+                                    "scripts/setup)")
     p.add_argument("--threads", type=int, default=None, help="default: every CPU allowed")
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
 
@@ -91,8 +92,6 @@ def open_generator(args: argparse.Namespace, demo: Callable[[], Path]) -> Genera
 
     path = Path(args.model) if args.model else demo()
     gen = Generator.open(path, threads=args.threads, n_ctx=args.ctx)
-    print("(loading compiled kernels; the first run on a machine compiles them, ~1 minute)",
-          file=sys.stderr, flush=True)
     gen.executor.warm_up()
     return gen
 

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from .errors import PrimaError
 
 _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
-START_TIMEOUT_S = 180.0  # a first start may compile the kernels (about a minute on a Pi)
+START_TIMEOUT_S = 180.0  # a first start reads the model from a cold disk (slow on a Pi)
 
 
 class DemoError(PrimaError):
@@ -106,8 +106,10 @@ def wait_ready(node: NodeProcess, timeout: float = START_TIMEOUT_S) -> None:
 
 
 def stream_chat(url: str, prompt: str, max_tokens: int) -> Iterator[dict[str, Any]]:
-    """The chunks of a streamed chat completion (server-sent events)."""
+    """The chunks of a streamed chat completion (server-sent events), sampled greedily: the
+    demo shows the cluster answering, the same answer every time."""
     body = json.dumps({"model": "demo", "stream": True, "max_tokens": max_tokens,
+                       "temperature": 0,
                        "messages": [{"role": "user", "content": prompt}]}).encode()
     req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})

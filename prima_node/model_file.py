@@ -10,6 +10,7 @@ at open with one message naming the file and the key or tensor at fault.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import struct
 from collections.abc import Iterator
@@ -111,8 +112,16 @@ class _CheckedReader(GGUFReader):
                     f"tensor {name!r} has type {type_name(code)}, which this engine cannot run; "
                     f"supported types: {SUPPORTED_NAMES}"
                 ) from None
+            if qtype not in SUPPORTED_TYPES:
+                raise _DefectError(
+                    f"tensor {name!r} has type {qtype.name}, which this engine cannot run; "
+                    f"supported types: {SUPPORTED_NAMES}")
+            if not 1 <= len(dims) <= 4 or any(int(d) == 0 for d in dims):
+                raise _DefectError(
+                    f"tensor {name!r} has dimensions {[int(d) for d in dims]}: a tensor needs "
+                    "one to four dimensions, none of them zero; the file is corrupt")
             block, type_size = GGML_QUANT_SIZES[qtype]
-            n_elems = int(np.prod(dims.astype(np.uint64))) if len(dims) else 1
+            n_elems = int(np.prod(dims.astype(np.uint64)))
             if len(dims) and int(dims[0]) % block:
                 raise _DefectError(
                     f"tensor {name!r} has rows of {int(dims[0])} values, not a multiple of "
@@ -164,14 +173,11 @@ class ModelFile:
         except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as exc:
             raise ModelLoadError(p, f"the GGUF metadata is corrupt ({exc})") from None
         mf = cls(p, reader)
-        for t in mf.tensors.values():
-            if t.qtype not in SUPPORTED_TYPES:
-                mf.close()
-                raise ModelLoadError(
-                    p,
-                    f"tensor {t.name!r} has type {t.qtype.name}, which this engine cannot run; "
-                    f"supported types: {SUPPORTED_NAMES}",
-                )
+        try:
+            _check_layout(mf)
+        except BaseException:
+            mf.close()
+            raise
         return mf
 
     # -- metadata -----------------------------------------------------------------------------
@@ -209,6 +215,11 @@ class ModelFile:
 
     # -- tensors ------------------------------------------------------------------------------
 
+    @property
+    def mapping(self) -> np.ndarray:
+        """The whole file's read-only map (uint8), which every tensor view is part of."""
+        return self._require_reader().data
+
     def tensor(self, name: str) -> TensorInfo:
         """A tensor the architecture requires; a missing one is a load error naming it."""
         t = self.tensors.get(name)
@@ -234,6 +245,16 @@ class ModelFile:
         if self._reader is None:
             raise ValueError(f"{self.path} is closed")
         return self._reader
+
+
+def _check_layout(mf: ModelFile) -> None:
+    """No two tensors may share bytes: a tensor running into the next is a size the header
+    got wrong, and ggml would read the neighbour's bytes as its own."""
+    spans = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in mf.tensors.values())
+    for (_a, end, name), (start, _b, nxt) in itertools.pairwise(spans):
+        if start < end:
+            raise ModelLoadError(mf.path, f"tensors {name!r} and {nxt!r} overlap in the file "
+                                          f"(bytes {start}..{end}): the file is corrupt")
 
 
 def _skip_strings(data: np.ndarray, start: int, count: int) -> int:

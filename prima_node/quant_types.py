@@ -1,7 +1,9 @@
-"""The GGML tensor types the engine can compute with, and their block geometry.
+"""The GGML tensor types the engine can compute with.
 
-Kept apart from the kernels so that loading can reject an unsupported file before any kernel is
-compiled, and so the planner can size layers without importing numba.
+ggml's CPU backend multiplies activations with weights of every type below (its own kernels, the
+same llama.cpp runs). Kept apart from the engine so that loading can reject an unsupported file
+before ggml sees it (ggml aborts the process on a type it cannot handle), and so the planner can
+size layers without loading ggml.
 """
 
 from __future__ import annotations
@@ -10,11 +12,20 @@ from gguf import GGMLQuantizationType
 
 Q = GGMLQuantizationType
 
-#: Types with a decode and a prefill kernel. This is what the files people download use:
-#: Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, F16 and BF16 conversions.
+#: Weight types ggml's CPU backend runs (matrix products and embedding lookups). Types gguf
+#: knows but that only ever appear as activations (Q8_1, Q8_K) or as integers are not here.
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (
-    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.F32, Q.F16, Q.BF16,
+    Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
+    Q.TQ1_0, Q.TQ2_0, Q.MXFP4,
 )
+
+#: Types whose logits tests/test_conformance.py checks against llama.cpp's on the same file
+#: (identical): the file types the synthetic-model tool writes, files of llama.cpp's own
+#: quantiser, and every other type converted with ggml's quantiser. That is all of them.
+CHECKED_TYPES: tuple[GGMLQuantizationType, ...] = SUPPORTED_TYPES
 
 SUPPORTED_NAMES = ", ".join(t.name for t in SUPPORTED_TYPES)
 

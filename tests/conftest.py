@@ -36,6 +36,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     module = sys.modules.get("test_conformance")
     lines = module.summary_lines() if module is not None else []
     if lines:
-        terminalreporter.section("conformance with llama.cpp (max |logit diff| / std)")
+        terminalreporter.section("conformance with llama.cpp (max |logit diff| / max |logit|)")
         for line in lines:
             terminalreporter.write_line(line)

@@ -88,7 +88,7 @@ class ServerProcess:
                 self._listening.set()
 
     def wait_ready(self, timeout: float = 180.0) -> ServerProcess:
-        """Poll ``/health`` from the first moment until it answers 200 (kernels may compile)."""
+        """Poll ``/health`` from the first moment until it answers 200 (the model loads)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()

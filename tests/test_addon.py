@@ -158,10 +158,12 @@ def test_repository_and_files() -> None:
 def test_dockerfile_names_a_pinned_base_and_labels() -> None:
     text = (ADDON / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
-    assert len(froms) == 1
-    image, _, tag = froms[0].partition(":")
-    assert image == "ghcr.io/home-assistant/base-debian"
-    assert re.fullmatch(r"[a-z]+-\d{4}\.\d+\.\d+(@sha256:[0-9a-f]{64})?", tag), tag  # pinned
+    assert len(froms) == 2  # a stage compiling ggml, and the image
+    for base in froms:
+        image, _, tag = base.partition(":")
+        assert image == "ghcr.io/home-assistant/base-debian"
+        assert re.fullmatch(r"[a-z]+-\d{4}\.\d+\.\d+(@sha256:[0-9a-f]{64})?", tag), tag  # pinned
+    assert len(set(froms)) == 1, froms
     assert not re.search(r"ARG\s+BUILD_FROM|\$\{?BUILD_FROM", text)
     for label in ("io.hass.type", "io.hass.name", "io.hass.description", "io.hass.url",
                   "io.hass.version", "io.hass.arch"):
@@ -169,6 +171,26 @@ def test_dockerfile_names_a_pinned_base_and_labels() -> None:
     version = load_yaml(ADDON / "config.yaml")["version"]
     assert f"ARG BUILD_VERSION={version}" in text
     assert "COPY addon/rootfs /" in text
+
+
+def test_dockerfile_builds_ggml_for_every_cpu_without_amx() -> None:
+    """One image for every amd64 and aarch64 box: ggml's CPU backend in all its run-time
+    selected variants, never the build machine's, and never the AMX one; the same
+    llama-cpp-python as scripts/setup and the package's pin (the binding is written for its
+    ggml)."""
+    text = (ADDON / "Dockerfile").read_text()
+    for flag in ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF"):
+        assert flag in text, flag
+    # llama-cpp-python's wheel installs the variants into the venv's bin/, where the engine
+    # does not look: they must be moved beside the rest of ggml
+    assert re.search(r"mv /opt/prima/bin/libggml-cpu-\*\.so \S*/llama_cpp/lib/", text)
+    assert re.search(r"rm -f \S*/llama_cpp/lib/libggml-cpu-sapphirerapids", text)
+    setup = (ROOT / "scripts" / "setup").read_text()
+    version = re.search(r'LLAMA_CPP_PYTHON_VERSION="([\d.]+)"', setup)
+    assert version is not None
+    assert f'"llama-cpp-python=={version.group(1)}"' in text
+    assert f'"llama-cpp-python=={version.group(1)}"' in (ROOT / "pyproject.toml").read_text()
+    assert "libgomp1" in text  # ggml's CPU threads are OpenMP's
 
 
 def test_s6_services() -> None:
@@ -502,8 +524,7 @@ def test_dockerfile_install_in_a_clean_venv(tmp_path: Path) -> None:
                 shutil.copy2(ROOT / name, target)
     assert {p.name for p in src.iterdir()} == {"pyproject.toml", "README.md", "LICENSE",
                                                 "prima_node"}
-    assert re.search(r"python3 -m venv /opt/prima\s*\\?\s*&&\s*/opt/prima/bin/pip install "
-                     r"--no-cache-dir /src", text)
+    assert re.search(r"/opt/prima/bin/pip install --no-cache-dir /src", text)
     env_dir = tmp_path / "opt-prima"
     venv.create(env_dir, with_pip=True)
     subprocess.run([str(env_dir / "bin" / "pip"), "install", "-q", "--no-deps",

@@ -150,14 +150,17 @@ def test_bench_json(make_model: ModelFactory) -> None:
     assert set(JSON_FIELDS) <= set(result), set(JSON_FIELDS) - set(result)
     assert result["model"] == str(path)
     assert (result["threads"], result["prompt_tokens"], result["gen_tokens"]) == (1, 16, 4)
+    rounds = ("decode_ratio_rounds", "prefill_ratio_rounds")
     for key in JSON_FIELDS:
-        if key != "model":
+        if key not in ("model", *rounds):
             assert isinstance(result[key], int | float), (key, result[key])  # llama_cpp present
+    assert result["rounds"] == 1 and all(len(result[k]) == 1 for k in rounds)
     for key in ("engine_prefill_tok_s", "engine_decode_ms", "llama_prefill_tok_s",
                 "llama_decode_ms", "memory_bandwidth_gb_s", "weight_bytes_per_token"):
         assert result[key] > 0, key
     assert result["engine_decode_ms_min"] <= result["engine_decode_ms"]
     assert result["llama_decode_ms_min"] <= result["llama_decode_ms"]
+    # one round: the median of the rounds' ratios is that round's ratio of the two engines
     assert result["decode_ratio"] == pytest.approx(
         result["engine_decode_ms"] / result["llama_decode_ms"], rel=1e-9)
     assert result["prefill_ratio"] == pytest.approx(

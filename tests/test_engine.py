@@ -1,5 +1,27 @@
-"""The executor: tight agreement with the numpy reference, and the window/session API a ring
-node relies on (windows compose, sessions are independent, KV truncation, context limits)."""
+"""The executor against the float64 numpy reference, and the window/session API a ring node
+relies on (windows compose, sessions are independent, KV truncation, context limits).
+
+The reference is written from the architectures' published definitions and shares nothing with
+the engine but the file reader. ggml computes as llama.cpp does, so the engine differs from it
+by llama.cpp's rounding: the attention runs on float16 queries and a float16 cache, and each
+matrix product first rounds the activations to the weight's companion type (float16 for F16,
+bfloat16 for BF16, Q8_0 blocks for the 32-wide quants, Q8_K blocks of 256 for the K-quants).
+Measured as max |logit diff| / std at the last of 33 positions, tiny preset, seed 0
+(llama / qwen2 / qwen3):
+
+    F32    0.0035 0.0038 0.0043      Q4_1   0.062 0.064 0.061
+    F16    0.0043 0.0034 0.0054      Q5_0   0.058 0.059 0.063
+    BF16   0.017  0.013  0.021       Q5_1   0.051 0.061 0.066
+    Q8_0   0.056  0.064  0.068       Q4_K_M 0.081 0.085 0.107
+    Q4_0   0.053  0.055  0.063       Q5_K_M 0.074 0.083 0.102
+                                     Q6_K   0.077 0.083 0.114
+
+The bounds below are about twice the worst of each kind. Errors in the operations every type
+shares (RoPE layout or base, the causal mask, the attention scale, norm epsilon: 0.018 to 2.5
+on this metric, measured against the previous engine) stand out in the F32 and F16 rows, held
+to 0.01; the quantised rows only catch gross errors here, which is why
+tests/test_conformance.py holds every type to llama.cpp's own logits, exactly.
+"""
 
 from __future__ import annotations
 
@@ -20,28 +42,31 @@ def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(1, vocab, n)]
 
 
+#: max |diff| / std allowed against the float64 reference (module docstring).
+TOLERANCE = {"F32": 0.01, "F16": 0.01, "BF16": 0.04, "Q8_0": 0.14, "Q4_0": 0.14, "Q4_1": 0.14,
+             "Q5_0": 0.14, "Q5_1": 0.14, "Q4_K_M": 0.23, "Q5_K_M": 0.23, "Q6_K": 0.23}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("quant", QUANTS)
 def test_logits_match_numpy_reference(make_model: ModelFactory, arch: str, quant: str) -> None:
     path = make_model(arch, "tiny", quant)
-    with Model.open(path, n_ctx=128, threads=2, kv_dtype="f32") as m:
+    with Model.open(path, n_ctx=128, threads=2, repack=False) as m:
         ids = _prompt(33, m.config.n_vocab)
         got = m.logits(ids)
     ref = ReferenceModel(str(path)).logits(ids)
-    # float32 arithmetic against float64 on identical weights: only float32 rounding remains
-    # (~1e-7 per operation, grown through a few layers); a layout or formula error is O(1)
     rel = np.abs(got - ref).max() / ref.std()
-    assert rel < 2e-5, f"{arch} {quant}: max |diff| / std = {rel:.2e}"
+    assert rel < TOLERANCE[quant], f"{arch} {quant}: max |diff| / std = {rel:.4f}"
 
 
 def test_llama_spm_vocab_and_untied_head(make_model: ModelFactory) -> None:
     path = make_model("llama", "small", "Q4_K_M", vocab="spm", layers=2)
-    with Model.open(path, n_ctx=64, kv_dtype="f32") as m:
+    with Model.open(path, n_ctx=64, repack=False) as m:
         assert not m.config.tied_embeddings and m.config.rope_factors is None
         ids = _prompt(20, m.config.n_vocab)
         got = m.logits(ids)
     ref = ReferenceModel(str(path)).logits(ids)
-    assert np.abs(got - ref).max() / ref.std() < 2e-5
+    assert np.abs(got - ref).max() / ref.std() < TOLERANCE["Q4_K_M"]
 
 
 def test_windows_compose_to_full_forward(make_model: ModelFactory) -> None:
@@ -76,9 +101,8 @@ def test_sessions_are_independent_and_truncation_reuses_prefix(make_model: Model
         np.testing.assert_allclose(out_b, ref_b, rtol=0, atol=1e-4 * ref_b.std())
         # prefix reuse: keep the 12 shared positions of session a and evaluate a new tail
         tail = _prompt(5, m.config.n_vocab, 3)
-        win = m._require_full()
-        win.truncate("a", 12)
-        assert win.n_cached("a") == 12
+        m.truncate("a", 12)
+        assert m.n_cached("a") == 12
         reused = m.forward(tail, session="a")
         fresh = m.logits(a[:12] + tail)
         np.testing.assert_allclose(reused, fresh, rtol=0, atol=1e-4 * fresh.std())
@@ -92,12 +116,12 @@ def test_context_limit_is_a_clear_error(make_model: ModelFactory) -> None:
         with pytest.raises(ContextOverflowError):
             m.forward([1, 2], session="x")
         # the failed call lost nothing: the session still continues from position 15
-        assert m._require_full().n_cached("x") == 15
+        assert m.n_cached("x") == 15
         m.forward([3], session="x")
         # a prompt over the limit fails before its first chunk runs: no partial cache
         with pytest.raises(ContextOverflowError, match="larger n_ctx"):
             m.forward(list(range(1, 21)), session="y", batch=8)
-        assert m._require_full().n_cached("y") == 0
+        assert m.n_cached("y") == 0
 
 
 def test_bad_positions_and_tokens_are_rejected(make_model: ModelFactory) -> None:

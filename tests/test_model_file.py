@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import ModelFactory
+from gguf_edit import rewrite
 
 from prima_node import Model, ModelLoadError
 from prima_node.model_file import ModelFile
@@ -30,40 +31,6 @@ def _copy(src: Path, dst: Path, size: int | None = None) -> Path:
     if size is not None:
         with open(dst, "r+b") as fh:
             fh.truncate(size)
-    return dst
-
-
-def _rewrite(src: Path, dst: Path, drop_key: str | None = None, drop_tensor: str | None = None,
-             set_key: tuple[str, object] | None = None,
-             retype: tuple[str, gguf.GGMLQuantizationType] | None = None) -> Path:
-    """Copy a GGUF through gguf-py's writer, altering one key or tensor."""
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", drop_key):
-            continue
-        value = field.contents()
-        if set_key and name == set_key[0]:
-            value = set_key[1]
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(name, value, vtype, sub_type=sub)
-    if set_key and not r.get_field(set_key[0]):
-        w.add_string(set_key[0], str(set_key[1]))
-    for t in r.tensors:
-        if t.name == drop_tensor:
-            continue
-        if retype and t.name == retype[0]:
-            block, size = gguf.GGML_QUANT_SIZES[retype[1]]
-            w.add_tensor(t.name, np.zeros((int(t.shape[1]), int(t.shape[0]) // block * size),
-                                          np.uint8), raw_dtype=retype[1])
-            continue
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     return dst
 
 
@@ -104,7 +71,7 @@ def test_truncated(good: Path, tmp_path: Path, where: str) -> None:
 
 
 def test_unsupported_architecture(good: Path, tmp_path: Path) -> None:
-    p = _rewrite(good, tmp_path / "arch.gguf")
+    p = rewrite(good, tmp_path / "arch.gguf")
     # rename the architecture key in place: same length keeps the layout valid
     data = bytearray(p.read_bytes())
     i = data.index(b"qwen2", data.index(b"general.architecture"))
@@ -115,10 +82,80 @@ def test_unsupported_architecture(good: Path, tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type(good: Path, tmp_path: Path) -> None:
-    p = _rewrite(good, tmp_path / "q2k.gguf",
-                 retype=("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.Q2_K))
+    # Q8_K is an activation format: ggml has no kernel that multiplies with Q8_K weights
+    p = rewrite(good, tmp_path / "q8k.gguf",
+                 retype=("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.Q8_K))
     msg = _open_error(p)
-    assert "blk.0.ffn_up.weight" in msg and "Q2_K" in msg and "Q4_K" in msg
+    assert "blk.0.ffn_up.weight" in msg and "Q8_K" in msg and "Q4_K" in msg
+
+
+def test_every_weight_type_ggml_runs_loads(good: Path, tmp_path: Path) -> None:
+    """A type the engine did not have kernels for before ggml (Q2_K, IQ4_XS, ...) loads and
+    runs; the file's zero blocks give finite logits."""
+    for qtype in (gguf.GGMLQuantizationType.Q2_K, gguf.GGMLQuantizationType.IQ4_XS):
+        p = rewrite(good, tmp_path / f"{qtype.name}.gguf", retype=("blk.0.ffn_up.weight", qtype))
+        with Model.open(p, n_ctx=16, threads=1) as m:
+            assert np.isfinite(m.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize(("key", "value", "mentions"), [
+    ("qwen2.block_count", 0, "block_count"),
+    ("qwen2.embedding_length", 0, "embedding_length"),
+    ("qwen2.rope.freq_base", float("nan"), "freq_base"),
+    ("qwen2.attention.layer_norm_rms_epsilon", float("inf"), "layer_norm_rms_epsilon"),
+    ("qwen2.attention.layer_norm_rms_epsilon", -1e-6, "layer_norm_rms_epsilon"),
+    ("qwen2.attention.head_count", 0, "head_count"),
+])
+def test_impossible_hyperparameters(good: Path, tmp_path: Path, key: str, value: float,
+                                    mentions: str) -> None:
+    """Values ggml would abort on, divide by zero with, or turn every logit into NaN with are
+    refused at open, naming the key (a NaN RoPE base used to load and fail every request)."""
+    msg = _open_error(rewrite(good, tmp_path / "h.gguf", set_key=(key, value)))
+    assert mentions in msg
+
+
+def test_zero_sized_tensor(good: Path, tmp_path: Path) -> None:
+    p = _copy(good, tmp_path / "zero.gguf")
+    data = bytearray(p.read_bytes())
+    name = b"output_norm.weight"
+    at = data.index(name) + len(name)
+    struct.pack_into("<Q", data, at + 4, 0)  # its only dimension
+    p.write_bytes(bytes(data))
+    msg = _open_error(p)
+    assert "output_norm.weight" in msg and "zero" in msg
+
+
+def test_zero_width_embedding(good: Path, tmp_path: Path) -> None:
+    p = _copy(good, tmp_path / "width.gguf")
+    data = bytearray(p.read_bytes())
+    name = b"token_embd.weight"
+    at = data.index(name) + len(name)
+    struct.pack_into("<Q", data, at + 4, 0)  # the row width
+    p.write_bytes(bytes(data))
+    msg = _open_error(p)
+    assert "token_embd.weight" in msg
+
+
+def test_overlapping_tensors(good: Path, tmp_path: Path) -> None:
+    """Two tensors declared over the same bytes (a size the header got wrong) are refused
+    before ggml would read one as the other."""
+    mf = ModelFile.open(good)
+    try:
+        first, second = sorted(mf.tensors.values(), key=lambda t: t.offset)[:2]
+        shift = second.offset - first.offset
+    finally:
+        mf.close()
+    p = _copy(good, tmp_path / "overlap.gguf")
+    data = bytearray(p.read_bytes())
+    name = second.name.encode()
+    at = data.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    off_at = at + 4 + 8 * n_dims + 4
+    (rel,) = struct.unpack_from("<Q", data, off_at)
+    struct.pack_into("<Q", data, off_at, rel - shift)  # now starts where the first one does
+    p.write_bytes(bytes(data))
+    msg = _open_error(p)
+    assert "overlap" in msg and first.name in msg and second.name in msg
 
 
 def test_unknown_tensor_type_code(good: Path, tmp_path: Path) -> None:
@@ -146,17 +183,17 @@ def test_offset_beyond_file(good: Path, tmp_path: Path) -> None:
 
 
 def test_missing_tensor(good: Path, tmp_path: Path) -> None:
-    msg = _open_error(_rewrite(good, tmp_path / "t.gguf", drop_tensor="blk.1.attn_k.bias"))
+    msg = _open_error(rewrite(good, tmp_path / "t.gguf", drop_tensor="blk.1.attn_k.bias"))
     assert "'blk.1.attn_k.bias'" in msg and "missing" in msg
 
 
 def test_missing_key(good: Path, tmp_path: Path) -> None:
-    msg = _open_error(_rewrite(good, tmp_path / "k.gguf", drop_key="qwen2.block_count"))
+    msg = _open_error(rewrite(good, tmp_path / "k.gguf", drop_key="qwen2.block_count"))
     assert "'qwen2.block_count'" in msg and "missing" in msg
 
 
 def test_unsupported_rope_scaling(good: Path, tmp_path: Path) -> None:
-    msg = _open_error(_rewrite(good, tmp_path / "yarn.gguf",
+    msg = _open_error(rewrite(good, tmp_path / "yarn.gguf",
                                set_key=("qwen2.rope.scaling.type", "yarn")))
     assert "yarn" in msg and "linear" in msg
 
@@ -164,7 +201,7 @@ def test_unsupported_rope_scaling(good: Path, tmp_path: Path) -> None:
 def test_failed_open_leaves_nothing_open(good: Path, tmp_path: Path) -> None:
     import psutil
 
-    p = _rewrite(good, tmp_path / "t.gguf", drop_tensor="output_norm.weight")
+    p = rewrite(good, tmp_path / "t.gguf", drop_tensor="output_norm.weight")
     proc = psutil.Process()
     before = {m.path for m in proc.memory_maps()}
     for _ in range(3):

@@ -111,37 +111,49 @@ def test_the_cli_prints_a_summary_and_the_exchange_format(make_model: ModelFacto
     assert res.returncode == 2 and "--published" in res.stderr
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+SCRATCH_SCRIPT = r"""
+import json, sys
+import numpy as np
+from prima_node.engine.model import DEFAULT_BATCH, Model
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+model = Model.open(sys.argv[1], threads=1, n_ctx=DEFAULT_BATCH, repack=False)
+window = model.window(0, model.config.n_layer)
+h = np.random.default_rng(0).standard_normal((DEFAULT_BATCH, model.config.n_embd))
+h = h.astype(np.float32)
+window.forward(h[:4], np.arange(4), "warm")  # first calls, every weight page read once
+window.drop("warm")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # the peak RSS starts again from here
+before = status("VmRSS")
+window.forward(h, np.arange(DEFAULT_BATCH), "s")
+peak = status("VmHWM")  # the chunk's buffers are freed after it: its peak is what counts
+c = model.config
+kv = 2 * c.n_layer * c.n_embd_kv * DEFAULT_BATCH * 2  # float16 K and V of the chunk's rows
+print(json.dumps({"chunk": peak - before - kv}))
+"""
+
+
+@pytest.mark.parametrize(("preset", "layers"), [("small", None), ("1b", 2)])
 def test_the_scratch_figure_covers_what_the_engine_allocates_for_a_prefill_chunk(
-        make_model: ModelFactory, preset: str) -> None:
+        make_model: ModelFactory, preset: str, layers: int | None) -> None:
     """Halda reserves ``scratch_bytes`` on every node instead of a fixed 300 MiB: it must hold
-    what a 256-token chunk really allocates (tracemalloc sees numpy's buffers), and not be
-    wildly above it either, or memory-poor nodes get fewer layers than they can hold."""
-    import tracemalloc
-
-    import numpy as np
-
-    from prima_node.engine.model import DEFAULT_BATCH, Model
-    from prima_node.kernels import TILE_ELEMENTS
+    what a 256-token chunk really adds to the process's memory at its peak (ggml's compute and
+    work buffers, numpy's arrays: measured in a fresh interpreter, less the cache rows the
+    chunk writes), and not be wildly above it either, or memory-poor nodes get fewer layers
+    than they can hold."""
+    from prima_node.engine.model import DEFAULT_BATCH
     from prima_node.planner.halda import Options
-    from prima_node.planner.model_profile import ENGINE_TILE_ELEMENTS
 
-    assert (ENGINE_TILE_ELEMENTS, Options().batch) == (TILE_ELEMENTS, DEFAULT_BATCH)
-    path = make_model("llama", preset, "Q8_0", seed=3)
-    model = Model.open(path, threads=1, n_ctx=DEFAULT_BATCH)
-    try:
-        model.warm_up()
-        window = model.window(0, model.config.n_layer)
-        window.cache("s")  # the KV cache is priced apart
-        h = np.random.default_rng(0).standard_normal(
-            (DEFAULT_BATCH, model.config.n_embd)).astype(np.float32)
-        tracemalloc.start()
-        try:
-            window.forward(h, np.arange(DEFAULT_BATCH), "s")
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-    finally:
-        model.close()
-    figure = ModelProfile.load(path).scratch_bytes(DEFAULT_BATCH)
-    assert peak <= figure <= 2 * peak, (peak, figure)
+    assert Options().batch == DEFAULT_BATCH
+    path = make_model("llama", preset, "Q8_0", seed=3, layers=layers)
+    run = subprocess.run([sys.executable, "-c", SCRATCH_SCRIPT, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    chunk = json.loads(run.stdout)["chunk"]
+    figure = ModelProfile.load(path).scratch_bytes(DEFAULT_BATCH, DEFAULT_BATCH)
+    assert chunk <= figure <= 2 * chunk, (chunk, figure)

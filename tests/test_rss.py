@@ -7,26 +7,25 @@ tests cannot pollute the figures), runs a prompt and a few decode steps, and bou
 RssAnon grew.
 
 The baseline is the interpreter's own anonymous memory with numpy and prima_node imported and
-before the model is opened: whatever the interpreter, numpy, numba and the package hold anyway
-is not the model's. Everything after it counts: the GGUF metadata (gguf's reader keeps Python
-objects per vocabulary entry, the largest single term here), the KV cache, activations, the
-numba kernels loaded from their on-disk cache, BLAS buffers. The bound is
+before the model is opened: whatever the interpreter, numpy and the package hold anyway is not
+the model's. Everything after it counts: the GGUF metadata (gguf's reader keeps Python objects
+per vocabulary entry, the largest single term here), ggml itself once loaded, the KV cache,
+activations (ggml's compute and work buffers, numpy's arrays). The bound is
 
     KV cache       2 (K, V) x n_layer x n_ctx x n_head_kv x head_dim x 2 bytes (f16)
-  + activations    batch x (n_embd + n_ff + n_vocab + n_head x n_ctx) x 4 bytes x 4
-                   (the residual, normed input, FFN gate/up/product, logits and one score row
-                   per head, with room for a few temporaries alive at once) plus one
-                   dequantised weight tile (prima_node.kernels.TILE_ELEMENTS floats)
+  + activations    the planner's scratch figure for a prefill chunk (ModelProfile.scratch_bytes,
+                   checked against the real figure in tests/test_model_profile.py)
   + 10% of the model file
-  + 64 MiB         (allocator arenas, thread stacks, interpreter noise)
+  + 64 MiB         (allocator arenas, thread stacks, ggml's library, interpreter noise)
 
 which for this model is well under the file's size: a copy of the weights on the heap (let
 alone a dequantised float32 copy, 4x larger) fails it. RssFile, on the other hand, must grow by
 about the bytes the decode steps read, which shows the measurement sees the weights where they
-should be.
+should be. The model is opened without repacking: a repacked copy of the matrices is anonymous
+memory by design (Model.repacked_bytes counts it), which only a device that holds its whole
+model chooses.
 
-A first, unmeasured run of the same script fills numba's on-disk kernel cache (a kernel edit
-means a recompilation, whose LLVM memory is no model's cost) and the page cache.
+A first, unmeasured run of the same script fills the page cache.
 """
 
 from __future__ import annotations
@@ -49,9 +48,10 @@ import sys
 
 import numpy as np
 
-import prima_node
 from prima_node import Model
 from prima_node.bench import weight_bytes_per_token
+from prima_node.engine.model import DEFAULT_BATCH
+from prima_node.planner.model_profile import ModelProfile
 
 
 def status():
@@ -76,7 +76,7 @@ def sample():
     return now
 
 
-with Model.open(path, threads=2, n_ctx=n_ctx) as model:
+with Model.open(path, threads=2, n_ctx=n_ctx, repack=False) as model:
     opened = sample()
     cfg = model.config
     rng = np.random.default_rng(0)
@@ -91,10 +91,10 @@ with Model.open(path, threads=2, n_ctx=n_ctx) as model:
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_head_kv": cfg.n_head_kv,
         "head_dim": cfg.head_dim, "n_embd": cfg.n_embd, "n_ff": cfg.n_ff,
         "n_vocab": cfg.n_vocab, "n_ctx": model.n_ctx,
-        "kv_itemsize": np.dtype(model.kv_dtype).itemsize,
+        "kv_itemsize": 2,
         "weight_bytes_per_token": weight_bytes_per_token(model),
-        "tile_elements": getattr(prima_node.kernels, "TILE_ELEMENTS", 256 * 8192),
-        "batch": min(n_prompt, getattr(prima_node.engine.model, "DEFAULT_BATCH", n_prompt)),
+        "scratch": ModelProfile.load(path).scratch_bytes(min(n_prompt, DEFAULT_BATCH), n_ctx),
+        "repacked": model.repacked_bytes,
     }
 print(json.dumps(report))
 """
@@ -113,12 +113,12 @@ def test_weights_stay_file_backed(make_model: ModelFactory) -> None:
     size = path.stat().st_size
     assert size >= 200e6, f"the model is only {size / 1e6:.0f} MB"
 
-    _run(str(path))  # warm numba's kernel cache and the page cache; not measured
+    _run(str(path))  # warm the page cache; not measured
     r = _run(str(path))
 
+    assert r["repacked"] == 0
     kv = 2 * r["n_layer"] * r["n_ctx"] * r["n_head_kv"] * r["head_dim"] * r["kv_itemsize"]
-    per_token = r["n_embd"] + r["n_ff"] + r["n_vocab"] + r["n_head"] * r["n_ctx"]
-    activations = r["batch"] * per_token * 4 * 4 + r["tile_elements"] * 4
+    activations = r["scratch"]
     bound = kv + activations + size // 10 + 64 * MiB
     grown = r["peak"]["RssAnon"] - r["baseline"]["RssAnon"]
     during = r["peak"]["RssAnon"] - r["opened"]["RssAnon"]

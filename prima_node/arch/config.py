@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,22 @@ class ModelConfig:
         return self.n_head_kv * self.head_dim
 
 
+def _number(mf: ModelFile, key: str, value: Any, *, integer: bool, minimum: float) -> Any:
+    """A metadata value as a number no smaller than ``minimum``: anything else (a string, NaN,
+    an infinity, zero where a count is needed) is a load error naming the key, since ggml
+    would abort on it, or every answer would be NaN."""
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ModelLoadError(mf.path, f"metadata key {key!r} is {value!r}, not a number") \
+            from None
+    if not math.isfinite(number) or number < minimum or (integer and float(value) != number):
+        kind = "an integer" if integer else "a finite number"
+        raise ModelLoadError(mf.path, f"metadata key {key!r} is {value!r}; it must be {kind} "
+                                      f">= {minimum:g}: the file is corrupt")
+    return number
+
+
 def load_config(mf: ModelFile) -> ModelConfig:
     """Read the architecture's keys; unsupported or inconsistent settings are load errors."""
     arch_name = mf.require("general.architecture")
@@ -46,34 +64,52 @@ def load_config(mf: ModelFile) -> ModelConfig:
         )
     a = arch_name
 
-    def need(key: str) -> int:
-        value = mf.require(f"{a}.{key}")
+    def count(key: str, default: Any = None) -> int:
+        full = f"{a}.{key}"
+        value = mf.require(full) if default is None else mf.get(full, default)
         if isinstance(value, list):  # per-layer arrays: only uniform models are supported
-            if len(set(value)) != 1:
-                raise ModelLoadError(mf.path, f"{a}.{key} varies per layer, which is not supported")
+            if not value or len(set(value)) != 1:
+                raise ModelLoadError(mf.path, f"{full} varies per layer, which is not supported")
             value = value[0]
-        return int(value)
+        return int(_number(mf, full, value, integer=True, minimum=1))
 
-    n_embd = need("embedding_length")
-    n_head = need("attention.head_count")
-    n_head_kv = int(mf.get(f"{a}.attention.head_count_kv", n_head))
-    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+    def real(key: str, default: Any = None) -> float:
+        full = f"{a}.{key}"
+        value = mf.require(full) if default is None else mf.get(full, default)
+        return float(_number(mf, full, value, integer=False, minimum=0.0))
+
+    n_embd = count("embedding_length")
+    n_head = count("attention.head_count")
+    n_head_kv = count("attention.head_count_kv", n_head)
+    if n_head % n_head_kv:
         raise ModelLoadError(
             mf.path, f"{n_head} attention heads cannot share {n_head_kv} key/value heads evenly"
         )
-    head_dim = int(mf.get(f"{a}.attention.key_length", n_embd // n_head))
-    v_dim = int(mf.get(f"{a}.attention.value_length", head_dim))
+    head_dim = count("attention.key_length", max(1, n_embd // n_head))
+    v_dim = count("attention.value_length", head_dim)
     if v_dim != head_dim:
         raise ModelLoadError(mf.path, "different key and value head sizes are not supported")
-    n_rot = int(mf.get(f"{a}.rope.dimension_count", head_dim))
+    n_rot = count("rope.dimension_count", head_dim)
+    if n_rot > head_dim or n_rot % 2:
+        raise ModelLoadError(mf.path, f"{a}.rope.dimension_count is {n_rot}; it must be even "
+                                      f"and at most the head size {head_dim}")
     scaling = mf.get(f"{a}.rope.scaling.type", "none")
     rope_scale = 1.0
     if scaling == "linear":
-        rope_scale = 1.0 / float(mf.require(f"{a}.rope.scaling.factor"))
+        factor = real("rope.scaling.factor")
+        if factor <= 0:
+            raise ModelLoadError(mf.path, f"{a}.rope.scaling.factor must be positive")
+        rope_scale = 1.0 / factor
     elif scaling not in ("none", None):
         raise ModelLoadError(
             mf.path, f"RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3)"
         )
+    rms_eps = real("attention.layer_norm_rms_epsilon")
+    rope_base = real("rope.freq_base", 10000.0)
+    if rms_eps <= 0 or rope_base <= 0:
+        raise ModelLoadError(mf.path, f"{a}.attention.layer_norm_rms_epsilon and "
+                                      f"{a}.rope.freq_base must be positive (they are "
+                                      f"{rms_eps} and {rope_base}): the file is corrupt")
     factors = None
     if "rope_freqs.weight" in mf.tensors:
         t = mf.tensors["rope_freqs.weight"]
@@ -82,24 +118,28 @@ def load_config(mf: ModelFile) -> ModelConfig:
             raise ModelLoadError(
                 mf.path, f"rope_freqs.weight has {factors.size} values, expected {n_rot // 2}"
             )
+        if not np.all(np.isfinite(factors)) or np.any(factors <= 0):
+            raise ModelLoadError(mf.path, "rope_freqs.weight holds values that are not "
+                                          "positive numbers: the file is corrupt")
     emb = mf.tensor("token_embd.weight")
-    if emb.shape[1] != n_embd:
+    if len(emb.shape) != 2 or emb.shape[1] != n_embd:
         raise ModelLoadError(
-            mf.path, f"token_embd.weight has width {emb.shape[1]}, expected {n_embd}"
+            mf.path, f"token_embd.weight has shape {emb.shape[::-1]} (GGUF order), expected "
+            f"({n_embd}, vocabulary size)"
         )
     return ModelConfig(
         arch=spec,
-        n_layer=need("block_count"),
+        n_layer=count("block_count"),
         n_embd=n_embd,
-        n_ff=need("feed_forward_length"),
+        n_ff=count("feed_forward_length"),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_rot=n_rot,
         n_vocab=emb.shape[0],
-        n_ctx_train=int(mf.get(f"{a}.context_length", 4096)),
-        rms_eps=float(mf.require(f"{a}.attention.layer_norm_rms_epsilon")),
-        rope_base=float(mf.get(f"{a}.rope.freq_base", 10000.0)),
+        n_ctx_train=count("context_length", 4096),
+        rms_eps=rms_eps,
+        rope_base=rope_base,
         rope_scale=rope_scale,
         rope_factors=factors,
         tied_embeddings="output.weight" not in mf.tensors,

@@ -40,7 +40,7 @@ BENCH_S = 60.0  # a node that stalled a round stays out of the ring this long
 STALE_RATIO = 2.0
 STALE_AFTER_STEPS = 8
 REPROFILE_EVERY_S = 600.0
-LOAD_TIMEOUT_S = 300.0  # a first load may compile the kernels (about a minute on a Pi)
+LOAD_TIMEOUT_S = 300.0  # a first load reads its windows from a cold disk (slow on a Pi)
 
 
 class RingError(ClusterError):
@@ -733,7 +733,10 @@ class RingExecutor:
         self._kv("drop", session)
 
     def warm_up(self) -> None:
-        self.model.warm_up()
+        """The ring's windows were warmed when they were loaded; here only the head's own
+        steps (embedding lookup and output head), without building the whole model's window
+        that ``Model.warm_up`` would."""
+        self.model.head(self.model.embed([1]))
 
     def close(self) -> None:
         self.node.on_round_done = None

@@ -297,7 +297,7 @@ class ClusterNode:
             assert self.model is not None
             windows = [self.model.window(a, b) for a, b in ranges]
             n_embd = self.model.config.n_embd
-            for w in windows:  # load (or compile) the kernels now, not on the first token
+            for w in windows:  # first touch of the weights and graphs now, not on a token
                 for n in (5, 1):
                     w.forward(np.zeros((n, n_embd), np.float32),
                               np.arange(n, dtype=np.int64), "warm-up")

@@ -1,9 +1,9 @@
 """The engine's own speed on this device, per weight type: what Halda's compute term divides by.
 
-Measured with the kernels the node will run (not a generic GEMM), at the node's thread count, on
-matrices of a real layer's width: the decode matvec (one token) and the prefill path (a batch of
-tokens). Weight values do not change the speed, so one quantised block of rows is repeated to
-fill the matrix instead of quantising megabytes of random numbers.
+Measured with ggml, the library the node computes with, at the node's thread count, on matrices
+of a real layer's width: the decode matrix-vector product (one token) and the prefill product (a
+batch of tokens). Weight values do not change the speed, so one block of rows, quantised by ggml
+itself (every type it runs, importance-matrix types included), is repeated to fill the matrix.
 """
 
 from __future__ import annotations
@@ -15,24 +15,68 @@ from functools import partial
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..kernels import KERNEL_KIND, Weight
-from ..model_file import TensorInfo
-from ..quant.quantize import quantize
+from .. import ggml
+from ..engine.backend import Backend, Compute, FileBuffer, aligned_bytes, set_input
+from ..engine.graph import Builder
+from ..quant_types import SUPPORTED_TYPES
 
 PREFILL_TOKENS = 64
+_BLOCK_ROWS = 16
 
 
-def _weight(qtype: GGMLQuantizationType, rows: int, cols: int) -> Weight:
-    rng = np.random.default_rng(0)
-    block = quantize(rng.standard_normal((16, cols)).astype(np.float32) * 0.02, qtype)
-    data = np.ascontiguousarray(np.tile(block, (rows // 16,) + (1,) * (block.ndim - 1)))
-    info = TensorInfo(name=f"bench.{qtype.name}", qtype=qtype, shape=(rows, cols), offset=0,
-                      n_bytes=int(data.nbytes), data=data)
-    return Weight(info)
+def quantized_rows(qtype: GGMLQuantizationType, rows: int, cols: int) -> np.ndarray:
+    """``rows`` rows of ``cols`` weights in ``qtype``'s encoding (one quantised block of rows,
+    repeated), as raw bytes."""
+    g = ggml.load()
+    values = (np.random.default_rng(0).standard_normal((_BLOCK_ROWS, cols)) * 0.02).astype(
+        np.float32)
+    block = np.empty(_BLOCK_ROWS * g.ggml_row_size(int(qtype), cols), np.uint8)
+    imatrix = np.ones(cols, np.float32)
+    needs = g.ggml_quantize_requires_imatrix(int(qtype))
+    g.ggml_quantize_chunk(int(qtype), values.ctypes.data, block.ctypes.data, 0, _BLOCK_ROWS,
+                          cols, imatrix.ctypes.data if needs else None)
+    out = aligned_bytes(block.nbytes * (rows // _BLOCK_ROWS))
+    out.reshape(-1, block.nbytes)[:] = block
+    return out
 
 
-def _best(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float:
-    fn()  # warm: caches, and the compiled kernel loaded
+class MatmulProbe:
+    """One weight matrix and the graphs multiplying it by each of ``batches`` tokens (each
+    graph with its own compute buffer, so that its input stays set between runs)."""
+
+    def __init__(self, backend: Backend, weight: np.ndarray, qtype: int, rows: int, cols: int,
+                 batches: Iterable[int]) -> None:
+        self.backend = backend
+        self.buffer = FileBuffer(weight)
+        self.graphs: dict[int, tuple[Builder, Compute, np.ndarray]] = {}
+        rng = np.random.default_rng(1)
+        for t in batches:
+            b = Builder(8)
+            w = b.g.ggml_new_tensor_2d(b.ctx, qtype, cols, rows)
+            self.buffer.place(w, 0)
+            x = b.input("x", ggml.TYPE_F32, cols, t)
+            y = b.g.ggml_mul_mat(b.ctx, w, x)
+            b.g.ggml_set_output(y)
+            b.expand(y)
+            compute = Compute(backend)
+            compute.allocate(b.graph)
+            values = rng.standard_normal((t, cols)).astype(np.float32)
+            set_input(b.g, x, values)
+            self.graphs[t] = (b, compute, values)
+
+    def run(self, tokens: int) -> None:
+        self.backend.compute(self.graphs[tokens][0].graph)
+
+    def close(self) -> None:
+        for b, compute, _ in self.graphs.values():
+            b.free()
+            compute.close()
+        self.buffer.close()
+
+
+def best_time(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float:
+    """The fastest of as many runs as fit in ``budget_s`` (at least ``min_runs``)."""
+    fn()  # warm: caches, and the first touch of the work buffer
     best, runs, t_end = float("inf"), 0, time.perf_counter() + budget_s
     while runs < min_runs or time.perf_counter() < t_end:
         t0 = time.perf_counter()
@@ -44,21 +88,44 @@ def _best(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float
     return best
 
 
-def kernel_flops(types: Iterable[str], *, rows: int = 2048, cols: int = 4096,
+def kernel_flops(types: Iterable[str], *, threads: int, rows: int = 2048, cols: int = 4096,
                  budget_s: float = 0.4) -> dict[str, dict[str, float]]:
-    """FLOP/s of the decode matvec and the prefill matmul for each weight type name."""
+    """FLOP/s of ggml's decode and prefill matrix products for each weight type name."""
+    backend = Backend(threads)
     out: dict[str, dict[str, float]] = {}
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal(cols).astype(np.float32)
-    X = rng.standard_normal((PREFILL_TOKENS, cols)).astype(np.float32)
-    for name in types:
-        qtype = GGMLQuantizationType[name]
-        if qtype not in KERNEL_KIND:
-            continue  # F32 norms and biases: element-wise work, counted separately
-        w = _weight(qtype, rows, cols)
-        flops = 2.0 * rows * cols
-        t_vec = _best(partial(w.matvec, x), budget_s)
-        t_mat = _best(partial(w.matmul, X), budget_s)
-        out[name] = {"decode_flops": flops / t_vec,
-                     "prefill_flops": flops * PREFILL_TOKENS / t_mat}
+    try:
+        for name in types:
+            qtype = GGMLQuantizationType[name]
+            if qtype not in SUPPORTED_TYPES:
+                continue
+            probe = MatmulProbe(backend, quantized_rows(qtype, rows, cols), int(qtype), rows,
+                                cols, (1, PREFILL_TOKENS))
+            try:
+                flops = 2.0 * rows * cols
+                t_vec = best_time(partial(probe.run, 1), budget_s)
+                t_mat = best_time(partial(probe.run, PREFILL_TOKENS), budget_s)
+            finally:
+                probe.close()
+            out[name] = {"decode_flops": flops / t_vec,
+                         "prefill_flops": flops * PREFILL_TOKENS / t_mat}
+    finally:
+        backend.close()
     return out
+
+
+def memory_read_bandwidth(size_mib: int = 256, repeats: int = 5, threads: int = 1) -> float:
+    """Best-of-``repeats`` read bandwidth in GB/s over a buffer far larger than the caches,
+    read the way decode reads weights: a float32 matrix-vector product (memory-bound: two
+    FLOPs per four bytes), on ``threads`` threads."""
+    cols = 4096
+    rows = max(_BLOCK_ROWS, size_mib * 2**20 // (4 * cols))
+    weight = aligned_bytes(rows * cols * 4)
+    weight.view(np.float32)[:] = 1.0  # touched: really in memory
+    backend = Backend(threads)
+    probe = MatmulProbe(backend, weight, ggml.TYPE_F32, rows, cols, (1,))
+    try:
+        best = best_time(lambda: probe.run(1), 0.0, min_runs=repeats)
+    finally:
+        probe.close()
+        backend.close()
+    return weight.nbytes / best / 1e9

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..ggml import PINNED_VERSION
 from .memory import memory_info
 
 FORMAT = "prima-device-profile/1"
@@ -71,7 +72,8 @@ def _cpu_name() -> str:
 
 
 def _cache_path(cache_dir: Path, model: Path | None, threads: int) -> Path:
-    key = [socket.gethostname(), str(threads), __version__]
+    # the engine's version is part of the key: a new ggml measures differently
+    key = [socket.gethostname(), str(threads), __version__, f"ggml-{PINNED_VERSION}"]
     if model is not None:
         st = model.stat()
         key += [str(model.resolve()), str(st.st_size), str(st.st_mtime_ns)]
@@ -90,10 +92,9 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
                    cache_dir: Path | None = None, refresh: bool = False,
                    progress: Progress | None = None) -> DeviceProfile:
     """Measure this device (or reuse its cached measurements, with memory read afresh)."""
-    from ..engine.model import default_threads, set_threads
+    from ..engine.model import default_threads
 
     threads = threads or default_threads()
-    set_threads(threads)
     path = Path(model) if model is not None else None
     cache = _cache_path(cache_dir, path, threads) if cache_dir is not None else None
     if cache is not None and cache.exists() and not refresh:
@@ -105,8 +106,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
             prof.memory = memory_info().as_dict()
             return prof
 
-    from ..kernels.bandwidth import memory_read_bandwidth
-    from .compute import kernel_flops
+    from .compute import kernel_flops, memory_read_bandwidth
     from .disk import measure_disk
 
     types: list[str] = list(DEFAULT_TYPES)
@@ -129,7 +129,8 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
     t0 = time.perf_counter()
     mem = memory_info().as_dict()
     step()
-    bandwidth = memory_read_bandwidth(size_mib=bandwidth_buffer_mib(mem["available"]), repeats=3)
+    bandwidth = memory_read_bandwidth(size_mib=bandwidth_buffer_mib(mem["available"]), repeats=3,
+                                      threads=threads)
     step()
     disk = None
     if path is not None and path.suffix == ".gguf":
@@ -137,7 +138,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         step()
     kernels: dict[str, dict[str, float]] = {}
     for t in types:
-        kernels.update(kernel_flops([t]))
+        kernels.update(kernel_flops([t], threads=threads))
         step()
     prof = DeviceProfile(
         name=socket.gethostname(), os=platform.system(), os_release=platform.release(),

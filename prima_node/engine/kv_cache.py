@@ -1,36 +1,43 @@
-"""Per-session key/value cache for the layers of one window."""
+"""Per-session key/value cache for the layers of one window, as ggml tensors.
+
+float16, like llama.cpp (half the memory of float32, which decides how long a context a small
+device can hold). One K and one V tensor of (context x KV width) per layer, in an anonymous
+mapping: the OS commits pages only as positions are written, so an unused context costs address
+space, not memory. ``n`` is the number of valid positions; truncating is just lowering it, which
+is what prefix reuse needs (attention masks everything from ``n`` on, so stale rows are never
+read).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from .. import ggml
 from ..errors import ContextOverflowError
+from .backend import AnonymousBuffer
 
 
 class KVCache:
-    """Keys and values of ``n_layers`` layers for up to ``n_ctx`` positions.
+    """Keys and values of ``n_layers`` layers for up to ``n_ctx`` positions."""
 
-    float16 by default, like llama.cpp (half the memory of float32, which decides how long a
-    context a small device can hold); float32 for bit-faithful checks.
-
-    Allocated zeroed up front (the OS commits pages only as positions are written, so an unused
-    context costs address space, not memory). ``n`` is the number of valid positions; truncating
-    is just lowering it, which is what prefix reuse needs.
-    """
-
-    def __init__(self, n_layers: int, n_head_kv: int, n_ctx: int, head_dim: int,
-                 dtype: type[np.floating] = np.float16) -> None:
-        if dtype not in (np.float16, np.float32):
-            raise ValueError("the KV cache type must be float16 or float32")
-        shape = (n_layers, n_head_kv, n_ctx, head_dim)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+    def __init__(self, n_layers: int, n_embd_kv: int, n_ctx: int) -> None:
+        g = ggml.load()
+        self.g = g
         self.n_ctx = n_ctx
         self.n = 0
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes)
+        self.ctx = g.ggml_init(ggml.InitParams(g.ggml_tensor_overhead() * (2 * n_layers + 1),
+                                               None, True))
+        if not self.ctx:
+            raise MemoryError("ggml could not create a context for a KV cache")
+        tensors = [int(g.ggml_new_tensor_2d(self.ctx, ggml.TYPE_F16, n_embd_kv, n_ctx))
+                   for _ in range(2 * n_layers)]
+        per_tensor = -(-int(g.ggml_nbytes(tensors[0])) // 64) * 64
+        self.buffer = AnonymousBuffer(per_tensor * len(tensors))
+        for t in tensors:
+            self.buffer.place(t)
+        #: (K, V) tensor pair per layer of the window
+        self.layers = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n_layers)]
+        self.nbytes = per_tensor * len(tensors)
 
     def check_positions(self, positions: np.ndarray) -> None:
         """Positions must continue (or rewrite the tail of) what is cached, without gaps."""
@@ -50,20 +57,13 @@ class KVCache:
                 f"position {last} is beyond the context of {self.n_ctx} tokens"
             )
 
-    def store(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Write keys/values (tokens, n_head_kv, head_dim) at the given positions."""
-        a, b = int(positions[0]), int(positions[-1]) + 1
-        self.k[layer, :, a:b, :] = k.transpose(1, 0, 2)
-        self.v[layer, :, a:b, :] = v.transpose(1, 0, 2)
-
-    def layer_views(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """One layer's K and V as the attention kernel takes them (float16 as raw bits)."""
-        k, v = self.k[layer], self.v[layer]
-        if k.dtype == np.float16:
-            return k.view(np.uint16), v.view(np.uint16)
-        return k, v
-
     def truncate(self, n: int) -> None:
         if n < 0:
             raise ValueError("cannot truncate to a negative length")
         self.n = min(self.n, n)
+
+    def close(self) -> None:
+        self.buffer.close()
+        if self.ctx:
+            self.g.ggml_free(self.ctx)
+            self.ctx = 0

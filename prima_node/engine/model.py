@@ -2,12 +2,15 @@
 
 ``Model`` owns the memory-mapped file and offers the three steps a ring is made of: ``embed``
 (head only), ``window(a, b)`` (any node), ``head`` (final norm + output projection, head only).
-A full forward pass is embed -> window(0, L) -> head, which is what ``logits`` does.
+On one machine, ``forward`` runs all three as one ggml graph per step (what llama.cpp does),
+which is what ``logits`` and the generation loop use.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -15,14 +18,16 @@ from typing import Any
 import numpy as np
 
 from ..arch.config import ModelConfig, load_config
-from ..errors import ContextOverflowError, ModelLoadError
-from ..kernels import Weight
-from ..model_file import ModelFile
+from ..errors import ContextOverflowError
+from ..model_file import ModelFile, TensorInfo
 from ..quant_types import type_name
-from . import ops
-from .window import LayerWindow, _vector
+from .backend import Backend, Compute, FileBuffer
+from .graph import HeadTensors, StepGraph, StepShape, build_embed, build_head, build_step, kv_length
+from .kv_cache import KVCache
+from .weights import WeightSet
+from .window import LayerWindow, Shared, _check_matrix, _check_vector, layer_tensor_infos
 
-#: Prompt tokens evaluated per step: bounds the attention scratch and the activations.
+#: Prompt tokens evaluated per step: bounds the activations (the compute buffer).
 DEFAULT_BATCH = 256
 
 
@@ -34,60 +39,140 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def set_threads(threads: int) -> None:
-    """Use ``threads`` for the kernels (numba) and for BLAS in this process."""
-    import numba
-    from threadpoolctl import threadpool_limits
+def _end_infos(mf: ModelFile, cfg: ModelConfig) -> list[TensorInfo]:
+    """The embedding, final norm, output projection and RoPE factors, checked."""
+    infos = [_check_matrix(mf, "token_embd.weight", cfg.n_vocab, cfg.n_embd),
+             _check_vector(mf, "output_norm.weight", cfg.n_embd)]
+    if not cfg.tied_embeddings:
+        infos.append(_check_matrix(mf, "output.weight", cfg.n_vocab, cfg.n_embd))
+    if cfg.rope_factors is not None:
+        infos.append(_check_vector(mf, "rope_freqs.weight", cfg.n_rot // 2))
+    return infos
 
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-    threadpool_limits(threads)
+
+def _output_name(cfg: ModelConfig) -> str:
+    return "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+
+
+def _head_tensors(ws: WeightSet, cfg: ModelConfig, *, packed: bool = False) -> HeadTensors:
+    output = ws.packed(_output_name(cfg)) if packed else ws[_output_name(cfg)]
+    return HeadTensors(token_embd=ws["token_embd.weight"], output_norm=ws["output_norm.weight"],
+                       output=output, rope_freqs=ws.get("rope_freqs.weight"))
+
+
+def should_repack(mf: ModelFile, available: int) -> bool:
+    """Repack (llama.cpp's default) when the copies fit easily: the weights they replace must
+    take at most half of the memory available now. A model that must be paged from disk stays
+    in the file mapping, where the page cache can do that."""
+    matrices = sum(t.n_bytes for t in mf.tensors.values() if len(t.shape) == 2)
+    return matrices <= available // 2
 
 
 class Model:
-    """A GGUF model (llama, qwen2, qwen3) ready to run from its memory map."""
+    """A GGUF model (llama, qwen2, qwen3) ready to run from its memory map with ggml."""
 
     def __init__(self, mf: ModelFile, cfg: ModelConfig, n_ctx: int, threads: int,
-                 kv_dtype: type[np.floating] = np.float16) -> None:
+                 repack: bool | None = None) -> None:
         self.file = mf
         self.config = cfg
         self.n_ctx = n_ctx
         self.threads = threads
-        self.kv_dtype = kv_dtype
-        self.token_embd = Weight(mf.tensor("token_embd.weight"))
-        self.output_norm = _vector(mf, "output_norm.weight", cfg.n_embd)
-        self.output = self.token_embd if cfg.tied_embeddings else Weight(mf.tensor("output.weight"))
-        if self.output.n_cols != cfg.n_embd:
-            raise ModelLoadError(mf.path, "output.weight does not match the embedding width")
+        self.repack = repack
+        self.backend = Backend(threads)
+        self.compute = Compute(self.backend)
+        self.buffer = FileBuffer(mf.mapping)
+        self._weights: list[WeightSet] = []
+        ends = WeightSet(mf, self.buffer, _end_infos(mf, cfg))
+        self._weights.append(ends)
+        self.shared = Shared(mf, cfg, self.buffer, self.compute, _head_tensors(ends, cfg), n_ctx)
+        self._windows: weakref.WeakSet[LayerWindow] = weakref.WeakSet()
+        self._ends_graphs: dict[tuple[str, int], StepGraph] = {}
         self._full: LayerWindow | None = None
+        self._full_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None,
-             n_ctx: int = 4096, kv_dtype: str = "f16") -> Model:
+             n_ctx: int = 4096, repack: bool | None = None) -> Model:
         """Open a GGUF file; raises ModelLoadError (naming file and cause) if it is unusable.
 
-        ``kv_dtype`` "f16" (default, as llama.cpp) or "f32" (twice the memory, no rounding).
+        ``repack``: whether ``forward`` (this machine running every layer) uses repacked
+        matrices; None decides by the memory available when it first runs (``should_repack``).
+        Windows for a ring are never repacked here (``window``).
         """
-        kv_types: dict[str, type[np.floating]] = {"f16": np.float16, "f32": np.float32}
-        kv = kv_types.get(kv_dtype)
-        if kv is None:
-            raise ValueError("kv_dtype must be 'f16' or 'f32'")
         if n_ctx < 1:
             raise ValueError("n_ctx must be at least 1")
         mf = ModelFile.open(path)
+        model = None
         try:
             cfg = load_config(mf)
-            threads = threads or default_threads()
-            set_threads(threads)
-            model = cls(mf, cfg, n_ctx, threads, kv)
-            model._full = model.window(0, cfg.n_layer)  # validates every layer's tensors now
+            for i in range(cfg.n_layer):  # every layer's tensors, checked before anything runs
+                layer_tensor_infos(mf, cfg, i)
+            model = cls(mf, cfg, n_ctx, threads or default_threads(), repack)
+            model._reserve()
         except BaseException:
-            mf.close()
+            if model is not None:
+                model.close()
+            else:
+                mf.close()
             raise
         return model
+
+    def _reserve(self) -> None:
+        """Size the persistent compute buffer once for the largest kept graph (a decode step
+        at the longest context, with the embedding and the head), so that no later one moves
+        it. Two layers: the last layer of a step computes only the rows whose output is wanted,
+        the one before it all of them."""
+        layer = LayerWindow(self.shared, 0, 1)
+        kv = KVCache(2, self.config.n_embd_kv, self.n_ctx)
+        try:
+            shape = StepShape(1, kv_length(self.n_ctx, self.n_ctx), embed=True, head=True,
+                              last_only=True)
+            graph = build_step(self.config, shape, layer.layers * 2, kv.layers, self.n_ctx,
+                               self.shared.ends)
+            try:
+                self.compute.reserve(graph.builder.graph)
+            finally:
+                graph.free()
+        finally:
+            kv.close()
+            layer.close()
+
+    def _local(self) -> LayerWindow:
+        """Every layer as one window, for ``forward``: built on first use, with repacked
+        matrices if ``repack`` says so (None: if they fit, see ``should_repack``)."""
+        self._require_open()
+        with self._full_lock:
+            if self._full is None:
+                repack = self.repack
+                if repack is None:
+                    from ..device.memory import memory_info
+
+                    repack = should_repack(self.file, memory_info().available)
+                ends = None
+                if repack:
+                    out = WeightSet(self.file, self.buffer, _end_infos(self.file, self.config),
+                                    repack=[_output_name(self.config)])
+                    self._weights.append(out)
+                    ends = _head_tensors(out, self.config, packed=True)
+                self._full = LayerWindow(self.shared, 0, self.config.n_layer, repack=repack,
+                                         packed_ends=ends)
+                self._windows.add(self._full)
+            return self._full
+
+    @property
+    def repacked_bytes(self) -> int:
+        """Anonymous memory holding repacked matrices (0 until ``forward`` first runs, or
+        without repacking)."""
+        extra = sum(w.repacked_bytes for w in self._weights)
+        return extra + sum(w.repacked_bytes for w in list(self._windows))
 
     @property
     def path(self) -> Path:
         return self.file.path
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.config.n_layer * self.config.n_embd_kv * 2  # K and V, float16
 
     def describe(self) -> dict[str, Any]:
         """What a status page shows about the model (plain JSON values)."""
@@ -113,37 +198,57 @@ class Model:
             # the quant type holding most of the bytes names the file's kind (Q4_K, Q8_0, ...)
             "quant": max(by_type, key=lambda k: by_type[k]) if by_type else None,
             "tensor_bytes_by_type": by_type,
-            "kv_bytes_per_token": 2 * cfg.n_layer * cfg.n_embd_kv
-            * np.dtype(self.kv_dtype).itemsize,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
         }
 
     # -- the three steps of a forward pass --------------------------------------------------
 
     def embed(self, token_ids: Any) -> np.ndarray:
         """Embedding rows (tokens, n_embd) for token ids."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.n_vocab):
-            bad = int(ids[(ids < 0) | (ids >= self.config.n_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.n_vocab}")
-        return self.token_embd.rows(ids)
+        ids = self._check_ids(token_ids)
+        return self._run_end("embed", ids.astype(np.int32))
 
     def window(self, start: int, end: int) -> LayerWindow:
         """A new window over layers [start, end) with its own KV caches."""
-        return LayerWindow(self.file, self.config, start, end, self.n_ctx, self.kv_dtype)
+        self._require_open()
+        w = LayerWindow(self.shared, start, end)
+        self._windows.add(w)
+        return w
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """Final norm and output projection: logits (tokens, n_vocab) for hidden states."""
-        x = ops.rms_norm(np.atleast_2d(h).astype(np.float32, copy=False), self.output_norm,
-                         self.config.rms_eps)
-        return self.output.matmul(x)
+        h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
+        if h.ndim != 2 or h.shape[1] != self.config.n_embd:
+            raise ValueError(f"hidden states of shape {h.shape} are not (tokens, "
+                             f"{self.config.n_embd})")
+        return self._run_end("head", h)
+
+    def _run_end(self, kind: str, values: np.ndarray) -> np.ndarray:
+        self._require_open()
+        n = int(values.shape[0])
+        with self.compute.lock:
+            key = (kind, n)
+            graph = self._ends_graphs.get(key)
+            if graph is None or graph.generation not in (-1, self.compute.generation):
+                if graph is not None:
+                    graph.free()
+                build = build_embed if kind == "embed" else build_head
+                graph = build(self.config, self.shared.ends, n)
+            out = graph.run(self.compute, {"tokens" if kind == "embed" else "hidden": values},
+                            once=n > 1)
+            if n == 1:
+                self._ends_graphs[key] = graph
+            else:
+                graph.free()
+        return out
 
     # -- conveniences -------------------------------------------------------------------------
 
     def forward(self, token_ids: Any, session: str = "default", start_pos: int | None = None,
                 batch: int = DEFAULT_BATCH) -> np.ndarray:
         """Evaluate tokens after the session's cached positions; logits of the last one."""
-        full = self._require_full()
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        full = self._local()
+        ids = self._check_ids(token_ids)
         if ids.size == 0:
             raise ValueError("no tokens to evaluate")
         pos0 = full.n_cached(session) if start_pos is None else start_pos
@@ -151,17 +256,17 @@ class Model:
             raise ContextOverflowError(
                 f"{ids.size} tokens from position {pos0} go beyond the context of {self.n_ctx} "
                 "tokens (open the model with a larger n_ctx, or shorten the prompt)")
-        h = None
+        logits = None
         for a in range(0, ids.size, batch):
             chunk = ids[a:a + batch]
             pos = np.arange(pos0 + a, pos0 + a + chunk.size, dtype=np.int64)
-            h = full.forward(self.embed(chunk), pos, session)
-        assert h is not None
-        return self.head(h[-1:])[0]
+            logits = full.run(pos, session, tokens=chunk, head=True)
+        assert logits is not None
+        return logits[-1]
 
     def logits(self, token_ids: Any) -> np.ndarray:
         """float32 logits (n_vocab,) of the last position, evaluating from an empty cache."""
-        full = self._require_full()
+        full = self._local()
         full.clear("logits")
         try:
             return self.forward(token_ids, session="logits", start_pos=0)
@@ -169,28 +274,27 @@ class Model:
             full.drop("logits")
 
     def warm_up(self) -> None:
-        """Compile (first run on a machine) or load the kernels this model uses, so that the
-        first request is not the one that pays for it."""
-        full = self._require_full()
-        self.forward([1] * 5, session="warm-up", start_pos=0)  # tiled BLAS path
-        self.forward([1] * 2, session="warm-up")  # fused small-batch path
-        self.forward([1], session="warm-up")  # decode path
+        """Run one prefill and one decode step, so that the first request does not pay for
+        first-touch costs (the compute buffer's pages, the weights' first reads)."""
+        full = self._local()
+        self.forward([1] * 5, session="warm-up", start_pos=0)
+        self.forward([1], session="warm-up")
         full.drop("warm-up")
 
     def clear(self, session: str = "default") -> None:
-        self._require_full().clear(session)
+        self._local().clear(session)
 
     def n_cached(self, session: str = "default") -> int:
         """Positions held in a session's KV cache."""
-        return self._require_full().n_cached(session)
+        return self._local().n_cached(session)
 
     def truncate(self, session: str, n: int) -> None:
         """Keep a session's first ``n`` positions: the prefix cache reuses them."""
-        self._require_full().truncate(session, n)
+        self._local().truncate(session, n)
 
     def drop(self, session: str) -> None:
         """Release a session's KV memory."""
-        self._require_full().drop(session)
+        self._local().drop(session)
 
     @property
     def n_vocab(self) -> int:
@@ -202,6 +306,21 @@ class Model:
         return sorted(t.byte_range for n, t in self.file.tensors.items() if n.startswith(prefix))
 
     def close(self) -> None:
+        """Free every window's caches and graphs, then ggml's buffers, then the file map."""
+        if self.shared.closed:
+            return
+        with self.compute.lock:
+            self.shared.closed = True
+            for w in list(self._windows):
+                w.close()
+            for graph in self._ends_graphs.values():
+                graph.free()
+            self._ends_graphs.clear()
+            for ws in self._weights:
+                ws.close()
+            self.compute.close()
+            self.buffer.close()
+            self.backend.close()
         self._full = None
         self.file.close()
 
@@ -212,7 +331,13 @@ class Model:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _require_full(self) -> LayerWindow:
-        if self._full is None:
+    def _check_ids(self, token_ids: Any) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.n_vocab):
+            bad = int(ids[(ids < 0) | (ids >= self.config.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.n_vocab}")
+        return ids
+
+    def _require_open(self) -> None:
+        if self.shared.closed:
             raise ValueError(f"{self.path} is closed")
-        return self._full

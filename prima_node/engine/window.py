@@ -1,111 +1,140 @@
 """A window of consecutive transformer layers: the unit of work of a ring node.
 
 A node of the cluster runs "layers [a, b) of the plan on these hidden states for this session";
-this class is exactly that, with its own KV caches for those layers only. Windows share nothing
-but the read-only model file, so a node can hold several (one per ring round) independently.
+this class is exactly that, with its own KV caches for those layers only. Windows of one model
+share the file mapping, the CPU backend and the compute buffer, never caches, so a node can
+hold several (one per ring round) independently.
+
+Each step is a ggml graph. Building one costs about a microsecond per node from Python, so the
+graphs of decode steps (one token) are kept per session and cache length bucket, and only their
+inputs (positions, cache rows, mask) change from token to token; prefill chunks, which vary in
+length and cost far more to compute than to build, get a fresh graph each.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..arch.config import ModelConfig
 from ..errors import ModelLoadError
-from ..kernels import Weight
 from ..model_file import ModelFile, TensorInfo
-from . import ops
+from .backend import Compute, FileBuffer
+from .graph import HeadTensors, LayerTensors, StepGraph, StepShape, build_step, kv_length
+from .graph import step_inputs as _step_inputs
 from .kv_cache import KVCache
+from .weights import WeightSet
+
+#: Decode graphs kept per window (each is a few hundred kB of ggml tensor descriptions).
+CACHED_GRAPHS = 8
 
 
-def _vector(mf: ModelFile, name: str, size: int) -> np.ndarray:
+@dataclass
+class Shared:
+    """What every window of one opened model shares."""
+
+    file: ModelFile
+    config: ModelConfig
+    buffer: FileBuffer
+    compute: Compute
+    ends: HeadTensors
+    n_ctx: int
+    closed: bool = False
+
+
+def _check_vector(mf: ModelFile, name: str, size: int) -> TensorInfo:
     t = mf.tensor(name)
-    v = np.asarray(t.data).reshape(-1)
-    if v.size != size:
-        raise ModelLoadError(mf.path, f"tensor {name!r} has {v.size} values, expected {size}")
-    return v if v.dtype == np.float32 else v.astype(np.float32)
+    n = int(np.prod(t.shape))
+    if n != size or len(t.shape) != 1:
+        raise ModelLoadError(mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
+                                      f"expected ({size},)")
+    if t.qtype.name != "F32":
+        raise ModelLoadError(mf.path, f"tensor {name!r} is {t.qtype.name}; norm weights and "
+                                      "biases must be F32, as llama.cpp writes them")
+    return t
 
 
-def _matrix(mf: ModelFile, name: str, rows: int, cols: int) -> Weight:
+def _check_matrix(mf: ModelFile, name: str, rows: int, cols: int) -> TensorInfo:
     t = mf.tensor(name)
     if t.shape != (rows, cols):
         raise ModelLoadError(
             mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
-            f"expected {(cols, rows)}"
-        )
-    return Weight(t)
+            f"expected {(cols, rows)}")
+    return t
 
 
-@dataclass
-class LayerWeights:
-    """One transformer block's tensors, as file-backed views."""
+def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, TensorInfo]:
+    """Layer ``i``'s tensors by role, each checked against the shapes the config implies."""
+    p = f"blk.{i}."
+    e, hd = cfg.n_embd, cfg.head_dim
+    nq, nkv = cfg.n_head * hd, cfg.n_embd_kv
+    out = {
+        "attn_norm": _check_vector(mf, p + "attn_norm.weight", e),
+        "wq": _check_matrix(mf, p + "attn_q.weight", nq, e),
+        "wk": _check_matrix(mf, p + "attn_k.weight", nkv, e),
+        "wv": _check_matrix(mf, p + "attn_v.weight", nkv, e),
+        "wo": _check_matrix(mf, p + "attn_output.weight", e, nq),
+        "ffn_norm": _check_vector(mf, p + "ffn_norm.weight", e),
+        "w_gate": _check_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e),
+        "w_up": _check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e),
+        "w_down": _check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff),
+    }
+    if cfg.arch.qkv_bias:
+        out["bq"] = _check_vector(mf, p + "attn_q.bias", nq)
+        out["bk"] = _check_vector(mf, p + "attn_k.bias", nkv)
+        out["bv"] = _check_vector(mf, p + "attn_v.bias", nkv)
+    if cfg.arch.qk_norm:
+        out["q_norm"] = _check_vector(mf, p + "attn_q_norm.weight", hd)
+        out["k_norm"] = _check_vector(mf, p + "attn_k_norm.weight", hd)
+    return out
 
-    attn_norm: np.ndarray
-    wq: Weight
-    wk: Weight
-    wv: Weight
-    wo: Weight
-    ffn_norm: np.ndarray
-    w_gate: Weight
-    w_up: Weight
-    w_down: Weight
-    bq: np.ndarray | None = None
-    bk: np.ndarray | None = None
-    bv: np.ndarray | None = None
-    q_norm: np.ndarray | None = None
-    k_norm: np.ndarray | None = None
-    tensors: tuple[TensorInfo, ...] = ()
 
-    @classmethod
-    def load(cls, mf: ModelFile, cfg: ModelConfig, i: int) -> LayerWeights:
-        p = f"blk.{i}."
-        e, hd = cfg.n_embd, cfg.head_dim
-        nq, nkv = cfg.n_head * hd, cfg.n_embd_kv
-        lw = cls(
-            attn_norm=_vector(mf, p + "attn_norm.weight", e),
-            wq=_matrix(mf, p + "attn_q.weight", nq, e),
-            wk=_matrix(mf, p + "attn_k.weight", nkv, e),
-            wv=_matrix(mf, p + "attn_v.weight", nkv, e),
-            wo=_matrix(mf, p + "attn_output.weight", e, nq),
-            ffn_norm=_vector(mf, p + "ffn_norm.weight", e),
-            w_gate=_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e),
-            w_up=_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e),
-            w_down=_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff),
-        )
-        if cfg.arch.qkv_bias:
-            lw.bq = _vector(mf, p + "attn_q.bias", nq)
-            lw.bk = _vector(mf, p + "attn_k.bias", nkv)
-            lw.bv = _vector(mf, p + "attn_v.bias", nkv)
-        if cfg.arch.qk_norm:
-            lw.q_norm = _vector(mf, p + "attn_q_norm.weight", hd)
-            lw.k_norm = _vector(mf, p + "attn_k_norm.weight", hd)
-        lw.tensors = tuple(t for name, t in mf.tensors.items() if name.startswith(p))
-        return lw
+#: The roles whose weights are matrices multiplied with the activations (repackable).
+MATMUL_ROLES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 class LayerWindow:
-    """Layers [start, end) with per-session KV caches of ``n_ctx`` positions."""
+    """Layers [start, end) with per-session KV caches of ``n_ctx`` positions.
 
-    def __init__(self, mf: ModelFile, cfg: ModelConfig, start: int, end: int, n_ctx: int,
-                 kv_dtype: type[np.floating] = np.float16) -> None:
+    ``repack``: also give the window's matrices ggml's interleaved CPU layout (anonymous memory,
+    faster one-token products) for decode steps: only for a window held in memory for good,
+    never one that is streamed. ``packed_ends`` are the model's embedding and head tensors with
+    a repacked output projection, for decode steps that include the head.
+    """
+
+    def __init__(self, shared: Shared, start: int, end: int, *, repack: bool = False,
+                 packed_ends: HeadTensors | None = None) -> None:
+        cfg = shared.config
         if not 0 <= start < end <= cfg.n_layer:
             raise ValueError(f"window [{start}, {end}) is outside the model's {cfg.n_layer} layers")
+        self.shared = shared
         self.cfg = cfg
         self.start, self.end = start, end
-        self.n_ctx = n_ctx
-        self.kv_dtype = kv_dtype
-        self.layers = [LayerWeights.load(mf, cfg, i) for i in range(start, end)]
+        self.n_ctx = shared.n_ctx
+        roles = [layer_tensor_infos(shared.file, cfg, i) for i in range(start, end)]
+        # every tensor of the layers (including any the graph does not use) belongs to them
+        prefixes = tuple(f"blk.{i}." for i in range(start, end))
+        self._tensors = tuple(t for n, t in shared.file.tensors.items() if n.startswith(prefixes))
+        self.packed_ends = packed_ends or shared.ends
+        self.weights = WeightSet(
+            shared.file, shared.buffer, [t for r in roles for t in r.values()],
+            repack=[r[k].name for r in roles for k in MATMUL_ROLES] if repack else ())
+        self.layers = [LayerTensors(**{k: self.weights[t.name] for k, t in r.items()})
+                       for r in roles]
+        #: the same, with repacked matrices where there are any (for decode steps)
+        self.packed_layers = [LayerTensors(**{k: self.weights.packed(t.name)
+                                              for k, t in r.items()}) for r in roles]
         self._sessions: dict[str, KVCache] = {}
+        self._graphs: OrderedDict[tuple[str, StepShape], StepGraph] = OrderedDict()
 
     # -- sessions -----------------------------------------------------------------------------
 
     def cache(self, session: str) -> KVCache:
         kv = self._sessions.get(session)
         if kv is None:
-            cfg = self.cfg
-            kv = KVCache(self.end - self.start, cfg.n_head_kv, self.n_ctx, cfg.head_dim,
-                         self.kv_dtype)
+            kv = KVCache(self.end - self.start, self.cfg.n_embd_kv, self.n_ctx)
             self._sessions[session] = kv
         return kv
 
@@ -124,8 +153,13 @@ class LayerWindow:
             self._sessions[session].truncate(n)
 
     def drop(self, session: str) -> None:
-        """Release a session's cache memory."""
-        self._sessions.pop(session, None)
+        """Release a session's cache memory (and the graphs that write to it)."""
+        with self.shared.compute.lock:
+            for key in [k for k in self._graphs if k[0] == session]:
+                self._graphs.pop(key).free()
+            kv = self._sessions.pop(session, None)
+            if kv is not None:
+                kv.close()
 
     @property
     def sessions(self) -> list[str]:
@@ -135,64 +169,90 @@ class LayerWindow:
 
     def byte_ranges(self) -> list[tuple[int, int]]:
         """File byte ranges of this window's tensors, sorted (for prefetch / release)."""
-        return sorted(t.byte_range for lw in self.layers for t in lw.tensors)
+        return sorted(t.byte_range for t in self._tensors)
 
     @property
     def weight_bytes(self) -> int:
         return sum(b - a for a, b in self.byte_ranges())
 
+    @property
+    def repacked_bytes(self) -> int:
+        """Anonymous memory holding repacked copies of this window's matrices."""
+        return self.weights.repacked_bytes
+
     # -- compute ------------------------------------------------------------------------------
 
-    def forward(self, h: np.ndarray, positions: np.ndarray, session: str = "default") -> np.ndarray:
+    def forward(self, h: np.ndarray, positions: np.ndarray, session: str = "default", *,
+                last_only: bool = False) -> np.ndarray:
         """Run the window on hidden states h (tokens, n_embd) at the given positions.
 
-        Returns the new hidden states; the session's cache then holds positions up to the last.
+        Returns the new hidden states (only the last token's with ``last_only``); the session's
+        cache then holds positions up to the last.
         """
-        cfg = self.cfg
         positions = np.asarray(positions, dtype=np.int64)
         h = np.ascontiguousarray(h, dtype=np.float32)
-        if h.ndim != 2 or h.shape != (positions.size, cfg.n_embd):
+        if h.ndim != 2 or h.shape != (positions.size, self.cfg.n_embd):
             raise ValueError(
                 f"hidden states of shape {h.shape} do not match {positions.size} positions x "
-                f"{cfg.n_embd}"
-            )
+                f"{self.cfg.n_embd}")
+        return self.run(positions, session, hidden=h, last_only=last_only)
+
+    def run(self, positions: np.ndarray, session: str, *, hidden: np.ndarray | None = None,
+            tokens: np.ndarray | None = None, head: bool = False,
+            last_only: bool = False) -> np.ndarray:
+        """One step: from hidden states or (the model's first window) token ids, to hidden
+        states or (the last window, ``head``) the last token's logits."""
+        if self.shared.closed:
+            raise ValueError(f"{self.shared.file.path} is closed")
         kv = self.cache(session)
         kv.check_positions(positions)
-        kv.n = int(positions[0])  # rewriting the tail, if any, starts here
-        cos, sin = ops.rope_tables(positions, cfg.n_rot, cfg.rope_base, cfg.rope_scale,
-                                   cfg.rope_factors)
-        for li, lw in enumerate(self.layers):
-            h = self._layer(lw, li, kv, h, positions, cos, sin)
-        kv.n = int(positions[-1]) + 1
-        return h
+        shape = StepShape(int(positions.size), kv_length(int(positions[-1]) + 1, self.n_ctx),
+                          embed=tokens is not None, head=head, last_only=last_only or head)
+        values = _step_inputs(shape, positions)
+        if tokens is not None:
+            values["tokens"] = tokens.astype(np.int32)
+        else:
+            assert hidden is not None
+            values["hidden"] = hidden
+        once = shape.n_tokens > 1  # prefill chunks: built, run and freed
+        with self.shared.compute.lock:
+            graph = self._graph(session, shape, kv)
+            kv.n = int(positions[0])  # rewriting the tail, if any, starts here
+            try:
+                out = graph.run(self.shared.compute, values, once=once)
+            finally:
+                if once:
+                    graph.free()
+            kv.n = int(positions[-1]) + 1
+        return out
 
-    def _layer(self, lw: LayerWeights, li: int, kv: KVCache, h: np.ndarray, pos: np.ndarray,
-               cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        cfg = self.cfg
-        t = h.shape[0]
-        hd = cfg.head_dim
-        x = ops.rms_norm(h, lw.attn_norm, cfg.rms_eps)
-        q = lw.wq.matmul(x)
-        k = lw.wk.matmul(x)
-        v = lw.wv.matmul(x)
-        if lw.bq is not None:
-            q += lw.bq
-            k += lw.bk
-            v += lw.bv
-        q = q.reshape(t, cfg.n_head, hd)
-        k = k.reshape(t, cfg.n_head_kv, hd)
-        v = v.reshape(t, cfg.n_head_kv, hd)
-        if lw.q_norm is not None and lw.k_norm is not None:
-            q = ops.rms_norm(q, lw.q_norm, cfg.rms_eps)
-            k = ops.rms_norm(k, lw.k_norm, cfg.rms_eps)
-        ops.apply_rope(q, cos, sin, cfg.arch.rope_neox)
-        ops.apply_rope(k, cos, sin, cfg.arch.rope_neox)
-        kv.store(li, pos, k, v)
-        attn = np.empty_like(q)
-        kc, vc = kv.layer_views(li)
-        ops.attend(q, kc, vc, pos, np.float32(1.0 / np.sqrt(hd)), attn)
-        h = h + lw.wo.matmul(attn.reshape(t, -1))
-        x = ops.rms_norm(h, lw.ffn_norm, cfg.rms_eps)
-        g = lw.w_gate.matmul(x)
-        u = lw.w_up.matmul(x)
-        return h + lw.w_down.matmul(ops.silu_mul(g, u))
+    def _graph(self, session: str, shape: StepShape, kv: KVCache) -> StepGraph:
+        """A decode graph from the cache (unless the compute buffer moved since it was
+        allocated), or a new graph."""
+        key = (session, shape)
+        graph = self._graphs.get(key)
+        if graph is not None and graph.generation == self.shared.compute.generation:
+            self._graphs.move_to_end(key)
+            return graph
+        if graph is not None:
+            self._graphs.pop(key).free()
+        decode = shape.n_tokens == 1
+        graph = build_step(self.cfg, shape, self.packed_layers if decode else self.layers,
+                           kv.layers, self.n_ctx,
+                           self.packed_ends if decode else self.shared.ends)
+        if shape.n_tokens == 1:
+            self._graphs[key] = graph
+            while len(self._graphs) > CACHED_GRAPHS:
+                self._graphs.popitem(last=False)[1].free()
+        return graph
+
+    def close(self) -> None:
+        """Free the caches, graphs and weight descriptions (the model closes its windows)."""
+        with self.shared.compute.lock:
+            for g in self._graphs.values():
+                g.free()
+            self._graphs.clear()
+            for kv in self._sessions.values():
+                kv.close()
+            self._sessions.clear()
+            self.weights.close()

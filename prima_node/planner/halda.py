@@ -206,7 +206,7 @@ def _coefficients(dev: Device, model: ModelProfile, opts: Options, is_head: bool
         assert dev.gpu_flops is not None
         beta = (_seconds(flops, dev.gpu_flops, f"{dev.name}'s GPU")
                 + _attention_s(model, n_kv, dev.gpu_flops) - alpha)
-    scratch = (model.scratch_bytes(opts.batch) if dev.compute_buffer is None
+    scratch = (model.scratch_bytes(opts.batch, opts.n_ctx) if dev.compute_buffer is None
                else dev.compute_buffer)
     fixed = scratch + (model.embedding_row_bytes + model.output_bytes if is_head else 0.0)
     avail = dev.mem_available + (dev.swap_out if dev.os == "Android" else 0.0)

@@ -26,9 +26,6 @@ from ..synth.presets import Preset
 from ..synth.writer import tensor_plan
 
 FORMAT = "prima-model-profile/1"
-#: The prefill path's dequantised weight tile, in floats (``prima_node.kernels.TILE_ELEMENTS``,
-#: not imported: the planner runs where the kernels are not compiled).
-ENGINE_TILE_ELEMENTS = 256 * 8192
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
@@ -94,16 +91,18 @@ class ModelProfile:
         """Q·Kᵀ and P·V for one new token attending over ``n_kv`` positions."""
         return 2 * 2 * self.n_head * self.head_dim * n_kv
 
-    def scratch_bytes(self, batch: int) -> int:
+    def scratch_bytes(self, batch: int, n_ctx: int = 4096) -> int:
         """What this project's engine allocates, besides weights and KV cache, to run a
-        ``batch``-token prefill chunk through a layer: float32 hidden states, attention and
-        feed-forward intermediates (fitted on two shapes: 8 widths of n_embd and 3 of n_ff per
-        token; 4 of n_ff are counted), one dequantised weight tile of the prefill path, the
-        frames in and out of the ring, and one row of logits. Against tracemalloc's peak the
-        figure is 1.25x for both the small and the 1b shapes (tests/test_model_profile.py)."""
+        ``batch``-token prefill chunk at a context of ``n_ctx``: ggml's compute buffer (a
+        layer's feed-forward gate, up and product live at once: three n_ff floats and three
+        n_embd floats per token, and the float16 attention mask over the cache), ggml's work
+        buffer (activations rounded to the weights' companion type before a product: at most
+        2 bytes per n_ff value), the hidden states in and out and a copy of the mask on the
+        Python side, and the logits row. Against what a chunk really adds to the process at its
+        peak it is 1.15x for the 1b and the small shapes (tests/test_model_profile.py)."""
         e, f = self.n_embd, self.n_ff
-        return 4 * (batch * (8 * e + 4 * f) + min(ENGINE_TILE_ELEMENTS, e * f)
-                    + 2 * batch * e + self.n_vocab)
+        # the mask spans the cache positions read: the whole context, for a chunk at its end
+        return batch * (14 * f + 20 * e + 4 * n_ctx) + 8 * self.n_vocab
 
     def activation_bytes(self, dtype_bytes: int = 4) -> int:
         """What crosses a ring hop per token: one hidden state (float32 by default)."""

@@ -13,11 +13,8 @@ import contextlib
 import hmac
 import json
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -26,6 +23,7 @@ from ..device.link import add_probe_route
 from ..errors import ClusterError
 from ..generate import Finished, Generator, TextDelta, ToolCall
 from . import prompting
+from .config import ServerConfig
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import openapi_document
 from .protocol import (
@@ -45,19 +43,6 @@ _LOG = logging.getLogger("prima.server")
 #: ``/cluster/ws`` admits nodes by the cluster secret's challenge-response, not the API key.
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/cluster/ws"})
 MAX_BODY_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class ServerConfig:
-    model_path: Path
-    n_ctx: int
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key: str | None = None
-    queue_limit: int = 32
-    cache_slots: int = 2
-    node_id: str = "local"
-    tls: ssl.SSLContext | None = None  # set: the listener speaks HTTPS (and wss)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

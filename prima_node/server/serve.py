@@ -29,14 +29,15 @@ if TYPE_CHECKING:
 
     from ..cluster.head import ClusterHead, RingExecutor
     from ..cluster.node import ClusterNode, NodeConfig
-    from .app import ServerConfig
+    from .config import ServerConfig
     from .presence import Presence
 
 _LOG = logging.getLogger("prima.server")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file (default: the built-in demo model, random weights)")
+    p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, installed by "
+                                    "scripts/setup)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
                    "lets Home Assistant and other devices reach it: set an API key then)")
@@ -154,8 +155,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
     from ..model_file import ModelFile
-    from .app import ServerConfig
-    from .status import node_id
+    from .config import ServerConfig, node_id
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -246,7 +246,7 @@ async def _serve(config: ServerConfig, threads: int | None, node_config: NodeCon
             rings.append(ring)
             gen = Generator(ring, Tokenizer.from_model_file(node.model.file),
                             load_chat_template(node.model.file))
-        _LOG.info("compiling kernels (the first start on a machine takes about a minute)")
+        _LOG.info("warming up (first reads of the weights, the compute buffer)")
         gen.executor.warm_up()
         return gen
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,24 +21,6 @@ from ..device.vitals import vitals
 from .runtime import Runtime
 
 API_VERSION = 1
-
-
-def node_id(state_dir: Path) -> str:
-    """A stable id for this node, kept across restarts (Home Assistant's device identity)."""
-    path = state_dir / "node-id"
-    with contextlib.suppress(OSError):
-        text = path.read_text().strip()
-        if text:
-            return text
-    new = uuid.uuid4().hex
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(new + "\n")
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home: the id lasts as long as the process
-    return new
 
 
 @dataclass

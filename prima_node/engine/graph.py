@@ -1,0 +1,308 @@
+"""The transformer as a ggml graph: the shared blocks every architecture is made of.
+
+One function per block (norm, attention, feed-forward), one per step (``build_step``): a window
+of layers, optionally preceded by the embedding lookup and followed by the output head. The
+graph is the same, node for node, as llama.cpp's for these architectures (separate Q/K/V
+projections, RoPE on the 3-D heads, K/V written into an F16 cache with ``set_rows``, flash
+attention with F32 accumulation, SwiGLU, the last layer computing only the rows whose output is
+wanted), which is why its logits equal llama.cpp's on the same file.
+
+Architectures differ only in what ``ArchSpec`` says (RoPE layout, Q/K/V biases, Q/K norms); no
+block branches on an architecture's name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import ggml
+from ..arch.config import ModelConfig
+from .backend import Compute, get_output, set_input
+
+
+@dataclass
+class LayerTensors:
+    """One transformer block's weights as ggml tensors (file-backed or repacked)."""
+
+    attn_norm: int
+    wq: int
+    wk: int
+    wv: int
+    wo: int
+    ffn_norm: int
+    w_gate: int
+    w_up: int
+    w_down: int
+    bq: int | None = None
+    bk: int | None = None
+    bv: int | None = None
+    q_norm: int | None = None
+    k_norm: int | None = None
+
+
+@dataclass
+class HeadTensors:
+    """What the model keeps outside its layers: embedding, final norm, output projection and
+    the llama3 RoPE frequency factors, if the file has them."""
+
+    token_embd: int
+    output_norm: int
+    output: int
+    rope_freqs: int | None = None
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What distinguishes one graph from another: cached graphs are keyed on it."""
+
+    n_tokens: int
+    n_kv: int  # cache positions attention reads (a multiple of KV_PAD, at most the context)
+    embed: bool = False  # input: token ids (True) or hidden states
+    head: bool = False  # output: logits of the last token (True) or hidden states
+    last_only: bool = False  # the window's last layer computes the last token's row only
+
+
+#: Attention reads the cache in blocks of this many positions (llama.cpp pads likewise), so a
+#: decode graph serves 256 consecutive positions before another is needed.
+KV_PAD = 256
+
+
+def kv_length(end: int, n_ctx: int) -> int:
+    """Cache positions a step ending at position ``end`` (exclusive) attends over."""
+    return min(n_ctx, -(-end // KV_PAD) * KV_PAD)
+
+
+class Builder:
+    """A fresh ggml context and graph that blocks add nodes to."""
+
+    def __init__(self, max_nodes: int) -> None:
+        self.g = ggml.load()
+        g = self.g
+        size = g.ggml_tensor_overhead() * max_nodes * 2 + g.ggml_graph_overhead_custom(
+            max_nodes, False)
+        self.ctx = g.ggml_init(ggml.InitParams(size, None, True))
+        if not self.ctx:
+            raise MemoryError("ggml could not create a graph context")
+        self.graph = g.ggml_new_graph_custom(self.ctx, max_nodes, False)
+
+    def input(self, name: str, dtype: int, *ne: int) -> int:
+        g = self.g
+        t = (g.ggml_new_tensor_1d(self.ctx, dtype, *ne) if len(ne) == 1
+             else g.ggml_new_tensor_2d(self.ctx, dtype, *ne))
+        g.ggml_set_name(t, name.encode())
+        g.ggml_set_input(t)
+        return int(t)
+
+    def expand(self, t: int) -> None:
+        self.g.ggml_build_forward_expand(self.graph, t)
+
+    def free(self) -> None:
+        if self.ctx:
+            self.g.ggml_free(self.ctx)
+            self.ctx = 0
+
+
+@dataclass
+class AttentionInputs:
+    pos: int  # I32 [T]: positions, for RoPE
+    kv_idx: int  # I64 [T]: cache rows the step's keys and values are written to
+    mask: int  # F16 [n_kv, T]: 0 where a query may attend, -inf elsewhere
+    n_kv: int
+    cache_rows: int  # positions each cache tensor holds (the context)
+
+
+def rms_norm(b: Builder, x: int, weight: int, eps: float) -> int:
+    g = b.g
+    return int(g.ggml_mul(b.ctx, g.ggml_rms_norm(b.ctx, x, eps), weight))
+
+
+def _rope(b: Builder, cfg: ModelConfig, x: int, pos: int, freqs: int | None) -> int:
+    mode = ggml.ROPE_NEOX if cfg.arch.rope_neox else ggml.ROPE_NORMAL
+    return int(b.g.ggml_rope_ext(b.ctx, x, pos, freqs, cfg.n_rot, mode, cfg.n_ctx_train,
+                                 cfg.rope_base, cfg.rope_scale, 0.0, 1.0, 32.0, 1.0))
+
+
+def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[int, int],
+              inp: AttentionInputs, freqs: int | None) -> int:
+    """Self-attention of the step's tokens over the cache, which it first extends."""
+    g, ctx = b.g, b.ctx
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
+    T = g.ggml_nelements(x) // cfg.n_embd
+
+    def project(wt: int, bias: int | None, heads: int) -> int:
+        y = g.ggml_mul_mat(ctx, wt, x)
+        if bias is not None:
+            y = g.ggml_add(ctx, y, bias)
+        return int(g.ggml_reshape_3d(ctx, y, hd, heads, T))
+
+    q, k, v = project(w.wq, w.bq, nh), project(w.wk, w.bk, nkv), project(w.wv, w.bv, nkv)
+    if w.q_norm is not None and w.k_norm is not None:
+        q = rms_norm(b, q, w.q_norm, cfg.rms_eps)
+        k = rms_norm(b, k, w.k_norm, cfg.rms_eps)
+    q = _rope(b, cfg, q, inp.pos, freqs)
+    k = _rope(b, cfg, k, inp.pos, freqs)
+    for t in (q, v, k):  # llama.cpp's order, which keeps the node order (and results) equal
+        b.expand(t)
+    row = g.ggml_row_size(ggml.TYPE_F32, cfg.n_embd_kv)
+    k_cache, v_cache = cache
+    b.expand(g.ggml_set_rows(ctx, k_cache, g.ggml_view_2d(ctx, k, cfg.n_embd_kv, T, row, 0),
+                             inp.kv_idx))
+    b.expand(g.ggml_set_rows(ctx, v_cache, g.ggml_view_2d(ctx, v, cfg.n_embd_kv, T, row, 0),
+                             inp.kv_idx))
+
+    def cached(c: int) -> int:
+        f16 = ggml.TYPE_F16
+        view = g.ggml_view_4d(ctx, c, hd, nkv, inp.n_kv, 1, g.ggml_row_size(f16, hd),
+                              g.ggml_row_size(f16, cfg.n_embd_kv),
+                              g.ggml_row_size(f16, cfg.n_embd_kv * inp.cache_rows), 0)
+        return int(g.ggml_permute(ctx, view, 0, 2, 1, 3))
+
+    out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, q, 0, 2, 1, 3), cached(k_cache),
+                                cached(v_cache), inp.mask, 1.0 / math.sqrt(hd), 0.0, 0.0)
+    g.ggml_prec_set_acc(out, ggml.PREC_F32)
+    out = g.ggml_reshape_2d(ctx, out, hd * nh, T)
+    return int(g.ggml_mul_mat(ctx, w.wo, out))
+
+
+def feed_forward(b: Builder, w: LayerTensors, x: int) -> int:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    g, ctx = b.g, b.ctx
+    up = g.ggml_mul_mat(ctx, w.w_up, x)
+    gate = g.ggml_mul_mat(ctx, w.w_gate, x)
+    return int(g.ggml_mul_mat(ctx, w.w_down, g.ggml_swiglu_split(ctx, gate, up)))
+
+
+def block(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[int, int],
+          inp: AttentionInputs, freqs: int | None, out_ids: int | None) -> int:
+    """One pre-norm transformer block; ``out_ids`` keeps only those rows (the last layer)."""
+    g, ctx = b.g, b.ctx
+    h = attention(b, cfg, w, rms_norm(b, x, w.attn_norm, cfg.rms_eps), cache, inp, freqs)
+    if out_ids is not None:
+        h = g.ggml_get_rows(ctx, h, out_ids)
+        x = g.ggml_get_rows(ctx, x, out_ids)
+    h = g.ggml_add(ctx, h, x)
+    y = feed_forward(b, w, rms_norm(b, h, w.ffn_norm, cfg.rms_eps))
+    return int(g.ggml_add(ctx, y, h))
+
+
+@dataclass
+class StepGraph:
+    """A built graph with its inputs, ready to run any number of times."""
+
+    builder: Builder
+    shape: StepShape
+    inputs: dict[str, int]
+    output: int
+    out_shape: tuple[int, int]  # numpy (rows, cols) of the output
+    generation: int = -1
+    scratch: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def run(self, compute: Compute, values: dict[str, np.ndarray], *,
+            once: bool = False) -> np.ndarray:
+        """Set the inputs, compute, read the output. A kept graph is placed in the model's
+        persistent buffer on its first run; a graph run ``once`` in a buffer of its own,
+        freed before returning."""
+        g = self.builder.g
+        with compute.lock:
+            release = None
+            if once:
+                release = compute.run_transient(self.builder.graph)
+            elif self.generation < 0:
+                self.generation = compute.allocate(self.builder.graph)
+            try:
+                for name, t in self.inputs.items():
+                    set_input(g, t, values[name])
+                compute.backend.compute(self.builder.graph)
+                return get_output(g, self.output, np.empty(self.out_shape, np.float32))
+            finally:
+                if release is not None:
+                    release()
+
+    def free(self) -> None:
+        self.builder.free()
+
+
+def graph_nodes(n_layers: int) -> int:
+    """Room for the nodes of a step over ``n_layers`` layers (about 30 each, plus the ends)."""
+    return 48 * n_layers + 64
+
+
+def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors],
+               caches: Sequence[tuple[int, int]], cache_rows: int, ends: HeadTensors
+               ) -> StepGraph:
+    """The graph of one step over ``layers`` with their caches, as ``shape`` says."""
+    b = Builder(graph_nodes(len(layers)))
+    g, ctx = b.g, b.ctx
+    T = shape.n_tokens
+    inputs: dict[str, int] = {}
+    if shape.embed:
+        inputs["tokens"] = b.input("tokens", ggml.TYPE_I32, T)
+        x = int(g.ggml_get_rows(ctx, ends.token_embd, inputs["tokens"]))
+    else:
+        inputs["hidden"] = x = b.input("hidden", ggml.TYPE_F32, cfg.n_embd, T)
+    inputs["pos"] = b.input("pos", ggml.TYPE_I32, T)
+    inputs["kv_idx"] = b.input("kv_idx", ggml.TYPE_I64, T)
+    inputs["mask"] = b.input("mask", ggml.TYPE_F16, shape.n_kv, T)
+    out_ids = None
+    if shape.last_only:
+        inputs["out_ids"] = out_ids = b.input("out_ids", ggml.TYPE_I32, 1)
+    att = AttentionInputs(inputs["pos"], inputs["kv_idx"], inputs["mask"], shape.n_kv,
+                          cache_rows)
+    for i, (w, cache) in enumerate(zip(layers, caches, strict=True)):
+        last = i == len(layers) - 1
+        x = block(b, cfg, w, x, cache, att, ends.rope_freqs, out_ids if last else None)
+    rows = 1 if shape.last_only else T
+    out_shape = (rows, cfg.n_embd)
+    if shape.head:
+        x = head(b, cfg, ends, x)
+        out_shape = (rows, cfg.n_vocab)
+    g.ggml_set_output(x)
+    b.expand(x)
+    return StepGraph(b, shape, inputs, x, out_shape)
+
+
+def head(b: Builder, cfg: ModelConfig, ends: HeadTensors, x: int) -> int:
+    """Final norm and output projection: logits."""
+    return int(b.g.ggml_mul_mat(b.ctx, ends.output, rms_norm(b, x, ends.output_norm,
+                                                             cfg.rms_eps)))
+
+
+def build_embed(cfg: ModelConfig, ends: HeadTensors, n_tokens: int) -> StepGraph:
+    """The embedding lookup alone (the ring's head embeds before the first window)."""
+    b = Builder(8)
+    tokens = b.input("tokens", ggml.TYPE_I32, n_tokens)
+    x = int(b.g.ggml_get_rows(b.ctx, ends.token_embd, tokens))
+    b.g.ggml_set_output(x)
+    b.expand(x)
+    return StepGraph(b, StepShape(n_tokens, 0, embed=True), {"tokens": tokens}, x,
+                     (n_tokens, cfg.n_embd))
+
+
+def build_head(cfg: ModelConfig, ends: HeadTensors, n_tokens: int) -> StepGraph:
+    """The output head alone (the ring's head, after the last window came back)."""
+    b = Builder(8)
+    hidden = b.input("hidden", ggml.TYPE_F32, cfg.n_embd, n_tokens)
+    x = head(b, cfg, ends, hidden)
+    b.g.ggml_set_output(x)
+    b.expand(x)
+    return StepGraph(b, StepShape(n_tokens, 0, head=True), {"hidden": hidden}, x,
+                     (n_tokens, cfg.n_vocab))
+
+
+def step_inputs(shape: StepShape, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Positions, cache rows, the causal mask and the output row for a step whose tokens sit
+    at ``positions`` (consecutive)."""
+    T = shape.n_tokens
+    pos = positions.astype(np.int32)
+    mask = np.full((T, shape.n_kv), -np.inf, dtype=np.float16)
+    visible = np.arange(shape.n_kv)[None, :] <= positions[:, None]
+    mask[visible] = 0.0
+    values: dict[str, np.ndarray] = {"pos": pos, "kv_idx": positions.astype(np.int64),
+                                     "mask": mask}
+    if shape.last_only:
+        values["out_ids"] = np.array([T - 1], dtype=np.int32)
+    return values
