@@ -25,8 +25,9 @@ def default_model(search: Sequence[str] | None = None) -> Path:
     missing = (f"no --model given, and the default model ({FILE_NAME}, from the "
                f"{DISTRIBUTION} package) is not installed: run scripts/setup, or give --model "
                "with a GGUF file")
-    where: dict[str, list[str]] = {} if search is None else {"path": list(search)}
-    dist = next(iter(importlib.metadata.distributions(name=DISTRIBUTION, **where)), None)
+    found = (importlib.metadata.distributions(name=DISTRIBUTION) if search is None
+             else importlib.metadata.distributions(name=DISTRIBUTION, path=list(search)))
+    dist = next(iter(found), None)
     if dist is None:
         raise PrimaError(missing)
     for f in dist.files or ():

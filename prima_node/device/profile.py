@@ -138,7 +138,8 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         step()
     kernels: dict[str, dict[str, float]] = {}
     for t in types:
-        kernels.update(kernel_flops([t], threads=threads))
+        kernels.update(kernel_flops([t], threads=threads,
+                                    weight_mib=bandwidth_buffer_mib(mem["available"])))
         step()
     prof = DeviceProfile(
         name=socket.gethostname(), os=platform.system(), os_release=platform.release(),

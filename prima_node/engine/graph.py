@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -199,7 +199,6 @@ class StepGraph:
     output: int
     out_shape: tuple[int, int]  # numpy (rows, cols) of the output
     generation: int = -1
-    scratch: dict[str, np.ndarray] = field(default_factory=dict)
 
     def run(self, compute: Compute, values: dict[str, np.ndarray], *,
             once: bool = False) -> np.ndarray:

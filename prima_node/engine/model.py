@@ -19,13 +19,14 @@ import numpy as np
 
 from ..arch.config import ModelConfig, load_config
 from ..errors import ContextOverflowError
-from ..model_file import ModelFile, TensorInfo
+from ..model_file import ModelFile
 from ..quant_types import type_name
 from .backend import Backend, Compute, FileBuffer
 from .graph import HeadTensors, StepGraph, StepShape, build_embed, build_head, build_step, kv_length
 from .kv_cache import KVCache
+from .tensors import end_tensor_infos, layer_tensor_infos, output_name
 from .weights import WeightSet
-from .window import LayerWindow, Shared, _check_matrix, _check_vector, layer_tensor_infos
+from .window import LayerWindow, Shared
 
 #: Prompt tokens evaluated per step: bounds the activations (the compute buffer).
 DEFAULT_BATCH = 256
@@ -39,23 +40,8 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _end_infos(mf: ModelFile, cfg: ModelConfig) -> list[TensorInfo]:
-    """The embedding, final norm, output projection and RoPE factors, checked."""
-    infos = [_check_matrix(mf, "token_embd.weight", cfg.n_vocab, cfg.n_embd),
-             _check_vector(mf, "output_norm.weight", cfg.n_embd)]
-    if not cfg.tied_embeddings:
-        infos.append(_check_matrix(mf, "output.weight", cfg.n_vocab, cfg.n_embd))
-    if cfg.rope_factors is not None:
-        infos.append(_check_vector(mf, "rope_freqs.weight", cfg.n_rot // 2))
-    return infos
-
-
-def _output_name(cfg: ModelConfig) -> str:
-    return "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-
-
 def _head_tensors(ws: WeightSet, cfg: ModelConfig, *, packed: bool = False) -> HeadTensors:
-    output = ws.packed(_output_name(cfg)) if packed else ws[_output_name(cfg)]
+    output = ws.packed(output_name(cfg)) if packed else ws[output_name(cfg)]
     return HeadTensors(token_embd=ws["token_embd.weight"], output_norm=ws["output_norm.weight"],
                        output=output, rope_freqs=ws.get("rope_freqs.weight"))
 
@@ -82,7 +68,7 @@ class Model:
         self.compute = Compute(self.backend)
         self.buffer = FileBuffer(mf.mapping)
         self._weights: list[WeightSet] = []
-        ends = WeightSet(mf, self.buffer, _end_infos(mf, cfg))
+        ends = WeightSet(mf, self.buffer, end_tensor_infos(mf, cfg))
         self._weights.append(ends)
         self.shared = Shared(mf, cfg, self.buffer, self.compute, _head_tensors(ends, cfg), n_ctx)
         self._windows: weakref.WeakSet[LayerWindow] = weakref.WeakSet()
@@ -150,8 +136,9 @@ class Model:
                     repack = should_repack(self.file, memory_info().available)
                 ends = None
                 if repack:
-                    out = WeightSet(self.file, self.buffer, _end_infos(self.file, self.config),
-                                    repack=[_output_name(self.config)])
+                    infos = end_tensor_infos(self.file, self.config)
+                    out = WeightSet(self.file, self.buffer, infos,
+                                    repack=[output_name(self.config)])
                     self._weights.append(out)
                     ends = _head_tensors(out, self.config, packed=True)
                 self._full = LayerWindow(self.shared, 0, self.config.n_layer, repack=repack,

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..arch.config import ModelConfig
-from ..errors import ModelLoadError
-from ..model_file import ModelFile, TensorInfo
+from ..model_file import ModelFile
 from .backend import Compute, FileBuffer
 from .graph import HeadTensors, LayerTensors, StepGraph, StepShape, build_step, kv_length
 from .graph import step_inputs as _step_inputs
 from .kv_cache import KVCache
+from .tensors import MATMUL_ROLES, layer_tensor_infos
 from .weights import WeightSet
 
 #: Decode graphs kept per window (each is a few hundred kB of ggml tensor descriptions).
@@ -42,57 +42,6 @@ class Shared:
     ends: HeadTensors
     n_ctx: int
     closed: bool = False
-
-
-def _check_vector(mf: ModelFile, name: str, size: int) -> TensorInfo:
-    t = mf.tensor(name)
-    n = int(np.prod(t.shape))
-    if n != size or len(t.shape) != 1:
-        raise ModelLoadError(mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
-                                      f"expected ({size},)")
-    if t.qtype.name != "F32":
-        raise ModelLoadError(mf.path, f"tensor {name!r} is {t.qtype.name}; norm weights and "
-                                      "biases must be F32, as llama.cpp writes them")
-    return t
-
-
-def _check_matrix(mf: ModelFile, name: str, rows: int, cols: int) -> TensorInfo:
-    t = mf.tensor(name)
-    if t.shape != (rows, cols):
-        raise ModelLoadError(
-            mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
-            f"expected {(cols, rows)}")
-    return t
-
-
-def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, TensorInfo]:
-    """Layer ``i``'s tensors by role, each checked against the shapes the config implies."""
-    p = f"blk.{i}."
-    e, hd = cfg.n_embd, cfg.head_dim
-    nq, nkv = cfg.n_head * hd, cfg.n_embd_kv
-    out = {
-        "attn_norm": _check_vector(mf, p + "attn_norm.weight", e),
-        "wq": _check_matrix(mf, p + "attn_q.weight", nq, e),
-        "wk": _check_matrix(mf, p + "attn_k.weight", nkv, e),
-        "wv": _check_matrix(mf, p + "attn_v.weight", nkv, e),
-        "wo": _check_matrix(mf, p + "attn_output.weight", e, nq),
-        "ffn_norm": _check_vector(mf, p + "ffn_norm.weight", e),
-        "w_gate": _check_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e),
-        "w_up": _check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e),
-        "w_down": _check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff),
-    }
-    if cfg.arch.qkv_bias:
-        out["bq"] = _check_vector(mf, p + "attn_q.bias", nq)
-        out["bk"] = _check_vector(mf, p + "attn_k.bias", nkv)
-        out["bv"] = _check_vector(mf, p + "attn_v.bias", nkv)
-    if cfg.arch.qk_norm:
-        out["q_norm"] = _check_vector(mf, p + "attn_q_norm.weight", hd)
-        out["k_norm"] = _check_vector(mf, p + "attn_k_norm.weight", hd)
-    return out
-
-
-#: The roles whose weights are matrices multiplied with the activations (repackable).
-MATMUL_ROLES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 class LayerWindow:

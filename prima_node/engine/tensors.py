@@ -1,0 +1,83 @@
+"""Which tensors a model has, by role, and the shapes its configuration implies.
+
+The inventory the graph builder works from: each layer's projections, norms and (per
+architecture) biases and Q/K norms, and the model's ends. Every tensor is checked against the
+shape the configuration implies before any is handed to ggml, which aborts the process on a
+product of mismatched shapes; a mismatch is a ModelLoadError naming the tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..arch.config import ModelConfig
+from ..errors import ModelLoadError
+from ..model_file import ModelFile, TensorInfo
+
+#: The roles whose weights are matrices multiplied with the activations (repackable).
+MATMUL_ROLES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def check_vector(mf: ModelFile, name: str, size: int) -> TensorInfo:
+    t = mf.tensor(name)
+    n = int(np.prod(t.shape))
+    if n != size or len(t.shape) != 1:
+        raise ModelLoadError(mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
+                                      f"expected ({size},)")
+    if t.qtype.name != "F32":
+        raise ModelLoadError(mf.path, f"tensor {name!r} is {t.qtype.name}; norm weights and "
+                                      "biases must be F32, as llama.cpp writes them")
+    return t
+
+
+def check_matrix(mf: ModelFile, name: str, rows: int, cols: int) -> TensorInfo:
+    t = mf.tensor(name)
+    if t.shape != (rows, cols):
+        raise ModelLoadError(
+            mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
+            f"expected {(cols, rows)}")
+    return t
+
+
+def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, TensorInfo]:
+    """Layer ``i``'s tensors by role, each checked against the shapes the config implies."""
+    p = f"blk.{i}."
+    e, hd = cfg.n_embd, cfg.head_dim
+    nq, nkv = cfg.n_head * hd, cfg.n_embd_kv
+    out = {
+        "attn_norm": check_vector(mf, p + "attn_norm.weight", e),
+        "wq": check_matrix(mf, p + "attn_q.weight", nq, e),
+        "wk": check_matrix(mf, p + "attn_k.weight", nkv, e),
+        "wv": check_matrix(mf, p + "attn_v.weight", nkv, e),
+        "wo": check_matrix(mf, p + "attn_output.weight", e, nq),
+        "ffn_norm": check_vector(mf, p + "ffn_norm.weight", e),
+        "w_gate": check_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e),
+        "w_up": check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e),
+        "w_down": check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff),
+    }
+    if cfg.arch.qkv_bias:
+        out["bq"] = check_vector(mf, p + "attn_q.bias", nq)
+        out["bk"] = check_vector(mf, p + "attn_k.bias", nkv)
+        out["bv"] = check_vector(mf, p + "attn_v.bias", nkv)
+    if cfg.arch.qk_norm:
+        out["q_norm"] = check_vector(mf, p + "attn_q_norm.weight", hd)
+        out["k_norm"] = check_vector(mf, p + "attn_k_norm.weight", hd)
+    return out
+
+
+
+
+def end_tensor_infos(mf: ModelFile, cfg: ModelConfig) -> list[TensorInfo]:
+    """The embedding, final norm, output projection and RoPE factors, checked."""
+    infos = [check_matrix(mf, "token_embd.weight", cfg.n_vocab, cfg.n_embd),
+             check_vector(mf, "output_norm.weight", cfg.n_embd)]
+    if not cfg.tied_embeddings:
+        infos.append(check_matrix(mf, "output.weight", cfg.n_vocab, cfg.n_embd))
+    if cfg.rope_factors is not None:
+        infos.append(check_vector(mf, "rope_freqs.weight", cfg.n_rot // 2))
+    return infos
+
+
+def output_name(cfg: ModelConfig) -> str:
+    """The output projection's tensor: the embedding itself when they are tied."""
+    return "token_embd.weight" if cfg.tied_embeddings else "output.weight"
