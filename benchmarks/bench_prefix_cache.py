@@ -46,7 +46,6 @@ from prima_node.text.chat_template import ChatTemplate, load_chat_template
 from prima_node.text.tokenizer import Tokenizer
 
 BENCH_MODEL = Path.home() / ".cache" / "prima" / "bench" / "llama-1b-Q8_0.gguf"
-DEMO_MODEL = Path.home() / ".cache" / "prima" / "models" / "demo-llama-small-Q8_0.gguf"
 
 INSTRUCTIONS = """\
 You are a voice assistant for Home Assistant.
@@ -360,11 +359,9 @@ class EngineResult:
 def _default_model() -> Path:
     if BENCH_MODEL.exists():
         return BENCH_MODEL
-    if not DEMO_MODEL.exists():
-        from prima_node.cli import _demo_model  # writes the demo model, as `prima-node` does
+    from prima_node.default_model import default_model  # SmolLM2, which setup installs
 
-        return _demo_model()
-    return DEMO_MODEL
+    return default_model()
 
 
 def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -556,7 +553,7 @@ def format_table(r: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None,
-                    help=f"GGUF file (default: {BENCH_MODEL} if it exists, else the demo model)")
+                    help=f"GGUF file (default: {BENCH_MODEL} if it exists, else SmolLM2)")
     ap.add_argument("--threads", type=int, default=2, help="threads of both engines")
     ap.add_argument("--prompt-tokens", type=int, default=1500,
                     help="size of the rendered prompt, system prompt + user message")
