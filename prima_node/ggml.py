@@ -63,6 +63,7 @@ PREC_F32 = 10
 DEVICE_CPU = 0
 STATUS_SUCCESS = 0
 LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+LOG_CONT = 5
 
 
 class GgmlUnavailableError(PrimaError):
@@ -256,8 +257,7 @@ class Ggml:
             fn.restype = restype
             fn.argtypes = argtypes
             setattr(self, name, fn)
-        self._log_callback = _LOG_CALLBACK(_forward_log)  # kept alive as long as the library
-        self.ggml_log_set(self._log_callback, None)
+        self.ggml_log_set(_LOG_FORWARDER, None)
         self.cpu_device = self._cpu_device()
         self.cpu_description = (self.ggml_backend_dev_description(self.cpu_device) or b"").decode()
         reg = self.ggml_backend_dev_backend_reg(self.cpu_device)
@@ -301,9 +301,18 @@ class Ggml:
         return out
 
 
+_last_level = [logging.DEBUG]  # GGML_LOG_LEVEL_CONT continues the previous message's level
+
+
 def _forward_log(level: int, text: bytes | None, _user: int | None) -> None:
+    if level != LOG_CONT:
+        _last_level[0] = LOG_LEVELS.get(level, logging.DEBUG)
     if text:
-        _LOG.log(LOG_LEVELS.get(level, logging.DEBUG), "%s", text.decode(errors="replace").rstrip())
+        _LOG.log(_last_level[0], "%s", text.decode(errors="replace").rstrip())
+
+
+#: ggml keeps this pointer for the life of the process: module level, never collected
+_LOG_FORWARDER = _LOG_CALLBACK(_forward_log)
 
 
 _LOADED: Ggml | None = None

@@ -19,7 +19,7 @@ SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (
     Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
     Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
-    Q.TQ1_0, Q.TQ2_0, Q.MXFP4,
+    Q.TQ1_0, Q.TQ2_0, Q.MXFP4, Q.NVFP4, Q.Q1_0,
 )
 
 #: Types whose logits tests/test_conformance.py checks against llama.cpp's on the same file

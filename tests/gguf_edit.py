@@ -16,9 +16,10 @@ Transform = Callable[[gguf.ReaderTensor], tuple[np.ndarray, gguf.GGMLQuantizatio
 def rewrite(src: Path, dst: Path, drop_key: str | None = None, drop_tensor: str | None = None,
             set_key: tuple[str, object] | None = None,
             retype: tuple[str, gguf.GGMLQuantizationType] | None = None,
-            transform: Transform | None = None) -> Path:
+            transform: Transform | None = None,
+            add: dict[str, np.ndarray] | None = None) -> Path:
     """Copy ``src`` to ``dst``, dropping or setting one key, dropping one tensor, giving one
-    tensor another type (zero bytes of it), or transforming tensors."""
+    tensor another type (zero bytes of it), transforming tensors, or adding float32 ones."""
     r = gguf.GGUFReader(src)
     arch = r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch)
@@ -32,7 +33,11 @@ def rewrite(src: Path, dst: Path, drop_key: str | None = None, drop_tensor: str 
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(name, value, vtype, sub_type=sub)
     if set_key and not r.get_field(set_key[0]):
-        w.add_string(set_key[0], str(set_key[1]))
+        value = set_key[1]
+        if isinstance(value, float):
+            w.add_float32(set_key[0], value)
+        else:
+            w.add_string(set_key[0], str(value))
     for t in r.tensors:
         if t.name == drop_tensor:
             continue
@@ -46,6 +51,8 @@ def rewrite(src: Path, dst: Path, drop_key: str | None = None, drop_tensor: str 
             w.add_tensor(t.name, new[0], raw_dtype=new[1])
         else:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for name, values in (add or {}).items():
+        w.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

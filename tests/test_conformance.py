@@ -162,6 +162,30 @@ def test_every_other_ggml_weight_type_matches_llama_cpp(make_model: ModelFactory
     _compare(f"llama {qtype.name} tiny (ggml's quantiser)", path, _prompt(n_vocab))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_optional_biases_match_llama_cpp(make_model: ModelFactory, tmp_path: Path,
+                                         arch: str) -> None:
+    """The tensors an architecture's files may carry beyond the required ones (llama: a bias on
+    every projection; qwen2: on the output too) are added where llama.cpp adds them (they used
+    to load and be ignored)."""
+    from gguf_edit import rewrite
+
+    source = make_model(arch, "small", "Q8_0")
+    rng = np.random.default_rng(5)
+    with Model.open(source, n_ctx=N_CTX) as m:
+        c = m.config
+    if arch == "llama":
+        sizes = {"attn_q.bias": c.n_head * c.head_dim, "attn_k.bias": c.n_embd_kv,
+                 "attn_v.bias": c.n_embd_kv, "attn_output.bias": c.n_embd,
+                 "ffn_up.bias": c.n_ff, "ffn_gate.bias": c.n_ff, "ffn_down.bias": c.n_embd}
+        extra = {f"blk.{i}.{name}": rng.normal(0, 0.05, size) for i in range(c.n_layer)
+                 for name, size in sizes.items()}
+    else:  # its attention biases are in every qwen2 file already
+        extra = {"output.bias": rng.normal(0, 0.5, c.n_vocab)}
+    path = rewrite(source, tmp_path / "biased.gguf", add=extra)
+    _compare(f"{arch} Q8_0 small, optional biases", path, _prompt(c.n_vocab))
+
+
 #: prose, code, multilingual text, and a conversation in the model's chat template
 SMOLLM2_PROMPTS = {
     "prose": "The old lighthouse keeper climbed the stairs every evening, and",

@@ -146,3 +146,26 @@ def test_layer_byte_ranges_cover_exactly_the_layer(make_model: ModelFactory) -> 
         assert len(w.byte_ranges()) == len(names) == len(m.layer_byte_ranges(1))
         assert w.weight_bytes == sum(m.file.tensors[n].n_bytes for n in names)
         assert w.byte_ranges() == m.layer_byte_ranges(1)
+
+
+def test_closed_windows_and_mismatched_steps_are_errors_not_crashes(
+        make_model: ModelFactory) -> None:
+    """ggml aborts the process on an out-of-range row or a write past a tensor, and a closed
+    window's tensors are freed memory: each is a ValueError here, before ggml sees it."""
+    with Model.open(make_model("llama", "tiny", "F16"), n_ctx=32) as m:
+        w = m.window(0, 1)
+        h = m.embed([1, 2])
+        w.close()
+        with pytest.raises(ValueError, match="closed"):
+            w.forward(h, np.arange(2))
+        full = m.window(0, m.config.n_layer)
+        with pytest.raises(ValueError, match="4 tokens do not match 2 positions"):
+            full.run(np.arange(2), "s", tokens=np.array([1, 2, 3, 4]))
+        with pytest.raises(ValueError, match="vocabulary"):
+            full.run(np.arange(1), "s", tokens=np.array([10**6]))
+        with pytest.raises(ValueError, match="either hidden states or token ids"):
+            full.run(np.arange(1), "s")
+        assert full.n_cached("s") == 0  # nothing half-done
+        assert np.isfinite(full.run(np.arange(2), "s", tokens=np.array([1, 2]), head=True)).all()
+    with pytest.raises(ValueError, match="closed"):
+        full.forward(h, np.arange(2), "t")

@@ -114,6 +114,19 @@ def test_impossible_hyperparameters(good: Path, tmp_path: Path, key: str, value:
     assert mentions in msg
 
 
+def test_a_tensor_the_graph_has_no_place_for(good: Path, tmp_path: Path) -> None:
+    """A fused QKV projection (or any tensor this architecture's graph does not use) would be
+    silently ignored and every answer computed without it: refused, naming it."""
+    p = rewrite(good, tmp_path / "qkv.gguf",
+                add={"blk.1.attn_qkv.weight": np.zeros((3 * 256, 256), np.float32)})
+    msg = _open_error(p)
+    assert "blk.1.attn_qkv.weight" in msg and "no place" in msg
+    # a bias qwen2's graph has no place for (llama's has): refused, as llama.cpp does
+    p = rewrite(good, tmp_path / "bias.gguf",
+                add={"blk.0.ffn_down.bias": np.zeros(256, np.float32)})
+    assert "blk.0.ffn_down.bias" in _open_error(p)
+
+
 def test_zero_sized_tensor(good: Path, tmp_path: Path) -> None:
     p = _copy(good, tmp_path / "zero.gguf")
     data = bytearray(p.read_bytes())
@@ -183,8 +196,8 @@ def test_offset_beyond_file(good: Path, tmp_path: Path) -> None:
 
 
 def test_missing_tensor(good: Path, tmp_path: Path) -> None:
-    msg = _open_error(rewrite(good, tmp_path / "t.gguf", drop_tensor="blk.1.attn_k.bias"))
-    assert "'blk.1.attn_k.bias'" in msg and "missing" in msg
+    msg = _open_error(rewrite(good, tmp_path / "t.gguf", drop_tensor="blk.1.attn_k.weight"))
+    assert "'blk.1.attn_k.weight'" in msg and "missing" in msg
 
 
 def test_missing_key(good: Path, tmp_path: Path) -> None:

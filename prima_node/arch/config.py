@@ -111,7 +111,7 @@ def load_config(mf: ModelFile) -> ModelConfig:
                                       f"{a}.rope.freq_base must be positive (they are "
                                       f"{rms_eps} and {rope_base}): the file is corrupt")
     factors = None
-    if "rope_freqs.weight" in mf.tensors:
+    if "rope_freqs" in spec.optional and "rope_freqs.weight" in mf.tensors:
         t = mf.tensors["rope_freqs.weight"]
         factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
         if factors.size != n_rot // 2:

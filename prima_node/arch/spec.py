@@ -11,21 +11,31 @@ class ArchSpec:
 
     ``rope_neox``: rotate the two halves of each head (GPT-NeoX layout, Qwen) instead of adjacent
     pairs (llama.cpp's converter permutes Llama's q/k weights into the adjacent-pair layout).
-    ``qkv_bias``: attention projections carry biases (Qwen2). ``qk_norm``: per-head RMSNorm of
-    queries and keys before RoPE (Qwen3).
+    ``qkv_bias``: its files carry biases on the attention projections (Qwen2): the synthetic
+    model tool writes them and the planner counts them; the engine, like llama.cpp, adds any
+    projection bias a file has, whatever the architecture. ``qk_norm``: per-head RMSNorm of
+    queries and keys before RoPE (Qwen3). ``optional``: the tensors a file of this architecture
+    may carry beyond the required ones (as llama.cpp's loader for it accepts them; any other
+    tensor is refused): biases of the attention's projections (``bq``, ``bk``, ``bv``, ``bo``)
+    and of the feed-forward's (``b_up``, ``b_gate``, ``b_down``), of the output
+    (``output_bias``), llama3's RoPE factors (``rope_freqs``).
     """
 
     name: str
     rope_neox: bool
     qkv_bias: bool = False
     qk_norm: bool = False
+    optional: frozenset[str] = frozenset({"bq", "bk", "bv"})
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
-        ArchSpec("llama", rope_neox=False),  # Llama 2/3/3.1/3.2, Mistral dense
-        ArchSpec("qwen2", rope_neox=True, qkv_bias=True),
+        ArchSpec("llama", rope_neox=False,  # Llama 2/3/3.1/3.2, Mistral dense
+                 optional=frozenset({"bq", "bk", "bv", "bo", "b_up", "b_gate", "b_down",
+                                     "rope_freqs"})),
+        ArchSpec("qwen2", rope_neox=True, qkv_bias=True,
+                 optional=frozenset({"bq", "bk", "bv", "output_bias"})),
         ArchSpec("qwen3", rope_neox=True, qk_norm=True),
     )
 }

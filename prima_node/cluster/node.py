@@ -293,8 +293,12 @@ class ClusterNode:
         disk), and open the ring link to the successor."""
         loop = asyncio.get_running_loop()
 
+        replaced = self.assignment.windows if self.assignment is not None else []
+
         def build() -> tuple[list[Any], Pager]:
             assert self.model is not None
+            for w in replaced:  # their caches, graphs and weight descriptions
+                w.close()
             windows = [self.model.window(a, b) for a, b in ranges]
             n_embd = self.model.config.n_embd
             for w in windows:  # first touch of the weights and graphs now, not on a token

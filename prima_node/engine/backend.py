@@ -186,20 +186,22 @@ class Compute:
         """Size the persistent buffer for a graph at least as large as any kept graph."""
         with self.lock:
             before = self.buffer_bytes
-            if not self.g.ggml_gallocr_reserve(self.allocator, graph):
+            ok = self.g.ggml_gallocr_reserve(self.allocator, graph)
+            if not ok or self.buffer_bytes != before:
+                self.generation += 1  # a failed reallocation freed the old buffer too
+            if not ok:
                 raise ComputeError("not enough memory for the compute buffer")
-            if self.buffer_bytes != before:
-                self.generation += 1
 
     def allocate(self, graph: int) -> int:
         """Place a kept graph's activations in the persistent buffer; returns the generation
         they belong to."""
         with self.lock:
             before = self.buffer_bytes
-            if not self.g.ggml_gallocr_alloc_graph(self.allocator, graph):
+            ok = self.g.ggml_gallocr_alloc_graph(self.allocator, graph)
+            if not ok or self.buffer_bytes != before:
+                self.generation += 1  # a failed reallocation freed the old buffer too
+            if not ok:
                 raise ComputeError("not enough memory for the compute buffer")
-            if self.buffer_bytes != before:
-                self.generation += 1
             return self.generation
 
     def run_transient(self, graph: int) -> Callable[[], None]:
@@ -218,7 +220,11 @@ class Compute:
 
 
 def set_input(g: Any, tensor: int, values: np.ndarray) -> None:
-    """Copy a contiguous numpy array into a graph input tensor of the same byte size."""
+    """Copy a contiguous numpy array into a graph input tensor of the same byte size (ggml
+    aborts the process on a write past the tensor: refused here instead)."""
+    if not values.flags.c_contiguous or values.nbytes != g.ggml_nbytes(tensor):
+        raise ValueError(f"an input of {values.nbytes} bytes does not fit a tensor of "
+                         f"{g.ggml_nbytes(tensor)}")
     g.ggml_backend_tensor_set(tensor, values.ctypes.data, 0, values.nbytes)
 
 

@@ -40,6 +40,10 @@ class LayerTensors:
     bq: int | None = None
     bk: int | None = None
     bv: int | None = None
+    bo: int | None = None
+    b_up: int | None = None
+    b_gate: int | None = None
+    b_down: int | None = None
     q_norm: int | None = None
     k_norm: int | None = None
 
@@ -53,6 +57,7 @@ class HeadTensors:
     output_norm: int
     output: int
     rope_freqs: int | None = None
+    output_bias: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,7 @@ def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tupl
     T = g.ggml_nelements(x) // cfg.n_embd
 
     def project(wt: int, bias: int | None, heads: int) -> int:
-        y = g.ggml_mul_mat(ctx, wt, x)
-        if bias is not None:
-            y = g.ggml_add(ctx, y, bias)
+        y = _biased(b, g.ggml_mul_mat(ctx, wt, x), bias)
         return int(g.ggml_reshape_3d(ctx, y, hd, heads, T))
 
     q, k, v = project(w.wq, w.bq, nh), project(w.wk, w.bk, nkv), project(w.wv, w.bv, nkv)
@@ -165,15 +168,20 @@ def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tupl
                                 cached(v_cache), inp.mask, 1.0 / math.sqrt(hd), 0.0, 0.0)
     g.ggml_prec_set_acc(out, ggml.PREC_F32)
     out = g.ggml_reshape_2d(ctx, out, hd * nh, T)
-    return int(g.ggml_mul_mat(ctx, w.wo, out))
+    return _biased(b, g.ggml_mul_mat(ctx, w.wo, out), w.bo)
+
+
+def _biased(b: Builder, y: int, bias: int | None) -> int:
+    return int(y if bias is None else b.g.ggml_add(b.ctx, y, bias))
 
 
 def feed_forward(b: Builder, w: LayerTensors, x: int) -> int:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     g, ctx = b.g, b.ctx
-    up = g.ggml_mul_mat(ctx, w.w_up, x)
-    gate = g.ggml_mul_mat(ctx, w.w_gate, x)
-    return int(g.ggml_mul_mat(ctx, w.w_down, g.ggml_swiglu_split(ctx, gate, up)))
+    up = _biased(b, g.ggml_mul_mat(ctx, w.w_up, x), w.b_up)
+    gate = _biased(b, g.ggml_mul_mat(ctx, w.w_gate, x), w.b_gate)
+    return _biased(b, g.ggml_mul_mat(ctx, w.w_down, g.ggml_swiglu_split(ctx, gate, up)),
+                   w.b_down)
 
 
 def block(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[int, int],
@@ -266,8 +274,8 @@ def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors
 
 def head(b: Builder, cfg: ModelConfig, ends: HeadTensors, x: int) -> int:
     """Final norm and output projection: logits."""
-    return int(b.g.ggml_mul_mat(b.ctx, ends.output, rms_norm(b, x, ends.output_norm,
-                                                             cfg.rms_eps)))
+    logits = b.g.ggml_mul_mat(b.ctx, ends.output, rms_norm(b, x, ends.output_norm, cfg.rms_eps))
+    return _biased(b, logits, ends.output_bias)
 
 
 def build_embed(cfg: ModelConfig, ends: HeadTensors, n_tokens: int) -> StepGraph:

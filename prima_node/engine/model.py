@@ -24,7 +24,7 @@ from ..quant_types import type_name
 from .backend import Backend, Compute, FileBuffer
 from .graph import HeadTensors, StepGraph, StepShape, build_embed, build_head, build_step, kv_length
 from .kv_cache import KVCache
-from .tensors import end_tensor_infos, layer_tensor_infos, output_name
+from .tensors import check_all_tensors_used, end_tensor_infos, output_name
 from .weights import WeightSet
 from .window import LayerWindow, Shared
 
@@ -43,7 +43,8 @@ def default_threads() -> int:
 def _head_tensors(ws: WeightSet, cfg: ModelConfig, *, packed: bool = False) -> HeadTensors:
     output = ws.packed(output_name(cfg)) if packed else ws[output_name(cfg)]
     return HeadTensors(token_embd=ws["token_embd.weight"], output_norm=ws["output_norm.weight"],
-                       output=output, rope_freqs=ws.get("rope_freqs.weight"))
+                       output=output, rope_freqs=ws.get("rope_freqs.weight"),
+                       output_bias=ws.get("output.bias"))
 
 
 def should_repack(mf: ModelFile, available: int) -> bool:
@@ -68,7 +69,13 @@ class Model:
         self.compute = Compute(self.backend)
         self.buffer = FileBuffer(mf.mapping)
         self._weights: list[WeightSet] = []
-        ends = WeightSet(mf, self.buffer, end_tensor_infos(mf, cfg))
+        try:
+            ends = WeightSet(mf, self.buffer, end_tensor_infos(mf, cfg))
+        except BaseException:  # nothing of ggml's may outlive a failed open
+            self.compute.close()
+            self.buffer.close()
+            self.backend.close()
+            raise
         self._weights.append(ends)
         self.shared = Shared(mf, cfg, self.buffer, self.compute, _head_tensors(ends, cfg), n_ctx)
         self._windows: weakref.WeakSet[LayerWindow] = weakref.WeakSet()
@@ -91,8 +98,7 @@ class Model:
         model = None
         try:
             cfg = load_config(mf)
-            for i in range(cfg.n_layer):  # every layer's tensors, checked before anything runs
-                layer_tensor_infos(mf, cfg, i)
+            check_all_tensors_used(mf, cfg)  # every tensor checked before anything runs
             model = cls(mf, cfg, n_ctx, threads or default_threads(), repack)
             model._reserve()
         except BaseException:
@@ -126,8 +132,8 @@ class Model:
     def _local(self) -> LayerWindow:
         """Every layer as one window, for ``forward``: built on first use, with repacked
         matrices if ``repack`` says so (None: if they fit, see ``should_repack``)."""
-        self._require_open()
-        with self._full_lock:
+        with self._full_lock, self.compute.lock:
+            self._require_open()
             if self._full is None:
                 repack = self.repack
                 if repack is None:
@@ -197,10 +203,11 @@ class Model:
 
     def window(self, start: int, end: int) -> LayerWindow:
         """A new window over layers [start, end) with its own KV caches."""
-        self._require_open()
-        w = LayerWindow(self.shared, start, end)
-        self._windows.add(w)
-        return w
+        with self.compute.lock:
+            self._require_open()
+            w = LayerWindow(self.shared, start, end)
+            self._windows.add(w)
+            return w
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """Final norm and output projection: logits (tokens, n_vocab) for hidden states."""
@@ -211,9 +218,9 @@ class Model:
         return self._run_end("head", h)
 
     def _run_end(self, kind: str, values: np.ndarray) -> np.ndarray:
-        self._require_open()
         n = int(values.shape[0])
         with self.compute.lock:
+            self._require_open()
             key = (kind, n)
             graph = self._ends_graphs.get(key)
             if graph is None or graph.generation not in (-1, self.compute.generation):

@@ -55,10 +55,15 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
         "w_up": check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e),
         "w_down": check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff),
     }
-    if cfg.arch.qkv_bias:
-        out["bq"] = check_vector(mf, p + "attn_q.bias", nq)
-        out["bk"] = check_vector(mf, p + "attn_k.bias", nkv)
-        out["bv"] = check_vector(mf, p + "attn_v.bias", nkv)
+    # biases: used where a file of the architecture may have them (ArchSpec.optional), as in
+    # llama.cpp, whose graph adds each one after its projection
+    for role, name, size in (("bq", "attn_q.bias", nq), ("bk", "attn_k.bias", nkv),
+                             ("bv", "attn_v.bias", nkv), ("bo", "attn_output.bias", e),
+                             ("b_up", "ffn_up.bias", cfg.n_ff),
+                             ("b_gate", "ffn_gate.bias", cfg.n_ff),
+                             ("b_down", "ffn_down.bias", e)):
+        if role in cfg.arch.optional and p + name in mf.tensors:
+            out[role] = check_vector(mf, p + name, size)
     if cfg.arch.qk_norm:
         out["q_norm"] = check_vector(mf, p + "attn_q_norm.weight", hd)
         out["k_norm"] = check_vector(mf, p + "attn_k_norm.weight", hd)
@@ -68,14 +73,31 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
 
 
 def end_tensor_infos(mf: ModelFile, cfg: ModelConfig) -> list[TensorInfo]:
-    """The embedding, final norm, output projection and RoPE factors, checked."""
+    """The embedding, final norm, output projection (and its bias, if any) and RoPE factors,
+    checked."""
     infos = [check_matrix(mf, "token_embd.weight", cfg.n_vocab, cfg.n_embd),
              check_vector(mf, "output_norm.weight", cfg.n_embd)]
     if not cfg.tied_embeddings:
         infos.append(check_matrix(mf, "output.weight", cfg.n_vocab, cfg.n_embd))
+    if "output_bias" in cfg.arch.optional and "output.bias" in mf.tensors:
+        infos.append(check_vector(mf, "output.bias", cfg.n_vocab))
     if cfg.rope_factors is not None:
         infos.append(check_vector(mf, "rope_freqs.weight", cfg.n_rot // 2))
     return infos
+
+
+def check_all_tensors_used(mf: ModelFile, cfg: ModelConfig) -> None:
+    """Every tensor of the file must have a place in the graph: one that does not (a fused
+    QKV projection, a norm this architecture has no place for) would otherwise be silently
+    ignored and every answer computed without it. llama.cpp refuses such files alike."""
+    used = {t.name for t in end_tensor_infos(mf, cfg)}
+    for i in range(cfg.n_layer):
+        used |= {t.name for t in layer_tensor_infos(mf, cfg, i).values()}
+    extra = sorted(set(mf.tensors) - used)
+    if extra:
+        raise ModelLoadError(
+            mf.path, f"tensor {extra[0]!r} ({len(extra)} such in all) has no place in this "
+            f"engine's {cfg.arch.name} graph; computing without it would give wrong answers")
 
 
 def output_name(cfg: ModelConfig) -> str:

@@ -77,15 +77,17 @@ class LayerWindow:
                                               for k, t in r.items()}) for r in roles]
         self._sessions: dict[str, KVCache] = {}
         self._graphs: OrderedDict[tuple[str, StepShape], StepGraph] = OrderedDict()
+        self.closed = False
 
     # -- sessions -----------------------------------------------------------------------------
 
     def cache(self, session: str) -> KVCache:
-        kv = self._sessions.get(session)
-        if kv is None:
-            kv = KVCache(self.end - self.start, self.cfg.n_embd_kv, self.n_ctx)
-            self._sessions[session] = kv
-        return kv
+        with self.shared.compute.lock:
+            kv = self._sessions.get(session)
+            if kv is None:
+                kv = KVCache(self.end - self.start, self.cfg.n_embd_kv, self.n_ctx)
+                self._sessions[session] = kv
+            return kv
 
     def n_cached(self, session: str) -> int:
         kv = self._sessions.get(session)
@@ -138,33 +140,26 @@ class LayerWindow:
         Returns the new hidden states (only the last token's with ``last_only``); the session's
         cache then holds positions up to the last.
         """
-        positions = np.asarray(positions, dtype=np.int64)
-        h = np.ascontiguousarray(h, dtype=np.float32)
-        if h.ndim != 2 or h.shape != (positions.size, self.cfg.n_embd):
-            raise ValueError(
-                f"hidden states of shape {h.shape} do not match {positions.size} positions x "
-                f"{self.cfg.n_embd}")
         return self.run(positions, session, hidden=h, last_only=last_only)
 
     def run(self, positions: np.ndarray, session: str, *, hidden: np.ndarray | None = None,
             tokens: np.ndarray | None = None, head: bool = False,
             last_only: bool = False) -> np.ndarray:
         """One step: from hidden states or (the model's first window) token ids, to hidden
-        states or (the last window, ``head``) the last token's logits."""
-        if self.shared.closed:
-            raise ValueError(f"{self.shared.file.path} is closed")
-        kv = self.cache(session)
-        kv.check_positions(positions)
-        shape = StepShape(int(positions.size), kv_length(int(positions[-1]) + 1, self.n_ctx),
-                          embed=tokens is not None, head=head, last_only=last_only or head)
-        values = _step_inputs(shape, positions)
-        if tokens is not None:
-            values["tokens"] = tokens.astype(np.int32)
-        else:
-            assert hidden is not None
-            values["hidden"] = hidden
-        once = shape.n_tokens > 1  # prefill chunks: built, run and freed
-        with self.shared.compute.lock:
+        states or (the last window, ``head``) the last token's logits. Every input is checked
+        here: ggml aborts the process on a mismatched one."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        values = self._inputs(positions, hidden, tokens)
+        with self.shared.compute.lock:  # also keeps close() from freeing what this step uses
+            if self.closed or self.shared.closed:
+                raise ValueError(f"this window of {self.shared.file.path} is closed")
+            kv = self.cache(session)
+            kv.check_positions(positions)
+            shape = StepShape(int(positions.size),
+                              kv_length(int(positions[-1]) + 1, self.n_ctx),
+                              embed=tokens is not None, head=head, last_only=last_only or head)
+            values.update(_step_inputs(shape, positions))
+            once = shape.n_tokens > 1  # prefill chunks: built, run and freed
             graph = self._graph(session, shape, kv)
             kv.n = int(positions[0])  # rewriting the tail, if any, starts here
             try:
@@ -174,6 +169,26 @@ class LayerWindow:
                     graph.free()
             kv.n = int(positions[-1]) + 1
         return out
+
+    def _inputs(self, positions: np.ndarray, hidden: np.ndarray | None,
+                tokens: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The step's hidden states or token ids, checked against the positions."""
+        if (hidden is None) == (tokens is None):
+            raise ValueError("a step takes either hidden states or token ids")
+        if tokens is not None:
+            ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            if ids.size != positions.size:
+                raise ValueError(f"{ids.size} tokens do not match {positions.size} positions")
+            if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.n_vocab):
+                raise ValueError(f"a token id is outside the vocabulary of {self.cfg.n_vocab}")
+            return {"tokens": ids.astype(np.int32)}
+        assert hidden is not None
+        h = np.ascontiguousarray(hidden, dtype=np.float32)
+        if h.ndim != 2 or h.shape != (positions.size, self.cfg.n_embd):
+            raise ValueError(
+                f"hidden states of shape {h.shape} do not match {positions.size} positions x "
+                f"{self.cfg.n_embd}")
+        return {"hidden": h}
 
     def _graph(self, session: str, shape: StepShape, kv: KVCache) -> StepGraph:
         """A decode graph from the cache (unless the compute buffer moved since it was
@@ -196,8 +211,10 @@ class LayerWindow:
         return graph
 
     def close(self) -> None:
-        """Free the caches, graphs and weight descriptions (the model closes its windows)."""
+        """Free the caches, graphs and weight descriptions (the model closes its windows, a
+        node those a new plan replaces); using the window afterwards is an error."""
         with self.shared.compute.lock:
+            self.closed = True
             for g in self._graphs.values():
                 g.free()
             self._graphs.clear()
