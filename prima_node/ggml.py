@@ -34,7 +34,6 @@ from ctypes import (
     c_int32,
     c_int64,
     c_size_t,
-    c_uint32,
     c_void_p,
 )
 from pathlib import Path
@@ -55,7 +54,6 @@ GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
 GGML_MAX_OP_PARAMS = 64
-GGML_MAX_N_THREADS = 512
 
 TYPE_F32, TYPE_F16, TYPE_I32, TYPE_I64 = 0, 1, 26, 27
 ROPE_NORMAL, ROPE_NEOX = 0, 2
@@ -98,19 +96,6 @@ class TensorStruct(ctypes.Structure):
     ]
 
 
-class ThreadpoolParams(ctypes.Structure):
-    """``struct ggml_threadpool_params``."""
-
-    _fields_ = [
-        ("cpumask", c_bool * GGML_MAX_N_THREADS),
-        ("n_threads", c_int),
-        ("prio", c_int),
-        ("poll", c_uint32),
-        ("strict_cpu", c_bool),
-        ("paused", c_bool),
-    ]
-
-
 _P = c_void_p  # every opaque pointer: context, tensor, graph, backend, buffer, device, ...
 _LOG_CALLBACK = ctypes.CFUNCTYPE(None, c_int, c_char_p, c_void_p)
 
@@ -123,13 +108,10 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_tensor_overhead": (c_size_t, []),
     "ggml_graph_overhead_custom": (c_size_t, [c_size_t, c_bool]),
     "ggml_type_size": (c_size_t, [c_int]),
-    "ggml_blck_size": (c_int64, [c_int]),
     "ggml_row_size": (c_size_t, [c_int, c_int64]),
-    "ggml_type_name": (c_char_p, [c_int]),
     "ggml_nbytes": (c_size_t, [_P]),
     "ggml_nelements": (c_int64, [_P]),
     "ggml_log_set": (None, [_LOG_CALLBACK, c_void_p]),
-    "ggml_threadpool_params_init": (None, [POINTER(ThreadpoolParams), c_int]),
     "ggml_quantize_requires_imatrix": (c_bool, [c_int]),
     "ggml_quantize_chunk": (c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64,
                                        c_void_p]),
@@ -159,7 +141,6 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_prec_set_acc": (c_bool, [_P, c_int]),
     "ggml_new_graph_custom": (_P, [_P, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [_P, _P]),
-    "ggml_graph_n_nodes": (c_int, [_P]),
     # ggml-alloc.h
     "ggml_gallocr_new": (_P, [_P]),
     "ggml_gallocr_free": (None, [_P]),
@@ -172,7 +153,6 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_buft_alloc_buffer": (_P, [_P, c_size_t]),
     "ggml_backend_buft_name": (c_char_p, [_P]),
     "ggml_backend_buffer_free": (None, [_P]),
-    "ggml_backend_buffer_get_base": (c_void_p, [_P]),
     "ggml_backend_buffer_get_size": (c_size_t, [_P]),
     "ggml_backend_buffer_init_tensor": (c_int, [_P, _P]),
     "ggml_backend_tensor_alloc": (c_int, [_P, _P, c_void_p]),
@@ -182,7 +162,6 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_free": (None, [_P]),
     "ggml_backend_graph_compute": (c_int, [_P, _P]),
     "ggml_backend_dev_by_type": (_P, [c_int]),
-    "ggml_backend_dev_name": (c_char_p, [_P]),
     "ggml_backend_dev_description": (c_char_p, [_P]),
     "ggml_backend_dev_init": (_P, [_P, c_char_p]),
     "ggml_backend_dev_buffer_type": (_P, [_P]),
@@ -194,9 +173,6 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 #: CPU-backend functions reached through the registry: name -> ctypes prototype.
 CPU_PROCS: dict[str, Any] = {
     "ggml_backend_set_n_threads": ctypes.CFUNCTYPE(None, _P, c_int),
-    "ggml_threadpool_new": ctypes.CFUNCTYPE(_P, POINTER(ThreadpoolParams)),
-    "ggml_threadpool_free": ctypes.CFUNCTYPE(None, _P),
-    "ggml_backend_cpu_set_threadpool": ctypes.CFUNCTYPE(None, _P, _P),
     "ggml_backend_dev_get_extra_bufts": ctypes.CFUNCTYPE(POINTER(c_void_p), _P),
 }
 
@@ -328,19 +304,12 @@ def load() -> Ggml:
         return _LOADED
 
 
-def as_array(values: Any, ctype: Any) -> Any:
-    """A ctypes pointer to a contiguous numpy array's data (the caller keeps the array)."""
-    return values.ctypes.data_as(POINTER(ctype))
-
-
 __all__ = [
     "PINNED_VERSION",
     "Ggml",
     "GgmlUnavailableError",
     "InitParams",
     "TensorStruct",
-    "ThreadpoolParams",
-    "as_array",
     "library_dir",
     "load",
 ]
