@@ -34,6 +34,31 @@ def _copy(src: Path, dst: Path, size: int | None = None) -> Path:
     return dst
 
 
+def _record(data: bytes, tensor: str, field: str) -> tuple[int, str]:
+    """Where one field of a tensor's header record is: ``dim0`` (its first dimension),
+    ``type`` or ``offset`` (relative to the data section), and its struct format."""
+    at = data.index(tensor.encode()) + len(tensor)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    return {"dim0": (at + 4, "<Q"), "type": (at + 4 + 8 * n_dims, "<I"),
+            "offset": (at + 4 + 8 * n_dims + 4, "<Q")}[field]
+
+
+def _field(path: Path, tensor: str, field: str) -> int:
+    data = path.read_bytes()
+    at, fmt = _record(data, tensor, field)
+    return int(struct.unpack_from(fmt, data, at)[0])
+
+
+def _patched(src: Path, dst: Path, tensor: str, field: str, value: int) -> Path:
+    """A copy of ``src`` with one field of a tensor's header record changed."""
+    p = _copy(src, dst)
+    data = bytearray(p.read_bytes())
+    at, fmt = _record(data, tensor, field)
+    struct.pack_into(fmt, data, at, value)
+    p.write_bytes(bytes(data))
+    return p
+
+
 @pytest.fixture
 def good(make_model: ModelFactory) -> Path:
     return make_model("qwen2", "tiny", "Q8_0")
@@ -128,24 +153,12 @@ def test_a_tensor_the_graph_has_no_place_for(good: Path, tmp_path: Path) -> None
 
 
 def test_zero_sized_tensor(good: Path, tmp_path: Path) -> None:
-    p = _copy(good, tmp_path / "zero.gguf")
-    data = bytearray(p.read_bytes())
-    name = b"output_norm.weight"
-    at = data.index(name) + len(name)
-    struct.pack_into("<Q", data, at + 4, 0)  # its only dimension
-    p.write_bytes(bytes(data))
-    msg = _open_error(p)
+    msg = _open_error(_patched(good, tmp_path / "zero.gguf", "output_norm.weight", "dim0", 0))
     assert "output_norm.weight" in msg and "zero" in msg
 
 
 def test_zero_width_embedding(good: Path, tmp_path: Path) -> None:
-    p = _copy(good, tmp_path / "width.gguf")
-    data = bytearray(p.read_bytes())
-    name = b"token_embd.weight"
-    at = data.index(name) + len(name)
-    struct.pack_into("<Q", data, at + 4, 0)  # the row width
-    p.write_bytes(bytes(data))
-    msg = _open_error(p)
+    msg = _open_error(_patched(good, tmp_path / "width.gguf", "token_embd.weight", "dim0", 0))
     assert "token_embd.weight" in msg
 
 
@@ -155,42 +168,24 @@ def test_overlapping_tensors(good: Path, tmp_path: Path) -> None:
     mf = ModelFile.open(good)
     try:
         first, second = sorted(mf.tensors.values(), key=lambda t: t.offset)[:2]
-        shift = second.offset - first.offset
+        data_start = first.offset - _field(good, first.name, "offset")
     finally:
         mf.close()
-    p = _copy(good, tmp_path / "overlap.gguf")
-    data = bytearray(p.read_bytes())
-    name = second.name.encode()
-    at = data.index(name) + len(name)
-    n_dims = struct.unpack_from("<I", data, at)[0]
-    off_at = at + 4 + 8 * n_dims + 4
-    (rel,) = struct.unpack_from("<Q", data, off_at)
-    struct.pack_into("<Q", data, off_at, rel - shift)  # now starts where the first one does
-    p.write_bytes(bytes(data))
+    # the second now starts where the first does
+    p = _patched(good, tmp_path / "overlap.gguf", second.name, "offset",
+                 first.offset - data_start)
     msg = _open_error(p)
     assert "overlap" in msg and first.name in msg and second.name in msg
 
 
 def test_unknown_tensor_type_code(good: Path, tmp_path: Path) -> None:
-    p = _copy(good, tmp_path / "code.gguf")
-    data = bytearray(p.read_bytes())
-    name = b"blk.0.attn_q.weight"
-    at = data.index(name) + len(name)
-    n_dims = struct.unpack_from("<I", data, at)[0]
-    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 250)
-    p.write_bytes(bytes(data))
+    p = _patched(good, tmp_path / "code.gguf", "blk.0.attn_q.weight", "type", 250)
     msg = _open_error(p)
     assert "blk.0.attn_q.weight" in msg and "unknown type 250" in msg
 
 
 def test_offset_beyond_file(good: Path, tmp_path: Path) -> None:
-    p = _copy(good, tmp_path / "offset.gguf")
-    data = bytearray(p.read_bytes())
-    name = b"blk.1.ffn_down.weight"
-    at = data.index(name) + len(name)
-    n_dims = struct.unpack_from("<I", data, at)[0]
-    struct.pack_into("<Q", data, at + 4 + 8 * n_dims + 4, 1 << 40)
-    p.write_bytes(bytes(data))
+    p = _patched(good, tmp_path / "offset.gguf", "blk.1.ffn_down.weight", "offset", 1 << 40)
     msg = _open_error(p)
     assert "blk.1.ffn_down.weight" in msg and "ends at byte" in msg
 
