@@ -247,7 +247,7 @@ def cmd_chat(args: argparse.Namespace, demo: Callable[[], Path],
                 continue
             if line.strip() == "/reset":
                 history = list(base)
-                gen.reset()
+                gen.clear()
                 print("[conversation forgotten]", file=sys.stderr, flush=True)
                 continue
             history.append({"role": "user", "content": line})

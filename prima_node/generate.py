@@ -1,8 +1,9 @@
 """The generation loop: prompt in, text deltas, tool calls and timings out.
 
-One loop serves the CLI now and the API server and the ring head later. It only needs an
-``Executor`` (something that turns token ids into next-token logits with a per-session KV cache):
-the local ``Model`` is one, the ring's head will be another.
+One loop serves the CLI, the API server and a cluster's head. It only needs an ``Executor``
+(something that turns a chunk of token ids into next-token logits with a per-session KV cache):
+the local ``Model`` is one, the ring (``cluster.ring.RingExecutor``) another. The loop alone
+cuts prompts into chunks and checks them against the context; executors take one chunk.
 
 Each session remembers which tokens its KV cache holds, so a request whose prompt starts with the
 previous conversation (Home Assistant resends a long, stable system prompt every turn; a chat
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .engine.model import DEFAULT_BATCH
 from .errors import ContextOverflowError, SessionBusyError
 from .text.chat_template import ChatTemplate, load_chat_template
 from .text.constraint import JsonConstraint
@@ -29,8 +31,9 @@ from .text.stops import StopStrings
 from .text.tokenizer import Tokenizer
 from .text.tool_calls import MARKER_TOKENS, TextDelta, ToolCall, ToolCallParser
 
-#: Prompt tokens evaluated per step: a cancelled request stops within one chunk.
-PREFILL_CHUNK = 256
+#: Prompt tokens evaluated per step: a cancelled request stops within one chunk, and a ring
+#: frame carries one chunk.
+PREFILL_CHUNK = DEFAULT_BATCH
 
 __all__ = [
     "Executor",
@@ -44,7 +47,12 @@ __all__ = [
 
 
 class Executor(Protocol):
-    """What the loop needs from whatever runs the transformer (one process or a ring)."""
+    """What the loop needs from whatever runs the transformer (one process or a ring).
+
+    ``forward`` evaluates one chunk (at most ``PREFILL_CHUNK`` tokens) after the session's
+    cached positions; ``clear`` forgets a session's positions, ``truncate`` keeps its first n,
+    ``drop`` releases its memory: the same names at every level down to the ring's nodes.
+    """
 
     @property
     def n_ctx(self) -> int: ...
@@ -191,12 +199,12 @@ class Generator:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def reset(self, session: str = "default") -> None:
+    def clear(self, session: str = "default") -> None:
         """Forget a session's cached prefix (its KV memory is kept for the next request)."""
         self._cached.pop(session, None)
         self.executor.clear(session)
 
-    def forget(self, session: str) -> None:
+    def drop(self, session: str) -> None:
         """Forget a session and release its KV memory."""
         self._cached.pop(session, None)
         self.executor.drop(session)

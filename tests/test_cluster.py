@@ -26,9 +26,10 @@ from test_openapi import _check
 from test_server import API_DOC
 
 from prima_node.cluster.auth import AuthError, connect
-from prima_node.cluster.head import ClusterHead, RingError, RingExecutor
+from prima_node.cluster.head import ClusterHead, HeadRingLink
 from prima_node.cluster.node import RING_PATH, ClusterNode, NodeConfig
-from prima_node.engine.model import Model
+from prima_node.cluster.ring import RingError, RingExecutor
+from prima_node.engine.model import DEFAULT_BATCH, Model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,8 +92,9 @@ class InProcessHead:
         self.runner: web.AppRunner | None = None
         port = self.call(self._listen())
         self.head = ClusterHead(self.node, peers, f"127.0.0.1:{port}", use_all=True)
-        self.call(self.head.connect_peers())
-        self.ring = RingExecutor(self.head, self.loop)
+        self.call(self.head.membership.connect_peers())
+        self.ring = RingExecutor(self.node.model, HeadRingLink(self.head, self.loop),
+                                 DEFAULT_BATCH)
 
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
@@ -108,9 +110,8 @@ class InProcessHead:
         return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     def plan(self, k: int) -> Any:
-        p = self.call(self.head.make_plan(k))
-        self.call(self.head.apply(p))
-        return p
+        self.call(self.head.replan(k))
+        return self.head.plan
 
     def close(self) -> None:
         async def shut() -> None:
@@ -596,7 +597,8 @@ def test_one_worker_under_two_addresses_joins_once_and_a_second_head_is_refused(
     second: InProcessHead | None = None
     try:
         assert len(first.head.members) == 3, [m.address for m in first.head.members]
-        assert first.head.aliases == {f"localhost:{w0}": first.head.members[1].node_id}
+        assert first.head.membership.aliases == {
+            f"localhost:{w0}": first.head.members[1].node_id}
         p = first.plan(2)
         assert len(set(p.ring)) == len(p.ring) == 3
         # another head of the same cluster cannot take the workers over while this one lives
@@ -640,7 +642,7 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
     many times slower than it does. Once decode steps show it, the head measures that node
     again before the next request, and the plan after it prices the real speed. The same
     steps teach the head what a hop costs beyond its link."""
-    from prima_node.cluster.head import REPROFILE_EVERY_S, STALE_AFTER_STEPS
+    from prima_node.cluster.planning import REPROFILE_EVERY_S, STALE_AFTER_STEPS
 
     model = make_model("llama", "tiny", "Q8_0")
     cache = tmp_path / "profiles"  # this test's own: it spoils the cached profile
@@ -660,7 +662,7 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
                 k["decode_flops"] /= 50  # "measured" while something else ran
             path.write_text(json.dumps(doc))
         slow = head.plan(1)
-        ring = head.head
+        ring = head.head.planning
         ids = [d.name for d in slow.devices]
         head.ring.forward(list(range(1, 9)), session="s")
         for t in range(STALE_AFTER_STEPS - 1):
@@ -669,7 +671,7 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
         head.ring.forward([3], session="s")
         assert ring.stale_profiles == set(ids) and ring.needs_plan
         assert ring.hop_overhead_s is not None and ring.hop_overhead_s >= 0
-        head.call(ring.replan(1))
+        head.call(head.head.replan(1))
         for path, speeds in real.items():
             fresh = json.loads(path.read_text())["kernels"]
             assert all(fresh[t]["decode_flops"] > speeds[t] / 5 for t in speeds), (fresh, speeds)
@@ -687,7 +689,7 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
         ring._check_profiles(slow)
         assert ring.stale_profiles == set(ids)
         ring.stale_profiles.clear()
-        assert ring.view()["plan"]["hop_overhead_ms"] >= 0
+        assert head.head.view()["plan"]["hop_overhead_ms"] >= 0
     finally:
         if head is not None:
             head.close()

@@ -79,7 +79,7 @@ def test_windows_compose_to_full_forward(make_model: ModelFactory) -> None:
         h = m.embed(ids)
         for w in windows:
             h = w.forward(h, pos, session="s")
-        np.testing.assert_allclose(m.head(h[-1:])[0], full, rtol=0, atol=1e-4 * full.std())
+        np.testing.assert_allclose(m.output(h[-1:])[0], full, rtol=0, atol=1e-4 * full.std())
 
 
 def test_incremental_decode_equals_full_prompt(make_model: ModelFactory) -> None:
@@ -118,9 +118,9 @@ def test_context_limit_is_a_clear_error(make_model: ModelFactory) -> None:
         # the failed call lost nothing: the session still continues from position 15
         assert m.n_cached("x") == 15
         m.forward([3], session="x")
-        # a prompt over the limit fails before its first chunk runs: no partial cache
-        with pytest.raises(ContextOverflowError, match="larger n_ctx"):
-            m.forward(list(range(1, 21)), session="y", batch=8)
+        # a prompt over the limit fails before anything runs: no partial cache
+        with pytest.raises(ContextOverflowError, match="beyond the context of 16"):
+            m.forward(list(range(1, 21)), session="y")
         assert m.n_cached("y") == 0
 
 
@@ -166,6 +166,6 @@ def test_closed_windows_and_mismatched_steps_are_errors_not_crashes(
         with pytest.raises(ValueError, match="either hidden states or token ids"):
             full.run(np.arange(1), "s")
         assert full.n_cached("s") == 0  # nothing half-done
-        assert np.isfinite(full.run(np.arange(2), "s", tokens=np.array([1, 2]), head=True)).all()
+        assert np.isfinite(full.run(np.arange(2), "s", tokens=np.array([1, 2]), logits=True)).all()
     with pytest.raises(ValueError, match="closed"):
         full.forward(h, np.arange(2), "t")

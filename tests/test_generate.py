@@ -70,7 +70,7 @@ def test_greedy_decode_with_the_kv_cache_matches_the_model_stepped_by_hand(
 
 
 def test_a_longer_conversation_only_prefills_its_new_suffix(gen: Generator) -> None:
-    gen.reset("b")
+    gen.clear("b")
     first = [{"role": "system", "content": "You control a smart home. Be brief."},
              {"role": "user", "content": "Turn on the porch light."}]
     ids1 = gen.chat_prompt(first)
@@ -85,7 +85,7 @@ def test_a_longer_conversation_only_prefills_its_new_suffix(gen: Generator) -> N
     assert common > len(ids1) // 2  # the test means something: most of the prompt is shared
     _, warm = run(gen, ids2, GenerationOptions(sampling=GREEDY, max_tokens=6), "b")
     assert warm.timings.cached_tokens == common
-    gen.reset("c")
+    gen.clear("c")
     _, cold = run(gen, ids2, GenerationOptions(sampling=GREEDY, max_tokens=6), "c")
     assert cold.timings.cached_tokens == 0
     assert warm.tokens == cold.tokens  # reusing the cache changes nothing but the time

@@ -35,7 +35,8 @@ from referencing.jsonschema import DRAFT202012
 
 from prima_node.generate import Finished, Timings
 from prima_node.server import protocol
-from prima_node.server.app import PUBLIC_PATHS, ServerConfig, make_app
+from prima_node.server.app import PUBLIC_PATHS, make_app
+from prima_node.server.config import ServerConfig
 from prima_node.server.openapi import openapi_document
 from prima_node.server.responses import Reply
 from prima_node.text.sampler import SamplingParams

@@ -1,7 +1,9 @@
-"""Model architectures: one short declarative module each over shared transformer blocks.
+"""Model architectures: declared, not coded.
 
-Adding an architecture means describing how it differs (RoPE layout, biases, norms); the
-executor never branches on architecture names.
+Each architecture is one ``ArchSpec`` in ``spec.py``: how it differs from the shared
+transformer block (RoPE layout, Q/K norms, the optional tensors its files may carry);
+``config.py`` reads and checks its hyper-parameters. The graph builder (``engine/graph.py``)
+never branches on an architecture's name.
 """
 
 from __future__ import annotations

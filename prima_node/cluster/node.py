@@ -6,15 +6,20 @@ that reaches it through the window of that frame's round, and sends the result t
 The head's own node does the same for its windows, but frames that come back to it end a round
 and go to the ring executor instead. One model thread per node runs all the windows, so frames
 are processed in the order they arrive.
+
+This module admits the connections (the cluster secret's challenge-response, within caps an
+unadmitted flood cannot exceed) and holds the node's state: its model, the plan's windows, the
+pager, the ring link to its successor. The control requests are answered in
+``node_control.py``, the activation frames run in ``node_frames.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import ssl
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +32,13 @@ from aiohttp import web
 from .. import __version__
 from ..device.link import measure_over, serve_probe
 from ..device.vitals import vitals
-from .auth import AuthError, NonceLog, Peer, accept, connect
+from .auth import AuthError, NonceLog, accept, connect
 from .fingerprint import fingerprint
-from .frames import Frame, FrameError, decode, encode, max_frame_bytes
+from .frames import Frame, max_frame_bytes
+from .node_control import CLOSE_OTHER_HEAD, serve_control
+from .node_frames import serve_ring
 from .pager import Pager
+from .ring import CacheOp, apply_cache_op
 
 _LOG = logging.getLogger("prima.cluster")
 RING_PATH = "/cluster/ws"
@@ -39,7 +47,7 @@ MAX_UNADMITTED = 16  # connections still proving the secret; more wait for a fre
 #: of those, from one address: one misbehaving device cannot take every place and keep the
 #: real nodes out (a head opens at most two at once to a node: control and a link probe)
 MAX_UNADMITTED_PER_PEER = 4
-CLOSE_OTHER_HEAD = 4409
+__all__ = ["CLOSE_OTHER_HEAD", "RING_PATH", "Assignment", "ClusterNode", "NodeConfig"]
 
 
 @dataclass
@@ -82,7 +90,8 @@ class ClusterNode:
         self.client: aiohttp.ClientSession | None = None
         self.out_ws: aiohttp.ClientWebSocketResponse | None = None
         self.head_ws: web.WebSocketResponse | None = None  # the head's control link to us
-        self.on_round_done: Callable[[Frame], None] | None = None  # set on the head
+        #: frames that came back to the ring's first node (the head): a round is complete
+        self.returned: queue.Queue[Frame] = queue.Queue()
         self.sockets: set[web.WebSocketResponse] = set()
         self.frames_in = 0
         self.max_frame = CONTROL_BYTES  # until the model is open and its width known
@@ -108,7 +117,8 @@ class ClusterNode:
             self.max_frame = max(CONTROL_BYTES,
                                  max_frame_bytes(self.model.config.n_embd, DEFAULT_BATCH))
 
-    async def start(self, app: web.Application) -> None:
+    async def start(self, app: web.Application | None = None) -> None:
+        """Open the client session and map the model (an aiohttp startup hook on a worker)."""
         self.client = self.new_client()
         await asyncio.get_running_loop().run_in_executor(self.executor, self.open_model)
         _LOG.info("node %s (%s) ready for a plan: %s", self.config.node_id, self.config.name,
@@ -191,84 +201,16 @@ class ClusterNode:
             _LOG.info("admitted %s link from node %s (%s)", peer.purpose, peer.node_id,
                       request.remote)
             if peer.purpose == "control":
-                await self._control(ws, peer)
+                await serve_control(self, ws, peer)
             elif peer.purpose == "ring":
-                await self._ring_in(ws, peer)
+                await serve_ring(self, ws, peer)
             else:
                 await serve_probe(ws)
         finally:
             self.sockets.discard(ws)
         return ws
 
-    # -- control ----------------------------------------------------------------------------------
-
-    async def _control(self, ws: web.WebSocketResponse, peer: Peer) -> None:
-        if self.head_ws is not None and not self.head_ws.closed:
-            # two heads of one cluster would hand this node two plans at once
-            _LOG.warning("refused a control link from %s: another head controls this node",
-                         peer.node_id)
-            await ws.close(code=CLOSE_OTHER_HEAD, message=b"another head controls this node")
-            return
-        self.head_ws = ws
-        lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
-        async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
-                               message=b"control messages are JSON text")
-                _LOG.warning("closed the control link from %s: a binary message", peer.node_id)
-                break
-            try:
-                req = msg.json()
-                rid, op = req["id"], req["op"]
-            except (ValueError, KeyError, TypeError):
-                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
-                               message=b"malformed control message")
-                _LOG.warning("closed the control link from %s: a malformed message",
-                             peer.node_id)
-                break
-            # the op runs beside this loop, which keeps reading (and so answering the head's
-            # pings) while a slow one (a first profile, a load) works; one at a time, in order
-            tasks.add(asyncio.create_task(self._answer(ws, lock, rid, op, req)))
-            tasks = {t for t in tasks if not t.done()}
-        for t in tasks:
-            t.cancel()
-        if self.head_ws is ws:
-            self.head_ws = None
-
-    async def _answer(self, ws: web.WebSocketResponse, lock: asyncio.Lock, rid: Any, op: str,
-                      req: dict[str, Any]) -> None:
-        async with lock:
-            try:
-                answer = await self._op(op, req)
-                reply = {"id": rid, "ok": True, **answer}
-            except Exception as exc:  # every failure is an answer, never a dead link
-                _LOG.warning("%s failed: %s", op, exc)
-                reply = {"id": rid, "error": str(exc) or type(exc).__name__}
-            if not ws.closed:
-                await ws.send_json(reply)
-
-    async def _op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        if op == "info":
-            return self.info()
-        if op == "profile":
-            refresh = req.get("refresh") is True
-            return {"profile": await loop.run_in_executor(None, self._profile, refresh)}
-        if op == "link":
-            return {"link": await self.measure_link(str(req["url"]))}
-        if op == "load":
-            await self.load(int(req["index"]), [tuple(r) for r in req["ranges"]],
-                            req.get("successor"), int(req["k"]), int(req["epoch"]),
-                            bool(req.get("stream", False)))
-            return self.info()
-        if op == "kv":
-            await loop.run_in_executor(self.executor, self.kv, str(req["action"]),
-                                       str(req["session"]), int(req.get("n", 0)))
-            return {}
-        raise ValueError(f"unknown operation {op!r}")
-
-    def _profile(self, refresh: bool = False) -> dict[str, Any]:
+    def profile(self, refresh: bool = False) -> dict[str, Any]:
         """This node's profile: cached speeds (``refresh``: measured again) and its memory now."""
         from ..device.profile import profile_device
 
@@ -342,99 +284,7 @@ class ClusterNode:
         if self.out_ws is ws:
             _LOG.warning("the ring link to %s closed (code %s)", peer, ws.close_code)
 
-    def kv(self, action: str, session: str, n: int = 0) -> None:
-        """Apply a KV-cache operation to every window this node holds (model thread)."""
-        if self.assignment is None:
-            return
-        for w in self.assignment.windows:
-            if action == "clear":
-                w.clear(session)
-            elif action == "truncate":
-                w.truncate(session, n)
-            elif action == "drop":
-                w.drop(session)
-            else:
-                raise ValueError(f"unknown KV action {action!r}")
-
-    # -- ring data --------------------------------------------------------------------------------
-
-    async def _ring_in(self, ws: web.WebSocketResponse, peer: Peer) -> None:
-        # frames are run by one consumer, in arrival order, while this loop keeps reading (and
-        # so answering pings) however long a window takes
-        pending: asyncio.Queue[Frame | None] = asyncio.Queue()
-        consumer = asyncio.create_task(self._consume(pending))
-        try:
-            await self._read_ring(ws, peer, pending)
-        finally:
-            pending.put_nowait(None)
-            await consumer
-
-    async def _read_ring(self, ws: web.WebSocketResponse, peer: Peer,
-                         pending: asyncio.Queue[Frame | None]) -> None:
-        async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
-                               message=b"ring links carry binary frames")
-                _LOG.warning("closed the ring link from %s: a %s message", peer.node_id,
-                             msg.type.name)
-                break
-            try:
-                assert self.model is not None
-                frame = decode(msg.data, self.model.config.n_embd)
-            except FrameError as exc:
-                await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
-                               message=f"bad frame: {exc}".encode()[:120])
-                _LOG.warning("closed the ring link from %s: %s", peer.node_id, exc)
-                break
-            self.frames_in += 1
-            a = self.assignment
-            if a is not None and a.index == 0:
-                if self.on_round_done is not None:
-                    self.on_round_done(frame)  # back at the head: the round is complete
-                continue  # (a head without a running forward drops it: never around again)
-            pending.put_nowait(frame)
-
-    async def _consume(self, pending: asyncio.Queue[Frame | None]) -> None:
-        loop = asyncio.get_running_loop()
-        while (frame := await pending.get()) is not None:
-            a = self.assignment
-            try:
-                if a is None:
-                    raise ValueError("this node holds no plan (a new one is loading)")
-                if frame.epoch != a.epoch:
-                    raise ValueError(f"a frame of plan {frame.epoch} reached a node holding "
-                                     f"plan {a.epoch}")
-                if frame.round >= len(a.windows) or frame.n_rounds != a.k:
-                    raise ValueError(f"no window for round {frame.round} of {frame.n_rounds} "
-                                     "here (the plan changed?)")
-                self.busy = (frame.step, frame.round, time.monotonic())
-                try:
-                    out = await loop.run_in_executor(self.executor, self._run, a, frame)
-                finally:
-                    self.busy = None
-                if self.out_ws is None or self.out_ws.closed:
-                    raise ConnectionError("the ring link to the next node is down")
-                await self.out_ws.send_bytes(encode(out, self.config.link_dtype))
-                self.last_out = (frame.epoch, frame.step, frame.round)
-                if self.pager is not None:
-                    self.pager.after_use(frame.round)
-            except Exception as exc:
-                _LOG.warning("frame of step %d round %d failed: %s", frame.step, frame.round,
-                             exc)
-                if self.head_ws is not None and not self.head_ws.closed:
-                    await self.head_ws.send_json({"event": "error", "step": frame.step,
-                                                  "session": frame.session,
-                                                  "message": str(exc) or type(exc).__name__})
-
-    def _run(self, a: Assignment, frame: Frame) -> Frame:
-        t0 = time.perf_counter()
-        window = a.windows[frame.round]
-        if self.pager is not None:
-            self.pager.before_use(frame.round)
-        pos = np.arange(frame.pos0, frame.pos0 + frame.n_tokens, dtype=np.int64)
-        h = window.forward(frame.hidden, pos, frame.session)
-        dt = time.perf_counter() - t0
-        self.compute_s += dt
-        frame.hidden = h
-        frame.marks.append((a.index, min(int(dt * 1e6), 2**32 - 1)))
-        return frame
+    def cache_op(self, op: CacheOp, session: str, n: int = 0) -> None:
+        """A KV-cache operation on every window this node holds (model thread)."""
+        if self.assignment is not None:
+            apply_cache_op(self.assignment.windows, op, session, n)

@@ -1,7 +1,7 @@
 """The transformer as a ggml graph: the shared blocks every architecture is made of.
 
 One function per block (norm, attention, feed-forward), one per step (``build_step``): a window
-of layers, optionally preceded by the embedding lookup and followed by the output head. The
+of layers, optionally preceded by the embedding lookup and followed by the output projection. The
 graph is the same, node for node, as llama.cpp's for these architectures (separate Q/K/V
 projections, RoPE on the 3-D heads, K/V written into an F16 cache with ``set_rows``, flash
 attention with F32 accumulation, SwiGLU, the last layer computing only the rows whose output is
@@ -49,7 +49,7 @@ class LayerTensors:
 
 
 @dataclass
-class HeadTensors:
+class EndTensors:
     """What the model keeps outside its layers: embedding, final norm, output projection and
     the llama3 RoPE frequency factors, if the file has them."""
 
@@ -67,7 +67,7 @@ class StepShape:
     n_tokens: int
     n_kv: int  # cache positions attention reads (a multiple of KV_PAD, at most the context)
     embed: bool = False  # input: token ids (True) or hidden states
-    head: bool = False  # output: logits of the last token (True) or hidden states
+    logits: bool = False  # output: logits of the last token (True) or hidden states
     last_only: bool = False  # the window's last layer computes the last token's row only
 
 
@@ -239,7 +239,7 @@ def graph_nodes(n_layers: int) -> int:
 
 
 def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors],
-               caches: Sequence[tuple[int, int]], cache_rows: int, ends: HeadTensors
+               caches: Sequence[tuple[int, int]], cache_rows: int, ends: EndTensors
                ) -> StepGraph:
     """The graph of one step over ``layers`` with their caches, as ``shape`` says."""
     b = Builder(graph_nodes(len(layers)))
@@ -264,22 +264,22 @@ def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors
         x = block(b, cfg, w, x, cache, att, ends.rope_freqs, out_ids if last else None)
     rows = 1 if shape.last_only else T
     out_shape = (rows, cfg.n_embd)
-    if shape.head:
-        x = head(b, cfg, ends, x)
+    if shape.logits:
+        x = output(b, cfg, ends, x)
         out_shape = (rows, cfg.n_vocab)
     g.ggml_set_output(x)
     b.expand(x)
     return StepGraph(b, shape, inputs, x, out_shape)
 
 
-def head(b: Builder, cfg: ModelConfig, ends: HeadTensors, x: int) -> int:
+def output(b: Builder, cfg: ModelConfig, ends: EndTensors, x: int) -> int:
     """Final norm and output projection: logits."""
     logits = b.g.ggml_mul_mat(b.ctx, ends.output, rms_norm(b, x, ends.output_norm, cfg.rms_eps))
     return _biased(b, logits, ends.output_bias)
 
 
-def build_embed(cfg: ModelConfig, ends: HeadTensors, n_tokens: int) -> StepGraph:
-    """The embedding lookup alone (the ring's head embeds before the first window)."""
+def build_embed(cfg: ModelConfig, ends: EndTensors, n_tokens: int) -> StepGraph:
+    """The embedding lookup alone (the ring's first node embeds before the first window)."""
     b = Builder(8)
     tokens = b.input("tokens", ggml.TYPE_I32, n_tokens)
     x = int(b.g.ggml_get_rows(b.ctx, ends.token_embd, tokens))
@@ -289,14 +289,14 @@ def build_embed(cfg: ModelConfig, ends: HeadTensors, n_tokens: int) -> StepGraph
                      (n_tokens, cfg.n_embd))
 
 
-def build_head(cfg: ModelConfig, ends: HeadTensors, n_tokens: int) -> StepGraph:
-    """The output head alone (the ring's head, after the last window came back)."""
+def build_output(cfg: ModelConfig, ends: EndTensors, n_tokens: int) -> StepGraph:
+    """The output projection alone (the ring's first node, once the last window is done)."""
     b = Builder(8)
     hidden = b.input("hidden", ggml.TYPE_F32, cfg.n_embd, n_tokens)
-    x = head(b, cfg, ends, hidden)
+    x = output(b, cfg, ends, hidden)
     b.g.ggml_set_output(x)
     b.expand(x)
-    return StepGraph(b, StepShape(n_tokens, 0, head=True), {"hidden": hidden}, x,
+    return StepGraph(b, StepShape(n_tokens, 0, logits=True), {"hidden": hidden}, x,
                      (n_tokens, cfg.n_vocab))
 
 

@@ -1,9 +1,9 @@
 """The engine's public face: a GGUF model opened for inference on this machine.
 
 ``Model`` owns the memory-mapped file and offers the three steps a ring is made of: ``embed``
-(head only), ``window(a, b)`` (any node), ``head`` (final norm + output projection, head only).
-On one machine, ``forward`` runs all three as one ggml graph per step (what llama.cpp does),
-which is what ``logits`` and the generation loop use.
+(the ring's first node only), ``window(a, b)`` (any node), ``output`` (final norm + output
+projection, the ring's first node only). On one machine, ``forward`` runs all three as one ggml
+graph per step (what llama.cpp does), which is what ``logits`` and the generation loop use.
 """
 
 from __future__ import annotations
@@ -18,17 +18,25 @@ from typing import Any
 import numpy as np
 
 from ..arch.config import ModelConfig, load_config
-from ..errors import ContextOverflowError
 from ..model_file import ModelFile
 from ..quant_types import type_name
 from .backend import Backend, Compute, FileBuffer
-from .graph import HeadTensors, StepGraph, StepShape, build_embed, build_head, build_step, kv_length
+from .graph import (
+    EndTensors,
+    StepGraph,
+    StepShape,
+    build_embed,
+    build_output,
+    build_step,
+    kv_length,
+)
 from .kv_cache import KVCache
 from .tensors import check_all_tensors_used, end_tensor_infos, output_name
 from .weights import WeightSet
 from .window import LayerWindow, Shared
 
-#: Prompt tokens evaluated per step: bounds the activations (the compute buffer).
+#: Prompt tokens the generation loop evaluates per step (a chunk): bounds the activations and
+#: a ring frame. 256 and 512 gave the same prefill throughput; 256 needs half the memory.
 DEFAULT_BATCH = 256
 
 
@@ -40,9 +48,9 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _head_tensors(ws: WeightSet, cfg: ModelConfig, *, packed: bool = False) -> HeadTensors:
+def _end_tensors(ws: WeightSet, cfg: ModelConfig, *, packed: bool = False) -> EndTensors:
     output = ws.packed(output_name(cfg)) if packed else ws[output_name(cfg)]
-    return HeadTensors(token_embd=ws["token_embd.weight"], output_norm=ws["output_norm.weight"],
+    return EndTensors(token_embd=ws["token_embd.weight"], output_norm=ws["output_norm.weight"],
                        output=output, rope_freqs=ws.get("rope_freqs.weight"),
                        output_bias=ws.get("output.bias"))
 
@@ -77,7 +85,7 @@ class Model:
             self.backend.close()
             raise
         self._weights.append(ends)
-        self.shared = Shared(mf, cfg, self.buffer, self.compute, _head_tensors(ends, cfg), n_ctx)
+        self.shared = Shared(mf, cfg, self.buffer, self.compute, _end_tensors(ends, cfg), n_ctx)
         self._windows: weakref.WeakSet[LayerWindow] = weakref.WeakSet()
         self._ends_graphs: dict[tuple[str, int], StepGraph] = {}
         self._full: LayerWindow | None = None
@@ -117,7 +125,7 @@ class Model:
         layer = LayerWindow(self.shared, 0, 1)
         kv = KVCache(2, self.config.n_embd_kv, self.n_ctx)
         try:
-            shape = StepShape(1, kv_length(self.n_ctx, self.n_ctx), embed=True, head=True,
+            shape = StepShape(1, kv_length(self.n_ctx, self.n_ctx), embed=True, logits=True,
                               last_only=True)
             graph = build_step(self.config, shape, layer.layers * 2, kv.layers, self.n_ctx,
                                self.shared.ends)
@@ -146,7 +154,7 @@ class Model:
                     out = WeightSet(self.file, self.buffer, infos,
                                     repack=[output_name(self.config)])
                     self._weights.append(out)
-                    ends = _head_tensors(out, self.config, packed=True)
+                    ends = _end_tensors(out, self.config, packed=True)
                 self._full = LayerWindow(self.shared, 0, self.config.n_layer, repack=repack,
                                          packed_ends=ends)
                 self._windows.add(self._full)
@@ -209,15 +217,16 @@ class Model:
             self._windows.add(w)
             return w
 
-    def head(self, h: np.ndarray) -> np.ndarray:
+    def output(self, h: np.ndarray) -> np.ndarray:
         """Final norm and output projection: logits (tokens, n_vocab) for hidden states."""
         h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
         if h.ndim != 2 or h.shape[1] != self.config.n_embd:
             raise ValueError(f"hidden states of shape {h.shape} are not (tokens, "
                              f"{self.config.n_embd})")
-        return self._run_end("head", h)
+        return self._run_end("output", h)
 
     def _run_end(self, kind: str, values: np.ndarray) -> np.ndarray:
+        """The embedding lookup or the output projection alone (a ring's first node)."""
         n = int(values.shape[0])
         with self.compute.lock:
             self._require_open()
@@ -226,7 +235,7 @@ class Model:
             if graph is None or graph.generation not in (-1, self.compute.generation):
                 if graph is not None:
                     graph.free()
-                build = build_embed if kind == "embed" else build_head
+                build = build_embed if kind == "embed" else build_output
                 graph = build(self.config, self.shared.ends, n)
             out = graph.run(self.compute, {"tokens" if kind == "embed" else "hidden": values},
                             once=n > 1)
@@ -238,25 +247,18 @@ class Model:
 
     # -- conveniences -------------------------------------------------------------------------
 
-    def forward(self, token_ids: Any, session: str = "default", start_pos: int | None = None,
-                batch: int = DEFAULT_BATCH) -> np.ndarray:
-        """Evaluate tokens after the session's cached positions; logits of the last one."""
+    def forward(self, token_ids: Any, session: str = "default", start_pos: int | None = None
+                ) -> np.ndarray:
+        """Evaluate tokens (one step: the generation loop gives at most ``DEFAULT_BATCH``)
+        after the session's cached positions; logits of the last one. Beyond the context it is
+        a ContextOverflowError, before anything runs."""
         full = self._local()
         ids = self._check_ids(token_ids)
         if ids.size == 0:
             raise ValueError("no tokens to evaluate")
         pos0 = full.n_cached(session) if start_pos is None else start_pos
-        if pos0 + ids.size > self.n_ctx:  # refuse before any chunk runs: nothing half-done
-            raise ContextOverflowError(
-                f"{ids.size} tokens from position {pos0} go beyond the context of {self.n_ctx} "
-                "tokens (open the model with a larger n_ctx, or shorten the prompt)")
-        logits = None
-        for a in range(0, ids.size, batch):
-            chunk = ids[a:a + batch]
-            pos = np.arange(pos0 + a, pos0 + a + chunk.size, dtype=np.int64)
-            logits = full.run(pos, session, tokens=chunk, head=True)
-        assert logits is not None
-        return logits[-1]
+        pos = np.arange(pos0, pos0 + ids.size, dtype=np.int64)
+        return full.run(pos, session, tokens=ids, logits=True)[-1]
 
     def logits(self, token_ids: Any) -> np.ndarray:
         """float32 logits (n_vocab,) of the last position, evaluating from an empty cache."""

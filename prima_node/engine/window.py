@@ -21,7 +21,7 @@ import numpy as np
 from ..arch.config import ModelConfig
 from ..model_file import ModelFile
 from .backend import Compute, FileBuffer
-from .graph import HeadTensors, LayerTensors, StepGraph, StepShape, build_step, kv_length
+from .graph import EndTensors, LayerTensors, StepGraph, StepShape, build_step, kv_length
 from .graph import step_inputs as _step_inputs
 from .kv_cache import KVCache
 from .tensors import MATMUL_ROLES, layer_tensor_infos
@@ -39,7 +39,7 @@ class Shared:
     config: ModelConfig
     buffer: FileBuffer
     compute: Compute
-    ends: HeadTensors
+    ends: EndTensors
     n_ctx: int
     closed: bool = False
 
@@ -49,12 +49,12 @@ class LayerWindow:
 
     ``repack``: also give the window's matrices ggml's interleaved CPU layout (anonymous memory,
     faster one-token products) for decode steps: only for a window held in memory for good,
-    never one that is streamed. ``packed_ends`` are the model's embedding and head tensors with
-    a repacked output projection, for decode steps that include the head.
+    never one that is streamed. ``packed_ends`` are the model's embedding and output tensors
+    with a repacked output projection, for decode steps that end with the logits.
     """
 
     def __init__(self, shared: Shared, start: int, end: int, *, repack: bool = False,
-                 packed_ends: HeadTensors | None = None) -> None:
+                 packed_ends: EndTensors | None = None) -> None:
         cfg = shared.config
         if not 0 <= start < end <= cfg.n_layer:
             raise ValueError(f"window [{start}, {end}) is outside the model's {cfg.n_layer} layers")
@@ -143,10 +143,10 @@ class LayerWindow:
         return self.run(positions, session, hidden=h, last_only=last_only)
 
     def run(self, positions: np.ndarray, session: str, *, hidden: np.ndarray | None = None,
-            tokens: np.ndarray | None = None, head: bool = False,
+            tokens: np.ndarray | None = None, logits: bool = False,
             last_only: bool = False) -> np.ndarray:
         """One step: from hidden states or (the model's first window) token ids, to hidden
-        states or (the last window, ``head``) the last token's logits. Every input is checked
+        states or (the last window, ``logits``) the last token's logits. Every input is checked
         here: ggml aborts the process on a mismatched one."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         values = self._inputs(positions, hidden, tokens)
@@ -157,7 +157,8 @@ class LayerWindow:
             kv.check_positions(positions)
             shape = StepShape(int(positions.size),
                               kv_length(int(positions[-1]) + 1, self.n_ctx),
-                              embed=tokens is not None, head=head, last_only=last_only or head)
+                              embed=tokens is not None, logits=logits,
+                              last_only=last_only or logits)
             values.update(_step_inputs(shape, positions))
             once = shape.n_tokens > 1  # prefill chunks: built, run and freed
             graph = self._graph(session, shape, kv)

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -24,7 +25,7 @@ from ..errors import ClusterError
 from ..generate import Finished, Generator, TextDelta, ToolCall
 from . import prompting
 from .config import ServerConfig
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .metrics import CONTENT_TYPE, ServerMetrics, ring_node_gauges
 from .openapi import openapi_document
 from .protocol import (
     ChatRequest,
@@ -51,32 +52,39 @@ STATUS = web.AppKey("status", Status)
 HUB = web.AppKey("hub", StatusHub)
 METRICS = web.AppKey("metrics", ServerMetrics)
 CONFIG = web.AppKey("config", ServerConfig)
+#: Plans the ring again on the model thread (``k`` forced or None); set on a cluster's head.
+PLANNER: web.AppKey[Callable[[int | None], dict[str, Any]]] = web.AppKey("planner")
+
+
+@dataclass(frozen=True)
+class ClusterHooks:
+    """What a cluster's head adds to the API; a lone node has none of it."""
+
+    handler: Handler  # /cluster/ws: the head's node admits the cluster's links there
+    view: Callable[[], dict[str, Any]]  # the status document's ``cluster`` part
+    plan: Callable[[int | None], dict[str, Any]]  # POST /api/plan, run on the model thread
+    listeners: list[Callable[[], None]]  # told of joins and departures: the hub pushes then
 
 
 def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | None = None,
-             cluster_handler: Handler | None = None) -> web.Application:
-    """The application; with ``open_generator`` the model loads once the server is up;
-    ``cluster_handler`` serves ``/cluster/ws`` on a cluster's head."""
+             cluster: ClusterHooks | None = None) -> web.Application:
+    """The application; with ``open_generator`` the model loads once the server is up
+    (model thread); ``cluster`` makes it a ring's head."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
     hub: StatusHub
     runtime = Runtime(queue_limit=config.queue_limit, slots=config.cache_slots,
                       on_change=lambda: hub.changed())
     status = Status(runtime, config.node_id, config.model_path, config.n_ctx, config.host,
-                    config.port)
+                    config.port, cluster_view=cluster.view if cluster is not None else None)
     hub = StatusHub(status.document)
-    metrics = ServerMetrics({
-        "prima_queue_depth": ("Requests waiting for the model.", lambda: runtime.waiting),
-        "prima_requests_running": ("Requests being generated.", lambda: runtime.running),
-        "prima_kv_cache_tokens": ("Positions held in the KV cache slots.", runtime.kv_tokens),
-        "prima_kv_cache_capacity_tokens": ("Positions the KV cache slots can hold.",
-                                           runtime.kv_capacity),
-        "prima_kv_cache_usage_ratio": ("Share of the KV cache slots' positions in use.",
-                                       lambda: runtime.kv_tokens() / max(1, runtime.kv_capacity())),
-        "prima_model_ready": ("1 when the model is loaded and answering.",
-                              lambda: float(runtime.state == "ready")),
-    })
+    metrics = _metrics(runtime)
     app[CONFIG], app[RUNTIME], app[STATUS], app[HUB], app[METRICS] = (
         config, runtime, status, hub, metrics)
+    if cluster is not None:
+        app[PLANNER] = cluster.plan
+        cluster.listeners.append(hub.changed)  # Home Assistant learns of joins and departures
+        for gauge in ring_node_gauges(cluster.view):
+            metrics.registry.add(gauge)
 
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -86,7 +94,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/api/events", api_events)
     add_probe_route(app)
-    app.router.add_get("/cluster/ws", cluster_handler or _not_in_a_cluster)
+    app.router.add_get("/cluster/ws", cluster.handler if cluster else _not_in_a_cluster)
     app.router.add_post("/api/plan", api_plan)
     app.router.add_get("/openapi.json", openapi)
 
@@ -115,6 +123,21 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
 
 
 _LOADER = web.AppKey("loader", asyncio.Task)
+
+
+def _metrics(runtime: Runtime) -> ServerMetrics:
+    """The node's metrics, with gauges that read the runtime when scraped."""
+    return ServerMetrics({
+        "prima_queue_depth": ("Requests waiting for the model.", lambda: runtime.waiting),
+        "prima_requests_running": ("Requests being generated.", lambda: runtime.running),
+        "prima_kv_cache_tokens": ("Positions held in the KV cache slots.", runtime.kv_tokens),
+        "prima_kv_cache_capacity_tokens": ("Positions the KV cache slots can hold.",
+                                           runtime.kv_capacity),
+        "prima_kv_cache_usage_ratio": ("Share of the KV cache slots' positions in use.",
+                                       lambda: runtime.kv_tokens() / max(1, runtime.kv_capacity())),
+        "prima_model_ready": ("1 when the model is loaded and answering.",
+                              lambda: float(runtime.state == "ready")),
+    })
 
 
 # -- middleware -----------------------------------------------------------------------------------
@@ -193,8 +216,6 @@ def _endpoint(request: web.Request) -> str:
     return route.canonical if route is not None else "other"
 
 
-#: Plans the ring again on the model thread (``k`` forced or None); set on a cluster's head.
-PLANNER: web.AppKey[Callable[[int | None], dict[str, Any]]] = web.AppKey("planner")
 
 
 async def api_plan(request: web.Request) -> web.Response:

@@ -8,8 +8,9 @@ with fixed label sets, read by one scraper at a time. Values are updated from th
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -183,3 +184,40 @@ class ServerMetrics:
 
     def render(self) -> str:
         return self.registry.render()
+
+
+def ring_node_gauges(view: Callable[[], dict[str, Any]]) -> list[LabelledGauge]:
+    """Per-node gauges of a ring's head, read from its cluster view when scraped (one view per
+    scrape, not one per gauge)."""
+    seen: dict[str, Any] = {"at": 0.0, "nodes": []}
+
+    def nodes() -> list[dict[str, Any]]:
+        now = time.monotonic()
+        if now - seen["at"] > 0.5:
+            seen["at"], seen["nodes"] = now, view()["nodes"]
+        return list(seen["nodes"])
+
+    def per_node(read: Callable[[dict[str, Any]], Any]
+                 ) -> Callable[[], list[tuple[Labels, float]]]:
+        def values() -> list[tuple[Labels, float]]:
+            return [((("node", str(n["name"])), ("node_id", str(n["node_id"]))), float(v))
+                    for n in nodes() if (v := read(n)) is not None]
+        return values
+
+    def paging(key: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda n: (n.get("paging") or {}).get(key)
+
+    return [LabelledGauge(name, help, per_node(read)) for name, help, read in (
+        ("prima_node_online", "1 while the node is connected to the head.",
+         lambda n: float(n["online"])),
+        ("prima_node_layers", "Layers the plan gives the node.", lambda n: n["layer_count"]),
+        ("prima_node_compute_ms_per_token", "Measured compute per decoded token.",
+         lambda n: n["measured_compute_ms"]),
+        ("prima_node_prefetch_hit_ratio", "Window uses that found at least 99% of the "
+         "window in memory (residency measured before each use).", paging("hit_rate")),
+        ("prima_node_window_residency_ratio", "Mean share of a window in memory before "
+         "its use.", paging("mean_residency")),
+        ("prima_node_bytes_prefetched", "Bytes the node asked the OS to read ahead.",
+         paging("bytes_prefetched")),
+        ("prima_node_bytes_released", "Bytes the node dropped after use (streaming).",
+         paging("bytes_released")))]

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..cluster.discovery import (
@@ -27,12 +28,23 @@ from ..cluster.discovery import (
 _LOG = logging.getLogger("prima.server")
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """How a node introduces itself on the network (its TXT record, with the model's file)."""
+
+    node_id: str
+    name: str
+    role: str  # standalone, head or worker
+    host: str  # the address it listens on: mDNS answers on the matching interfaces
+    cluster: str | None = None  # the cluster id derived from the secret, if in a cluster
+
+
 class Presence:
-    def __init__(self, model_path: Path, *, node_id: str, name: str, role: str, host: str,
-                 cluster: str | None = None,
+    def __init__(self, model_path: Path, announcement: Announcement,
                  on_change: Callable[[Change, DiscoveredNode], None] | None = None) -> None:
-        self.model_path, self.node_id, self.name = model_path, node_id, name
-        self.role, self.host, self.cluster = role, host, cluster
+        a = announcement
+        self.model_path, self.node_id, self.name = model_path, a.node_id, a.name
+        self.role, self.host, self.cluster = a.role, a.host, a.cluster
         self.on_change = on_change  # set: browse as well (the head)
         self.mdns: Mdns | None = None
         self.advertiser: Advertiser | None = None

@@ -103,7 +103,7 @@ def start(runtime: Runtime, gen: Generator, req: ChatRequest | CompletionRequest
     try:
         events = gen.generate(ids, opts, session=slot, cancel=cancelled.is_set)
         if not req.cache_prompt:
-            gen.reset(slot)  # only once the request is accepted: a refusal keeps the slot
+            gen.clear(slot)  # only once the request is accepted: a refusal keeps the slot
     except ContextOverflowError as exc:
         raise RequestError(str(exc), param=where, code="context_length_exceeded") from None
     except SchemaError as exc:
