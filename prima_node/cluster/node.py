@@ -31,7 +31,11 @@ from aiohttp import web
 
 from .. import __version__
 from ..device.link import measure_over, serve_probe
+from ..device.profile import profile_device
 from ..device.vitals import vitals
+from ..engine.model import DEFAULT_BATCH, Model
+from ..engine.paging import WindowPages
+from ..engine.window import LayerWindow
 from .auth import AuthError, NonceLog, accept, connect
 from .fingerprint import fingerprint
 from .frames import Frame, max_frame_bytes
@@ -77,13 +81,13 @@ class Assignment:
     ranges: list[tuple[int, int]]  # [start, end) of its window in each round
     successor_url: str | None  # None: a ring of one
     k: int = 1
-    windows: list[Any] = field(default_factory=list)  # LayerWindow per round
+    windows: list[LayerWindow] = field(default_factory=list)  # one per round
 
 
 class ClusterNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.model: Any = None  # engine.model.Model, opened by open_model()
+        self.model: Model | None = None  # opened by open_model()
         self.assignment: Assignment | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="prima-model")
         self.nonces = NonceLog()
@@ -107,13 +111,9 @@ class ClusterNode:
 
     def open_model(self) -> None:
         """Map the model file (on the model thread): validates it, reads no layer."""
-        from ..engine.model import Model
-
         if self.model is None:
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
                                     n_ctx=self.config.n_ctx)
-            from ..engine.model import DEFAULT_BATCH
-
             self.max_frame = max(CONTROL_BYTES,
                                  max_frame_bytes(self.model.config.n_embd, DEFAULT_BATCH))
 
@@ -212,8 +212,6 @@ class ClusterNode:
 
     def profile(self, refresh: bool = False) -> dict[str, Any]:
         """This node's profile: cached speeds (``refresh``: measured again) and its memory now."""
-        from ..device.profile import profile_device
-
         prof = profile_device(self.config.model_path, threads=self.config.threads,
                               cache_dir=self.config.profile_cache, refresh=refresh)
         doc = prof.to_json()
@@ -237,7 +235,7 @@ class ClusterNode:
 
         replaced = self.assignment.windows if self.assignment is not None else []
 
-        def build() -> tuple[list[Any], Pager]:
+        def build() -> tuple[list[LayerWindow], Pager]:
             assert self.model is not None
             for w in replaced:  # their caches, graphs and weight descriptions
                 w.close()
@@ -248,8 +246,6 @@ class ClusterNode:
                     w.forward(np.zeros((n, n_embd), np.float32),
                               np.arange(n, dtype=np.int64), "warm-up")
                 w.drop("warm-up")
-            from ..engine.paging import WindowPages
-
             mf = self.model.file
             pages = [WindowPages.of_window(mf, w) for w in windows]
             per_layer = [[WindowPages.of_layers(mf, [i]) for i in range(a, b)]

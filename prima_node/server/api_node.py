@@ -54,6 +54,7 @@ def open_local(config: ServerConfig, threads: int | None) -> Generator:
 def open_ring(head: ClusterHead, link: HeadRingLink) -> Generator:
     """The first ring, planned and loaded, behind a generator (model thread)."""
     model = head.node.model
+    assert model is not None  # the node opened it when it started
     _LOG.info("forming the ring with %d other node(s)", len(head.membership.peers))
     asyncio.run_coroutine_threadsafe(head.setup(), link.loop).result()
     ring = RingExecutor(model, link, DEFAULT_BATCH)
