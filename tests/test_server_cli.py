@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ModelFactory
+from tests.server_process import ServerProcess
 
 SERVE = [sys.executable, "-m", "prima_node.cli", "serve"]
 
@@ -125,3 +126,32 @@ def test_a_model_that_fails_to_load_leaves_the_server_up_saying_why(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_two_nodes_on_one_state_directory_do_not_collapse(tmp_path: Path,
+                                                          make_model: ModelFactory) -> None:
+    """The state directory holds the node's identity: a second node on the same directory
+    would be the first one to the ring and to Home Assistant, so it is refused with a line
+    that says which option to change; another directory gives another identity; and the
+    directory is free again once the first node stops, however it stops."""
+    model = make_model()
+    state = tmp_path / "node"
+    first = ServerProcess(model, state).start()
+    try:
+        res = run_serve("--model", str(model), "--port", "0", tmp=state)
+        assert res.returncode == 2, res.stderr
+        assert "--state-dir" in res.stderr and str(state) in res.stderr
+        assert "Traceback" not in res.stderr
+        second = ServerProcess(model, tmp_path / "other").start()
+        try:
+            ids = {node.wait_ready().status()["node_id"] for node in (first, second)}
+            assert len(ids) == 2
+        finally:
+            second.stop()
+    finally:
+        first.kill()
+    again = ServerProcess(model, state).start()  # the kernel dropped the killed node's hold
+    try:
+        assert again.wait_ready().status()["node_id"] == (state / "node-id").read_text().strip()
+    finally:
+        again.stop()

@@ -5,11 +5,18 @@ templates, grammars)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import ssl
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import PrimaError
+
+_LOG = logging.getLogger("prima.server")
 
 
 @dataclass
@@ -25,6 +32,35 @@ class ServerConfig:
     tls: ssl.SSLContext | None = None  # set: the listener speaks HTTPS (and wss)
 
 
+@contextlib.contextmanager
+def claimed_state(state_dir: Path) -> Iterator[str]:
+    """This node's id, with its state directory held for as long as the node runs.
+
+    The id is the node's identity for the ring and for Home Assistant's device registry, so two
+    nodes reading one directory would be one node to everybody: a head would take its own
+    workers for itself. A second node on a held directory is refused, naming ``--state-dir``.
+    The hold is a ``flock`` on the directory, which the kernel drops when the process ends,
+    however it ends: no stale lock after a crash."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:  # a read-only home: an id of its own that lasts as long as the process
+        _LOG.warning("cannot use the state directory %s (%s): this node gets a new id each start "
+                     "(choose a writable one with --state-dir)", state_dir, exc.strerror or exc)
+        yield uuid.uuid4().hex
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrimaError(
+                f"another prima-node on this machine is using the state directory {state_dir} "
+                f"(it holds the node's identity): give each node its own --state-dir") from None
+        yield node_id(state_dir)
+    finally:
+        os.close(fd)
+
+
 def node_id(state_dir: Path) -> str:
     """A stable id for this node, kept across restarts (Home Assistant's device identity)."""
     path = state_dir / "node-id"
@@ -34,7 +70,6 @@ def node_id(state_dir: Path) -> str:
             return text
     new = uuid.uuid4().hex
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(new + "\n")
         tmp.replace(path)

@@ -22,7 +22,7 @@ from ..cluster.node import NodeConfig
 from ..cluster.tls import client_context, server_context
 from ..errors import PrimaError
 from ..model_file import ModelFile
-from .config import ServerConfig, node_id
+from .config import ServerConfig, claimed_state
 from .presence import Announcement
 
 _LOG = logging.getLogger("prima.server")
@@ -151,8 +151,14 @@ def cmd_serve(args: argparse.Namespace, model_path: Path) -> int:
                         stream=sys.stderr)
     _check_ranges(args)
     ModelFile.open(model_path).close()  # a wrong path or a broken file: say so now, not later
+    with claimed_state(_state_dir(args)) as node_id:
+        return _serve(args, model_path, node_id)
+
+
+def _serve(args: argparse.Namespace, model_path: Path, node_id: str) -> int:
+    """Run the node the options describe, as ``node_id``, until it is stopped."""
     server_tls, client_tls = _tls(args)
-    config = _server_config(args, model_path, server_tls)
+    config = _server_config(args, model_path, server_tls, node_id)
     secret = _secret(args)
     role = "standalone" if secret is None else "head" if args.head else "worker"
     announce = None if args.no_discovery else Announcement(
@@ -188,11 +194,11 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise PrimaError("--rounds must be at least 1")
 
 
-def _server_config(args: argparse.Namespace, model_path: Path, tls: ssl.SSLContext | None
-                   ) -> ServerConfig:
+def _server_config(args: argparse.Namespace, model_path: Path, tls: ssl.SSLContext | None,
+                   node_id: str) -> ServerConfig:
     config = ServerConfig(model_path=model_path, n_ctx=args.ctx, host=args.host,
                           port=args.port, api_key=_api_key(args), queue_limit=args.queue_limit,
-                          cache_slots=args.cache_slots, node_id=node_id(_state_dir(args)),
+                          cache_slots=args.cache_slots, node_id=node_id,
                           tls=tls)
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _LOG.warning("listening on %s without an API key: anyone on the network can use the "
