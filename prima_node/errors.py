@@ -50,3 +50,8 @@ class SessionBusyError(PrimaError):
 class ClusterError(PrimaError):
     """The ring could not finish the work: a node failed, hung or went away. The head leaves
     it out of the next plan, so the same request can be tried again."""
+
+
+class NodeUnreachableError(ClusterError):
+    """A node the plan needs could not be reached or did not answer in time (it may be busy,
+    restarting or refusing connections for a moment): the same request may succeed shortly."""

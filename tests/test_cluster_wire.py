@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -152,52 +151,3 @@ def test_a_hello_with_a_non_ascii_mac_is_refused_not_a_crash() -> None:
 
     assert asyncio.run(run()) == 4401
     assert seen == ["node x does not know the cluster secret"]
-
-
-def test_one_address_cannot_take_every_place_in_the_handshake_queue(tmp_path: Path) -> None:
-    """Connections that never prove the secret hold a place until the handshake times out.
-    One address gets at most MAX_UNADMITTED_PER_PEER of them: a misbehaving device is
-    refused (503, Retry-After) while a node at another address is still admitted, and its
-    places come back once its connections go."""
-    from prima_node.cluster.node import (
-        MAX_UNADMITTED_PER_PEER,
-        RING_PATH,
-        ClusterNode,
-        NodeConfig,
-    )
-
-    secret = b"s3cret-abc"
-    node = ClusterNode(NodeConfig(model_path=tmp_path / "none.gguf", secret=secret,
-                                  node_id="server-node", name="server", n_ctx=16))
-
-    async def run() -> None:
-        app = web.Application()
-        app.router.add_get(RING_PATH, node.handler)
-        async with serving(app) as port, \
-                aiohttp.ClientSession() as noisy, \
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-                    local_addr=("127.0.0.2", 0))) as other:
-            url = f"ws://127.0.0.1:{port}{RING_PATH}"
-            silent = [await noisy.ws_connect(url) for _ in range(MAX_UNADMITTED_PER_PEER)]
-            for ws in silent:
-                await ws.receive_json(timeout=5)  # challenged, and never answering
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await noisy.ws_connect(url)
-            assert refused.value.status == 503
-            assert refused.value.headers is not None
-            assert refused.value.headers.get("Retry-After") == "1"
-            assert node.unadmitted_from == {"127.0.0.1": MAX_UNADMITTED_PER_PEER}
-            ws, peer = await connect(other, url, secret, "other-node", "probe")
-            assert peer == "server-node"
-            await ws.close()
-            for ws in silent:
-                await ws.close()
-            for _ in range(100):  # the server sees the closes on its own time
-                if not node.unadmitted_from:
-                    break
-                await asyncio.sleep(0.02)
-            assert node.unadmitted == 0 and not node.unadmitted_from
-            ws, _ = await connect(noisy, url, secret, "noisy-node", "probe")
-            await ws.close()
-
-    asyncio.run(run())

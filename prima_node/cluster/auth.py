@@ -76,6 +76,8 @@ async def _receive_json(ws: web.WebSocketResponse | aiohttp.ClientWebSocketRespo
         raise AuthError(f"expected the {step}, got a {msg.type.name} message")
     try:
         doc = msg.json()
+    except RecursionError:  # a few kB of brackets: refused like any other broken message
+        raise AuthError(f"the {step} is nested too deeply") from None
     except ValueError:
         raise AuthError(f"the {step} is not JSON") from None
     if not isinstance(doc, dict) or doc.get("type") != step:
@@ -85,12 +87,20 @@ async def _receive_json(ws: web.WebSocketResponse | aiohttp.ClientWebSocketRespo
 
 async def accept(ws: web.WebSocketResponse, secret: bytes, node_id: str, nonces: NonceLog,
                  timeout: float = HANDSHAKE_TIMEOUT_S) -> Peer:
-    """Admit the peer on a prepared websocket, or close it (code 4401) and raise AuthError."""
+    """Admit the peer on a prepared websocket, or close it (code 4401) and raise AuthError.
+
+    ``timeout`` is wall-clock time for the whole exchange: a receive timeout alone restarts
+    on every ping and pong the peer sends, so a stranger that answers pings would hold the
+    connection for as long as it likes."""
     challenge = secrets.token_hex(16)
     try:
-        await ws.send_json({"type": "challenge", "protocol": PROTOCOL, "node_id": node_id,
-                            "nonce": challenge})
-        hello = await _receive_json(ws, timeout, "hello")
+        try:
+            async with asyncio.timeout(timeout):
+                await ws.send_json({"type": "challenge", "protocol": PROTOCOL,
+                                    "node_id": node_id, "nonce": challenge})
+                hello = await _receive_json(ws, timeout, "hello")
+        except TimeoutError:
+            raise AuthError(f"no hello within {timeout:g} s") from None
         peer_id, nonce, purpose, mac = (hello.get(k) for k in ("node_id", "nonce", "purpose",
                                                                 "mac"))
         if not all(isinstance(v, str) and v for v in (peer_id, nonce, purpose, mac)):

@@ -67,7 +67,7 @@ class ControlLink:
                     break
                 try:
                     doc = msg.json()
-                except ValueError:
+                except (ValueError, RecursionError):
                     reason = "it sent a message that is not JSON"
                     break
                 if not isinstance(doc, dict):

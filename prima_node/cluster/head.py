@@ -21,7 +21,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from ..errors import ClusterError, PrimaError
+from ..errors import ClusterError, NodeUnreachableError, PrimaError
 from ..planner.halda import Plan
 from .control import NodeError
 from .frames import Frame, encode
@@ -268,6 +268,9 @@ class HeadRingLink:
             self._call(self.head.replan(k), timeout=REPLAN_TIMEOUT_S)
         except (PrimaError, ValueError) as exc:  # ValueError: Halda's PlanError
             raise ClusterError(f"no plan: {exc}") from exc
+        except (ConnectionError, NodeError, TimeoutError) as exc:
+            raise NodeUnreachableError(f"no plan now: {exc or 'a node did not answer in time'}"
+                                       ) from exc
         return self.head.view()
 
 

@@ -36,7 +36,8 @@ from ..device.vitals import vitals
 from ..engine.model import DEFAULT_BATCH, Model
 from ..engine.paging import WindowPages
 from ..engine.window import LayerWindow
-from .auth import AuthError, NonceLog, accept, connect
+from .admission import Admission, AdmissionBusyError
+from .auth import CLOSE_AUTH, HANDSHAKE_TIMEOUT_S, AuthError, NonceLog, accept, connect
 from .fingerprint import fingerprint
 from .frames import Frame, max_frame_bytes
 from .node_control import CLOSE_OTHER_HEAD, serve_control
@@ -47,10 +48,6 @@ from .ring import CacheOp, apply_cache_op
 _LOG = logging.getLogger("prima.cluster")
 RING_PATH = "/cluster/ws"
 CONTROL_BYTES = 4 * 2**20  # handshakes, control requests: small JSON
-MAX_UNADMITTED = 16  # connections still proving the secret; more wait for a free place
-#: of those, from one address: one misbehaving device cannot take every place and keep the
-#: real nodes out (a head opens at most two at once to a node: control and a link probe)
-MAX_UNADMITTED_PER_PEER = 4
 __all__ = ["CLOSE_OTHER_HEAD", "RING_PATH", "Assignment", "ClusterNode", "NodeConfig"]
 
 
@@ -99,8 +96,8 @@ class ClusterNode:
         self.sockets: set[web.WebSocketResponse] = set()
         self.frames_in = 0
         self.max_frame = CONTROL_BYTES  # until the model is open and its width known
-        self.unadmitted = 0
-        self.unadmitted_from: dict[str, int] = {}  # remote address -> its share of those
+        self.admission = Admission()  # places for connections still proving the secret
+        self.handshake_timeout_s = HANDSHAKE_TIMEOUT_S
         self.busy: tuple[int, int, float] | None = None  # (step, round, since) of the frame
         self.last_out: tuple[int, int, int] | None = None  # (epoch, step, round) sent on
         self._out_reader: asyncio.Task[None] | None = None
@@ -164,39 +161,36 @@ class ClusterNode:
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
         remote = request.remote or "?"
-        mine = self.unadmitted_from.get(remote, 0)
-        if self.unadmitted >= MAX_UNADMITTED or mine >= MAX_UNADMITTED_PER_PEER:
+        try:
+            place = self.admission.claim(remote)
+        except AdmissionBusyError as exc:
             # a flood of handshakes: memory stays bounded, and one address cannot take every
             # place
-            _LOG.warning("refused a cluster connection from %s: %d connections (%d from it) "
-                         "are still proving the secret", remote, self.unadmitted, mine)
+            _LOG.warning("refused a cluster connection from %s: %s", remote, exc)
             return web.json_response({"error": {"code": "busy", "message": "too many "
                                                 "connections waiting for admission"}},
                                      status=503, headers={"Retry-After": "1"})
         # the limit fits the largest frame this model sends: an unadmitted peer can make the
-        # node hold at most MAX_UNADMITTED of those, for at most the handshake's timeout
+        # node hold at most MAX_UNADMITTED of those, for at most the handshake's deadline
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=2.0, compress=False)
-        # counted from before the first await: the caps cannot overshoot
-        self.unadmitted += 1
-        self.unadmitted_from[remote] = mine + 1
         try:
-            await ws.prepare(request)
-            self.sockets.add(ws)
-            peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces)
-        except AuthError as exc:
-            _LOG.warning("refused a cluster connection from %s: %s", remote, exc)
+            async with asyncio.timeout(None) as place.hold:  # eviction sets it to now
+                await ws.prepare(request)
+                self.sockets.add(ws)
+                peer = await accept(ws, self.config.secret, self.config.node_id, self.nonces,
+                                    self.handshake_timeout_s)
+        except (AuthError, TimeoutError) as exc:
+            why = "a newer connection took its place" if place.evicted else str(exc)
+            if not ws.closed and ws.prepared:
+                await ws.close(code=CLOSE_AUTH, message=why.encode()[:120])
+            _LOG.warning("refused a cluster connection from %s: %s", remote, why)
             self.sockets.discard(ws)
             return ws
         except BaseException:
             self.sockets.discard(ws)
             raise
         finally:
-            self.unadmitted -= 1
-            left = self.unadmitted_from[remote] - 1
-            if left:
-                self.unadmitted_from[remote] = left
-            else:
-                del self.unadmitted_from[remote]
+            self.admission.release(place)
         try:
             _LOG.info("admitted %s link from node %s (%s)", peer.purpose, peer.node_id,
                       request.remote)

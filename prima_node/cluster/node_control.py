@@ -60,7 +60,7 @@ async def _request(ws: web.WebSocketResponse, peer: Peer, msg: aiohttp.WSMessage
     try:
         req = msg.json()
         req["id"], req["op"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, RecursionError, KeyError, TypeError):
         await ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA,
                        message=b"malformed control message")
         _LOG.warning("closed the control link from %s: a malformed message", peer.node_id)

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..device.link import add_probe_route
-from ..errors import ClusterError
+from ..errors import ClusterError, NodeUnreachableError
 from ..generate import Finished, Generator, TextDelta, ToolCall
 from . import prompting
 from .config import ServerConfig
@@ -238,6 +238,9 @@ async def api_plan(request: web.Request) -> web.Response:
     async with runtime.turn():
         try:
             view = await runtime.call(planner, k)
+        except NodeUnreachableError as exc:
+            raise RequestError(f"{exc}; try again shortly", status=503, type="server_error",
+                               code="node_unreachable") from None
         except ClusterError as exc:
             raise RequestError(str(exc), status=409, type="invalid_request_error",
                                code="no_plan") from None

@@ -750,6 +750,8 @@ def _paths() -> dict[str, Any]:
             "responses": {"200": _json("ClusterView", "The new plan."),
                           "404": _error("Not a cluster's head (code not_a_cluster_node)."),
                           "409": _error("No plan fits (code no_plan; the message says why)."),
+                          "503": _error("A node the plan needs could not be reached or did not "
+                                        "answer in time (code node_unreachable; Retry-After)."),
                           **_errors("Unauthorized")}}},
         "/cluster/ws": _get(
             "cluster", "Cluster links (websocket, nodes only)",
