@@ -28,7 +28,7 @@ from test_server import API_DOC
 from prima_node.cluster.auth import AuthError, connect
 from prima_node.cluster.head import ClusterHead, HeadRingLink
 from prima_node.cluster.node import RING_PATH, ClusterNode, NodeConfig
-from prima_node.cluster.ring import RingError, RingExecutor
+from prima_node.cluster.ring import RingExecutor
 from prima_node.engine.model import DEFAULT_BATCH, Model
 
 pytestmark = pytest.mark.timeout(300)
@@ -304,11 +304,35 @@ class ProcessRing:
         assert r.choices[0].finish_reason == "length"
         return r.choices[0].message.content
 
-    def stream(self) -> Any:
+    def stream(self, max_tokens: int = 2000) -> Any:
         assert self.client is not None
         return self.client.chat.completions.create(
             model="m", messages=self.MESSAGES,  # type: ignore[arg-type]
-            max_tokens=2000, temperature=0, stream=True)
+            max_tokens=max_tokens, temperature=0, stream=True)
+
+    def streamed(self, kill: dict[int, ServerProcess] | None = None, max_tokens: int = 120
+                 ) -> tuple[list[str], str | None]:
+        """A greedy streamed answer's pieces and finish reason, killing (SIGKILL) the given
+        node when the piece of that index arrives; ``gaps`` has the seconds between pieces
+        after the first token (the pauses of the answer, not its prompt's evaluation)."""
+        pieces: list[str] = []
+        reason = None
+        self.gaps: list[float] = []
+        last = None
+        for i, chunk in enumerate(self.stream(max_tokens)):
+            now = time.monotonic()
+            if last is not None:
+                self.gaps.append(now - last)
+            if i > 0:
+                last = now
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                reason = chunk.choices[0].finish_reason or reason
+            victim = (kill or {}).get(i)
+            if victim is not None:
+                assert victim.proc is not None
+                victim.proc.kill()
+        return pieces, reason
 
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
@@ -318,34 +342,43 @@ class ProcessRing:
                 assert srv.stop() == 0, srv.log()
 
 
-def test_a_worker_killed_mid_answer_ends_it_fast_and_the_ring_heals(
+def _replayed_s(log: str) -> float:
+    """The time the head's log says its last recovery spent evaluating positions again."""
+    found = re.findall(r"evaluated \d+ position\(s\) again in ([\d.]+) s", log)
+    assert found, log
+    return float(found[-1])
+
+
+def test_a_worker_killed_mid_answer_costs_a_pause_not_the_answer(
         make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
+    """Both workers killed, one after the other, in one streamed answer: the stream pauses
+    (within 5 s plus the time to evaluate the conversation again) and goes on with exactly
+    the undisturbed answer; the workers come back and the head takes them in again."""
     with ProcessRing(make_model, tmp_path, profile_cache) as ring:
-        head, b = ring.head, ring.b
+        head = ring.head
         assert head is not None
-        reference = ring.short()  # greedy: every healthy ring must give exactly this
-        killed_at = None
-        with pytest.raises(openai.APIError) as err:
-            for i, _ in enumerate(ring.stream()):
-                if i == 3:
-                    assert b.proc is not None
-                    b.proc.kill()
-                    killed_at = time.monotonic()
-        assert killed_at is not None
-        assert time.monotonic() - killed_at < 5, "the answer did not end within 5 s"
-        assert "went away" in str(err.value) and "retry" in str(err.value)
-        # the next request is answered by the ring without the dead node, from an empty cache
-        assert ring.short() == reference
+        short = ring.short()
+        reference, reason = ring.streamed()
+        assert len(reference) > 60, "the answer is too short to kill a node in the middle"
+        victims = {10: ring.b, 40: ring.a}
+        text, got_reason = ring.streamed(victims)
+        assert "".join(text) == "".join(reference) and got_reason == reason
+        assert head.log().count("planning the ring again to go on with the answer") == 2
         assert "planning again with 2 node(s)" in head.log()
-        # the node comes back on its port: the head takes it in again
-        assert b.proc is not None and b.proc.wait(10) is not None
-        ring.b = _node(ring.model, tmp_path / "b", profile_cache, "--port", str(b.port))
-        ring.b.wait_ready()
+        assert "planning again with 1 node(s)" in head.log()
+        assert max(ring.gaps) < 5.0 + _replayed_s(head.log()), ring.gaps
+        # the nodes come back on their ports: the head takes them in again
+        for name in ("a", "b"):
+            old = getattr(ring, name)
+            assert old.proc is not None and old.proc.wait(10) is not None
+            setattr(ring, name, _node(ring.model, tmp_path / name, profile_cache, "--port",
+                                      str(old.port)))
+            getattr(ring, name).wait_ready()
         deadline = time.monotonic() + 20
-        while head.log().count("joined with the same model") < 3:
+        while head.log().count("joined with the same model") < 4:
             assert time.monotonic() < deadline, head.log()
             time.sleep(0.2)
-        assert ring.short() == reference
+        assert ring.short() == short
         assert "planning again with 3 node(s)" in head.log()
 
 
@@ -379,32 +412,30 @@ class FrozenThreads:
         self.group.rmdir()
 
 
-def test_a_worker_that_hangs_but_answers_pings_ends_the_answer_fast_and_is_left_out(
+def test_a_worker_that_hangs_but_answers_pings_is_left_out_and_the_answer_goes_on(
         make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
     with ProcessRing(make_model, tmp_path, profile_cache) as ring:
         head, b = ring.head, ring.b
         assert head is not None and b.proc is not None
-        reference = ring.short()
+        reference, reason = ring.streamed(max_tokens=40)
+        ring.short()  # any new plan the measurements call for, made while b is well
         b_id = b.get_json("/health", auth=False)[1]["node_id"]
         time.sleep(0.5)  # b's model thread back to waiting for work, without the GIL
         with FrozenThreads(b.proc.pid) as hung:
             # frozen while idle: a thread frozen holding the GIL would stop the event loop too,
             # and that is a node whose pings stop (the killed-worker case)
             hung.freeze()
-            t0 = time.monotonic()
-            with pytest.raises(openai.APIError) as err:
-                for _ in ring.stream():
-                    pass
-            assert time.monotonic() - t0 < 5, "the answer did not end within 5 s"
-            assert "stalled the ring" in str(err.value), str(err.value)
-            assert b_id in str(err.value), str(err.value)
+            text, got_reason = ring.streamed(max_tokens=40)
+            assert "".join(text) == "".join(reference) and got_reason == reason
+            log = head.log()
+            assert re.search(f"node vm \\({b_id}\\) stalled the ring.*planning the ring "
+                             "again to go on with the answer", log), log
+            assert max(ring.gaps) < 5.0 + _replayed_s(log), ring.gaps
             assert b.get_json("/health", auth=False)[0] == 200  # its event loop lives on
-            # the next request runs on a ring without the hung node
-            assert ring.short() == reference
-            assert "planning again with 2 node(s)" in head.log()
+            assert "planning again with 2 node(s)" in log
 
 
-def test_a_round_that_does_not_come_back_names_the_hung_node_and_the_ring_replans(
+def test_a_round_that_does_not_come_back_names_the_hung_node_and_goes_on_without_it(
         make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
     model = make_model("llama", "small", "Q8_0")
     a = _node(model, tmp_path / "a", profile_cache)
@@ -419,23 +450,23 @@ def test_a_round_that_does_not_come_back_names_the_hung_node_and_the_ring_replan
         b_id = b.get_json("/health", auth=False)[1]["node_id"]
         with Model.open(model, threads=1, n_ctx=CTX) as alone:
             prompt = [3, 1, 4, 1, 5]
-            want = alone.logits(prompt)
+            want = alone.logits([*prompt, 9])
             head.ring.forward(prompt, session="s")
             time.sleep(0.5)  # b's model thread idle again, without the GIL
             assert b.proc is not None
             with FrozenThreads(b.proc.pid) as hung:
                 hung.freeze()
                 t0 = time.monotonic()
-                with pytest.raises(RingError, match="stalled the ring") as err:
-                    head.ring.forward([9], session="s")  # straight into a round: no KV op
+                got = head.ring.forward([9], session="s")  # straight into a round: no KV op
                 assert time.monotonic() - t0 < 5
-                assert b_id in str(err.value) and "running its window" in str(err.value)
-                assert head.head.needs_plan
-                # the next request plans a ring without it and computes what one node does
-                assert head.ring.n_cached("t") == 0
+                # the new ring holds the session's cache again and computed what one node does
                 assert b_id not in head.head.plan.ring  # type: ignore[union-attr]
-                got = head.ring.forward(prompt, session="t")
+                assert head.ring.n_cached("s") == len(prompt) + 1
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+                more = head.ring.forward([2], session="s")
+                want_more = alone.logits([*prompt, 9, 2])
+                np.testing.assert_allclose(more, want_more, rtol=1e-5,
+                                           atol=1e-5 * np.abs(want_more).max())
     finally:
         if head is not None:
             head.close()

@@ -151,3 +151,25 @@ def test_a_hello_with_a_non_ascii_mac_is_refused_not_a_crash() -> None:
 
     assert asyncio.run(run()) == 4401
     assert seen == ["node x does not know the cluster secret"]
+
+
+def test_the_evaluated_chunks_follow_the_cache_operations_and_the_plan() -> None:
+    """What a new ring evaluates again: the chunks as they were evaluated, cut where the
+    cache was truncated, nothing of a cleared session, nothing at all after another plan."""
+    from prima_node.cluster.ring import CacheOp, EvaluatedChunks
+
+    log = EvaluatedChunks()
+    log.follow(7)
+    for chunk in ([1, 2, 3, 4], [5, 6], [7]):
+        log.add("s", np.array(chunk, dtype=np.int64))
+    log.add("t", np.array([9], dtype=np.int64))
+    log.apply(CacheOp.TRUNCATE, "s", 5)
+    assert [c.tolist() for c in log.chunks("s")] == [[1, 2, 3, 4], [5]]
+    log.apply(CacheOp.TRUNCATE, "s", 4)
+    assert [c.tolist() for c in log.chunks("s")] == [[1, 2, 3, 4]]
+    log.apply(CacheOp.CLEAR, "t")
+    assert log.chunks("t") == []
+    log.follow(7)
+    assert len(log.chunks("s")) == 1
+    log.follow(8)
+    assert log.chunks("s") == []

@@ -244,7 +244,8 @@ class HeadRingLink:
 
     def ensure(self) -> None:
         """Plan again when a ring member went away, a plan failed half-way or a node came
-        back. Only between requests, since every KV cache starts empty in the new ring."""
+        back: between requests, or in the middle of one after a failure (every KV cache
+        starts empty in the new ring: the executor evaluates the session's again)."""
         if self.broken() or self.head.needs_plan:
             try:
                 self._call(self.head.replan(), timeout=REPLAN_TIMEOUT_S)

@@ -17,8 +17,13 @@ One ring round, seen from the head (threads in brackets)::
                     reported and for a stall: no frame within the round's deadline), and
                     round r + 1 starts; after k rounds, the output projection gives logits.
 
-A failure anywhere ends the forward with a RingError naming the node; the ring is planned
-again before the next request (``n_cached`` is where the loop asks, before it evaluates).
+A failure anywhere (a node that dies, hangs or cannot be reached) costs a pause, not the
+answer: the executor has the ring planned again without that node and evaluates again, on the
+new ring, every chunk the session's cache held, in the same chunks as the first time (so the
+new cache is bit for bit the old one and a greedy answer goes on as if nothing happened), then
+the chunk that failed. Only when no ring can be planned does the forward end with a RingError
+naming the node. A ring that broke between requests is planned again before the next one
+(``n_cached`` is where the loop asks, before it evaluates).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -41,6 +46,10 @@ if TYPE_CHECKING:
     from ..engine.window import LayerWindow
 
 _LOG = logging.getLogger("prima.cluster")
+_T = TypeVar("_T")
+#: new rings one forward may try to plan after failures before it gives up (each failure
+#: leaves a node out)
+MAX_RECOVERIES = 3
 
 
 class RingError(ClusterError):
@@ -91,6 +100,40 @@ class RingLink(Protocol):
     def record(self, marks: list[tuple[int, int]], token_s: float, output_s: float) -> None: ...
 
 
+class EvaluatedChunks:
+    """The chunks each session's cache holds on the current ring, in the order and sizes they
+    were evaluated: what a new ring evaluates again to hold the same cache. Token ids only,
+    so a few bytes per position."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self._chunks: dict[str, list[np.ndarray]] = {}
+
+    def follow(self, epoch: int) -> None:
+        """The ring's plan number now; another plan holds no cache at all."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._chunks.clear()
+
+    def chunks(self, session: str) -> list[np.ndarray]:
+        return list(self._chunks.get(session, ()))
+
+    def add(self, session: str, ids: np.ndarray) -> None:
+        self._chunks.setdefault(session, []).append(ids.copy())
+
+    def apply(self, op: CacheOp, session: str, n: int = 0) -> None:
+        if op is not CacheOp.TRUNCATE:
+            self._chunks.pop(session, None)
+            return
+        kept: list[np.ndarray] = []
+        for chunk in self._chunks.get(session, ()):
+            if n <= 0:
+                break
+            kept.append(chunk[:n])
+            n -= chunk.size
+        self._chunks[session] = kept
+
+
 class RingExecutor:
     """The generation loop's executor for a ring (model thread)."""
 
@@ -100,6 +143,7 @@ class RingExecutor:
         self.max_tokens = max_tokens  # the largest chunk a frame carries
         self._step = 0
         self.last_marks: list[tuple[int, int]] = []
+        self._evaluated = EvaluatedChunks()  # what each session's cache holds, as evaluated
 
     @property
     def n_ctx(self) -> int:
@@ -119,12 +163,58 @@ class RingExecutor:
 
     def forward(self, token_ids: Any, session: str = "default") -> np.ndarray:
         """One chunk (at most ``max_tokens``) after the session's cached positions, k times
-        around the ring; logits of its last token."""
+        around the ring; logits of its last token. A node lost on the way is planned out and
+        the session's cache rebuilt on the new ring (a pause); RingError when no ring is
+        left."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if not 0 < ids.size <= self.max_tokens:
             raise ValueError(f"a ring step takes 1 to {self.max_tokens} tokens, not {ids.size}")
+        logits = self._recovering(session, lambda: self._forward_once(ids, session))
+        self._evaluated.add(session, ids)
+        return logits
+
+    def _recovering(self, session: str, action: Callable[[], _T]) -> _T:
+        """``action`` on the ring; after a failure, on a new ring without the failed node
+        that first evaluates the session's cache again. RingError when no ring is left."""
+        failures: list[RingError] = []
+        for _ in range(MAX_RECOVERIES + 1):
+            try:
+                if failures:
+                    self._plan_without_failed(failures[-1])
+                    self._replay(session)
+                self._evaluated.follow(self.link.slot().epoch)
+                return action()
+            except RingError as exc:
+                failures.append(exc)
+        first, last = failures[0], failures[-1]
+        if str(last) == str(first):
+            raise first
+        raise RingError(f"{first}; the ring could not go on without it: {last}")
+
+    def _plan_without_failed(self, failure: RingError) -> None:
+        """A new ring without the node that failed (RingError if none can be planned)."""
+        _LOG.warning("%s: planning the ring again to go on with the answer", failure)
+        self.link.mark_broken()
+        t0 = time.perf_counter()
+        self.link.ensure()
+        _LOG.info("new ring in %.2f s; evaluating the session's positions again",
+                  time.perf_counter() - t0)
+
+    def _replay(self, session: str) -> None:
+        """Evaluate the session's cached chunks again on a new ring, in the same chunks."""
+        chunks = self._evaluated.chunks(session)  # kept until all ran: a replay may fail too
+        t0 = time.perf_counter()
+        for chunk in chunks:
+            self._forward_once(chunk, session)
+        self._evaluated.follow(self.link.slot().epoch)  # a new ring: no other cache survived
+        for chunk in chunks:
+            self._evaluated.add(session, chunk)
+        _LOG.info("evaluated %d position(s) again in %.2f s",
+                  sum(c.size for c in chunks), time.perf_counter() - t0)
+
+    def _forward_once(self, ids: np.ndarray, session: str) -> np.ndarray:
         broken = self.link.broken()
-        if broken:  # mid-request: fail now; the next request's n_cached plans a new ring
+        if broken:
             self.link.mark_broken()
             raise RingError(broken)
         slot = self.link.slot()
@@ -175,11 +265,19 @@ class RingExecutor:
         except RingError as exc:
             _LOG.warning("%s", exc)
             return 0  # the next forward reports the broken ring to the request
-        return int(self.link.slot().windows[0].n_cached(session))
+        slot = self.link.slot()
+        self._evaluated.follow(slot.epoch)
+        return int(slot.windows[0].n_cached(session))
 
     def _cache(self, op: CacheOp, session: str, n: int = 0) -> None:
-        apply_cache_op(self.link.slot().windows, op, session, n)
-        self.link.cache_op(op, session, n)
+        """The operation on every node; if one fails, on a new ring that first holds the
+        session's cache as it was."""
+        def run() -> None:
+            apply_cache_op(self.link.slot().windows, op, session, n)
+            self.link.cache_op(op, session, n)
+
+        self._recovering(session, run)
+        self._evaluated.apply(op, session, n)
 
     def truncate(self, session: str, n: int) -> None:
         self._cache(CacheOp.TRUNCATE, session, n)

@@ -202,8 +202,9 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _node_failed(exc: ClusterError) -> RequestError:
-    return RequestError(f"{exc}; the head plans the ring again without it: retry the request",
-                        status=503, type="server_error", code="node_failed")
+    return RequestError(f"{exc}; no ring could go on without it: retry the request once the "
+                        "node is back (the head takes it in again)", status=503,
+                        type="server_error", code="node_failed")
 
 
 def _error_response(exc: RequestError) -> web.Response:
