@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .engine.model import DEFAULT_BATCH
 from .errors import ContextOverflowError, SessionBusyError
 from .text.chat_template import ChatTemplate, load_chat_template
 from .text.constraint import JsonConstraint
@@ -30,10 +29,6 @@ from .text.sampler import Sampler, SamplingParams
 from .text.stops import StopStrings
 from .text.tokenizer import Tokenizer
 from .text.tool_calls import MARKER_TOKENS, TextDelta, ToolCall, ToolCallParser
-
-#: Prompt tokens evaluated per step: a cancelled request stops within one chunk, and a ring
-#: frame carries one chunk.
-PREFILL_CHUNK = DEFAULT_BATCH
 
 __all__ = [
     "Executor",
@@ -49,7 +44,9 @@ __all__ = [
 class Executor(Protocol):
     """What the loop needs from whatever runs the transformer (one process or a ring).
 
-    ``forward`` evaluates one chunk (at most ``PREFILL_CHUNK`` tokens) after the session's
+    ``forward`` evaluates one chunk (at most ``prefill_chunk`` tokens: a cancelled request
+    stops within one, so it is the executor's trade of responsiveness against its own
+    batching, e.g. a ring's pipeline of micro-batches) after the session's
     cached positions; ``clear`` forgets a session's positions, ``truncate`` keeps its first n,
     ``drop`` releases its memory: the same names at every level down to the ring's nodes.
     """
@@ -60,6 +57,8 @@ class Executor(Protocol):
     def n_vocab(self) -> int: ...
     @property
     def path(self) -> Path: ...
+    @property
+    def prefill_chunk(self) -> int: ...
     def forward(self, token_ids: Any, session: str = "default") -> np.ndarray: ...
     def n_cached(self, session: str = "default") -> int: ...
     def truncate(self, session: str, n: int) -> None: ...
@@ -319,12 +318,13 @@ class Generator:
         t_first = decode_s = 0.0
         steps = prefilled = 0
         logits = None
-        for a in range(cached, len(prompt), PREFILL_CHUNK):
+        chunk = self.executor.prefill_chunk
+        for a in range(cached, len(prompt), chunk):
             if cancelled():
                 reason = "cancelled"
                 break
-            logits = self._forward(prompt[a:a + PREFILL_CHUNK], session, history)
-            prefilled += len(prompt[a:a + PREFILL_CHUNK])
+            logits = self._forward(prompt[a:a + chunk], session, history)
+            prefilled += len(prompt[a:a + chunk])
         t_prefill = time.perf_counter() - t_start
         if reason == "cancelled":
             logits = None  # a prompt cut short chooses no token

@@ -65,6 +65,17 @@ def test_non_finite_states_and_impossible_headers_are_refused() -> None:
     struct.pack_into("<H", data, 16, 5)  # round 5 of 2
     with pytest.raises(FrameError, match="impossible header"):
         decode(bytes(data), 16)
+    data = bytearray(encode(g))
+    data[7] = 0x80  # a flag this version does not know
+    with pytest.raises(FrameError, match="unknown flags"):
+        decode(bytes(data), 16)
+
+
+def test_a_micro_batch_says_whether_more_of_its_round_follow() -> None:
+    f = _frame()
+    assert not decode(encode(f), 16).more
+    f.more = True
+    assert decode(encode(f), 16).more
 
 
 def test_the_largest_frame_a_model_sends_fits_the_socket_limit_and_a_bigger_one_does_not(

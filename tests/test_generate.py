@@ -252,10 +252,8 @@ def test_a_generation_cancelled_during_its_prefill_samples_nothing(
         gen: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Logits of a prompt cut short must not choose a token (it could even end a JSON answer
     or match a stop string and turn the cancellation into a normal finish)."""
-    from prima_node import generate as generate_module
-
     chunk = 32
-    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(gen.executor, "prefill_chunk", chunk)
     ids = gen.text_prompt("The garden and the kitchen " * 10)
     assert len(ids) > 2 * chunk
     polls = 0

@@ -212,3 +212,18 @@ def test_the_nodes_handling_of_a_hop_is_priced_on_every_hop() -> None:
     assert len(unpriced.ring) > 1 and len(priced.ring) < len(unpriced.ring)
     with pytest.raises(PlanError, match="negative"):
         plan(devices, model, Options(n_ctx=512, hop_overhead_s=-1e-3), links)
+
+
+def test_equal_devices_share_the_layers_evenly_for_the_pipelined_prefill() -> None:
+    """Every split of a model that fits costs a decode step the same on equal devices; the
+    prompt's micro-batches go at the pace of the busiest one, so the plan is the even split."""
+    model = _model(16)
+    size = model.mean_layer_bytes * 16
+    same = {"Q4_K": 20 * GB, "Q6_K": 16 * GB, "F32": 10 * GB}
+    devices = [Device(f"d{i}", mem_available=2 * size, disk_bytes_per_s=1 * GB,
+                      cpu_flops=same) for i in range(3)]
+    links = {(a.name, b.name): Link(0.0005, 1e9) for a in devices for b in devices
+             if a is not b}
+    p = plan(devices, model, Options(n_ctx=512, k=1, use_all=True), links)
+    windows = sorted(d.window for d in p.devices)
+    assert windows == [5, 5, 6], windows

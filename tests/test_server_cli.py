@@ -32,8 +32,8 @@ def test_help_explains_every_option() -> None:
     for option in ("--model", "--host", "--port", "--api-key", "--api-key-file", "--ctx",
                    "--threads", "--queue-limit", "--cache-slots", "--state-dir", "--log-level",
                    "--cluster-secret", "--cluster-secret-file", "--head", "--peer", "--rounds",
-                   "--all-nodes", "--link-dtype", "--prefetch", "--no-discovery", "--tls-cert",
-                   "--tls-key", "--tls-ca", "--advertise"):
+                   "--all-nodes", "--link-dtype", "--prefill-pipeline", "--prefetch",
+                   "--no-discovery", "--tls-cert", "--tls-key", "--tls-ca", "--advertise"):
         assert option in out
 
 

@@ -21,6 +21,9 @@ DTYPES: dict[int, np.dtype] = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 DTYPE_CODES = {"f32": 0, "f16": 1}
 MAX_SESSION = 128
 MAX_MARKS = 1024
+#: flags: more micro-batches of this frame's round follow in the same forward pass (a node
+#: keeps the round's window until the last one, rather than release and read it again)
+FLAG_MORE = 1
 # magic, version, kind, dtype, flags, plan epoch, step, round, n_rounds, pos0, n_tokens, n_embd,
 # session length, marks
 _HEADER = struct.Struct("<4sBBBBIIHHIIIHH")
@@ -40,6 +43,7 @@ class Frame:
     pos0: int  # positions pos0 .. pos0 + n_tokens - 1
     hidden: np.ndarray  # (n_tokens, n_embd) float32 after decoding
     marks: list[tuple[int, int]] = field(default_factory=list)  # (node index, compute µs)
+    more: bool = False  # FLAG_MORE: another micro-batch of this round follows
 
     @property
     def n_tokens(self) -> int:
@@ -63,7 +67,8 @@ def encode(frame: Frame, dtype: str = "f32") -> bytes:
         raise ValueError(f"session names are at most {MAX_SESSION} bytes")
     if len(frame.marks) > MAX_MARKS:
         raise ValueError("too many timing marks")
-    head = _HEADER.pack(MAGIC, VERSION, KIND_ACTIVATIONS, code, 0, frame.epoch, frame.step,
+    head = _HEADER.pack(MAGIC, VERSION, KIND_ACTIVATIONS, code,
+                        FLAG_MORE if frame.more else 0, frame.epoch, frame.step,
                         frame.round, frame.n_rounds, frame.pos0, h.shape[0], h.shape[1], len(name),
                         len(frame.marks))
     marks = struct.pack(f"<{2 * len(frame.marks)}I", *(v for m in frame.marks for v in m))
@@ -74,7 +79,7 @@ def decode(data: bytes, n_embd: int) -> Frame:
     """The frame in ``data``, checked against the model's width; FrameError if malformed."""
     if len(data) < _HEADER.size:
         raise FrameError(f"a frame of {len(data)} bytes is shorter than the header")
-    (magic, version, kind, code, _flags, epoch, step, rnd, n_rounds, pos0, n_tokens, width,
+    (magic, version, kind, code, flags, epoch, step, rnd, n_rounds, pos0, n_tokens, width,
      n_name, n_marks) = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise FrameError(f"not an activation frame (magic {magic!r})")
@@ -86,6 +91,8 @@ def decode(data: bytes, n_embd: int) -> Frame:
     dtype = DTYPES.get(code)
     if dtype is None:
         raise FrameError(f"unknown dtype code {code}")
+    if flags & ~FLAG_MORE:
+        raise FrameError(f"unknown flags {flags:#x}")
     if width != n_embd:
         raise FrameError(f"hidden states {width} wide, the model's are {n_embd}")
     if n_tokens < 1 or n_rounds < 1 or rnd >= n_rounds:
@@ -108,4 +115,5 @@ def decode(data: bytes, n_embd: int) -> Frame:
     if not np.isfinite(hidden).all():
         raise FrameError("the hidden states hold NaN or infinity")
     return Frame(session, epoch, step, rnd, n_rounds, pos0, hidden,
-                 [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)])
+                 [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)],
+                 bool(flags & FLAG_MORE))

@@ -173,7 +173,7 @@ class HeadRingLink:
         a, pager = self.node.assignment, self.node.pager
         if a is None:
             raise RingError("the cluster has no plan yet")
-        return RingSlot(a.epoch, a.windows, self.node.out_ws is None,
+        return RingSlot(a.epoch, a.windows, self.node.out_ws is None, len(self.head.ring),
                         pager.before_use if pager is not None else _nothing,
                         pager.after_use if pager is not None else _nothing)
 

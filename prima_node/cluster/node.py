@@ -62,6 +62,7 @@ class NodeConfig:
     profile_cache: Path | None = None
     link_dtype: str = "f32"
     prefetch: bool = True  # release/prefetch windows when they do not all fit in memory
+    pipeline: bool = True  # head: prompts cross the ring as pipelined micro-batches
     tls_client: ssl.SSLContext | None = None  # set: the cluster runs on TLS (wss://)
 
     @property

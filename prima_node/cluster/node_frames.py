@@ -81,7 +81,7 @@ async def _consume(node: ClusterNode, pending: asyncio.Queue[Frame | None]) -> N
                 raise ConnectionError("the ring link to the next node is down")
             await node.out_ws.send_bytes(encode(out, node.config.link_dtype))
             node.last_out = (frame.epoch, frame.step, frame.round)
-            if node.pager is not None:
+            if node.pager is not None and not frame.more:  # the round's last micro-batch
                 node.pager.after_use(frame.round)
         except Exception as exc:
             _LOG.warning("frame of step %d round %d failed: %s", frame.step, frame.round, exc)

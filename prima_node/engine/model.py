@@ -66,6 +66,10 @@ def should_repack(mf: ModelFile, available: int) -> bool:
 class Model:
     """A GGUF model (llama, qwen2, qwen3) ready to run from its memory map with ggml."""
 
+    #: prompt tokens the generation loop hands ``forward`` at once: a cancelled request stops
+    #: within one such chunk
+    prefill_chunk: int = DEFAULT_BATCH
+
     def __init__(self, mf: ModelFile, cfg: ModelConfig, n_ctx: int, threads: int,
                  repack: bool | None = None) -> None:
         self.file = mf

@@ -50,6 +50,9 @@ MIN_DISK_BYTES_PER_S = 0.1e9  # below this, overflowing to disk is not an option
 # tolerance is about 100 bytes there); the program itself only allows half of it, so whatever it
 # finds passes the exact check.
 TOL_BYTES = 2.0**14
+#: Plans whose decode latency is within this share of the best count as equally fast; of
+#: those, the most even ring is chosen (its pipelined prefill is up to n times faster)
+TIE_REL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -256,16 +259,23 @@ def _device_cost(c: _Coef, k: int, w: int, n: int) -> tuple[float, float, float]
 
 def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
              ) -> tuple[float, list[int], list[int]] | None:
-    """Exact min of T = max(compute + base, each device's streaming time) for fixed k.
+    """Exact min of T = max(compute + base, each device's streaming time) for fixed k, and
+    among the plans that reach it, the most even pipeline.
 
-    Variables: w_m, n_m (integer), s_m >= 0 (streaming seconds), T. The streaming time is
-    max(0, a linear function of w, n), convex, so it needs no regime binaries: every device's
-    memory regime (fits or streams) falls out of the one program. Memory rows are in GB to keep
-    the program well scaled.
+    Variables: w_m, n_m (integer), s_m >= 0 (streaming seconds), T, and P >= every device's
+    compute per token. The streaming time is max(0, a linear function of w, n), convex, so it
+    needs no regime binaries: every device's memory regime (fits or streams) falls out of the
+    one program. Memory rows are in GB to keep the program well scaled.
+
+    P is the pipelined prefill's pace: a prompt's micro-batches follow each other around the
+    ring, so its time is set by the busiest device, while a decode step visits every device
+    in turn and costs the sum. Equal devices give every split the same T, and the solver
+    would return any of them (14 + 1 + 1 layers as well as 6 + 5 + 5): a second program
+    minimises P with T held at its optimum, so the even one is chosen at no cost to decoding.
     """
     M = len(coefs)
-    iw, i_n, i_s, iT = 0, M, 2 * M, 3 * M
-    nvar = 3 * M + 1
+    iw, i_n, i_s, iT, iP = 0, M, 2 * M, 3 * M, 3 * M + 1
+    nvar = 3 * M + 2
     c = np.zeros(nvar)
     c[iT] = 1.0
     lo = np.zeros(nvar)
@@ -290,6 +300,7 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
             if cf.gpu_cap_bytes else 0
         compute[iw + m] = -k * cf.alpha
         compute[i_n + m] = -k * cf.beta
+        row({iP: 1.0, iw + m: -k * cf.alpha, i_n + m: -k * cf.beta}, 0.0, np.inf)
         row({i_n + m: 1.0, iw + m: -1.0}, -np.inf, 0.0)  # n <= w
         row({iT: 1.0, i_s + m: -1.0}, 0.0, np.inf)  # T >= streaming time
         ram = {iw + m: 1.0} if cf.metal else {iw + m: 1.0, i_n + m: -1.0}
@@ -309,12 +320,20 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
         row({**{i: v * f for i, v in scaled(k * cf.layer_mem).items()}, i_s + m: -1.0},
             -np.inf, room * f)
     row(compute, base, np.inf)  # T >= compute + hops + output
-    integrality = np.concatenate([np.ones(2 * M), np.zeros(M + 1)])
+    integrality = np.concatenate([np.ones(2 * M), np.zeros(M + 2)])
     res = milp(c, integrality=integrality, bounds=Bounds(lo, hi),
                constraints=LinearConstraint(np.array(rows), rlo, rhi),
                options={"mip_rel_gap": 0.0})
     if res.status != 0 or res.x is None:
         return None
+    if M > 1:  # the most even of the fastest: T held at its optimum, P minimised
+        lo_t, hi_t = lo.copy(), hi.copy()
+        hi_t[iT] = res.x[iT] * (1 + TIE_REL) + 1e-12
+        even = milp(np.eye(nvar)[iP], integrality=integrality, bounds=Bounds(lo_t, hi_t),
+                    constraints=LinearConstraint(np.array(rows), rlo, rhi),
+                    options={"mip_rel_gap": 0.0})
+        if even.status == 0 and even.x is not None:
+            res = even
     w = [round(v) for v in res.x[iw:iw + M]]
     n = [round(v) for v in res.x[i_n:i_n + M]]
     total = _latency(coefs, k, w, n, base)  # re-evaluated on the integers

@@ -57,7 +57,7 @@ def open_ring(head: ClusterHead, link: HeadRingLink) -> Generator:
     assert model is not None  # the node opened it when it started
     _LOG.info("forming the ring with %d other node(s)", len(head.membership.peers))
     asyncio.run_coroutine_threadsafe(head.setup(), link.loop).result()
-    ring = RingExecutor(model, link, DEFAULT_BATCH)
+    ring = RingExecutor(model, link, DEFAULT_BATCH, pipeline=head.node.config.pipeline)
     ring.warm_up()
     return Generator(ring, Tokenizer.from_model_file(model.file),
                      load_chat_template(model.file))

@@ -66,6 +66,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="every node takes part, even where Halda would leave it out")
     c.add_argument("--link-dtype", choices=["f32", "f16"], default="f32",
                    help="hidden states on the wire: f32 (exact) or f16 (half the bytes)")
+    c.add_argument("--prefill-pipeline", choices=["on", "off"], default="on",
+                   help="on (head): a long prompt crosses the ring as micro-batches that follow "
+                   "each other, so every node works at once; off: each chunk goes around "
+                   "whole, one node at a time (to compare)")
     c.add_argument("--prefetch", choices=["on", "off"], default="on",
                    help="on: a node whose windows do not all fit in memory releases each after "
                    "use and reads the next ahead while the ring works elsewhere; off: leave "
@@ -213,4 +217,5 @@ def _node_config(args: argparse.Namespace, model_path: Path, config: ServerConfi
                       profile_cache=Path(os.environ.get("PRIMA_PROFILE_CACHE")
                                          or Path.home() / ".cache" / "prima" / "profiles"),
                       link_dtype=args.link_dtype, prefetch=args.prefetch == "on",
+                      pipeline=args.prefill_pipeline == "on",
                       tls_client=tls)
