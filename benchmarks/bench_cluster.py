@@ -1,6 +1,6 @@
 """Cluster benchmarks: what the piped ring costs and what it buys, in one table.
 
-Three scenarios, each with real ``prima-node serve`` processes and the official ``openai``
+Five scenarios, each with real ``prima-node serve`` processes and the official ``openai``
 client (streaming, greedy, end-of-generation tokens banned with ``logit_bias`` so every answer
 has exactly N tokens):
 
@@ -10,22 +10,34 @@ has exactly N tokens):
    (``--ring-k`` adds forced k on the same ring, to price the extra hops).
 2. ``memory``: the paper's memory-limited home cluster. Every node is a process in its own
    cgroup-v1 memory group (page cache counts against the limit) with its own copy of the model
-   file, so each is charged for its own pages as separate devices would be. The limit is the
-   node's own anonymous memory (measured in a calibration run without limits) plus a fraction
-   (``--mem-frac``) of its equal share of the weights. Rows:
+   file, so each is charged for its own pages as separate devices would be, and in its own
+   blkio group with a read-bandwidth limit on the disk that holds its copy (``--disk``: a
+   home's NVMe 2 GB/s, SATA SSD 500 MB/s, USB or SD-card Pi 100 MB/s; the machine's own disk
+   is the ceiling). Every node profiles its own disk under its limit (a fresh profile cache
+   per run), so Halda plans with the home's disks. The memory limit is the node's own
+   anonymous memory (measured in a calibration run without memory limits) plus a fraction
+   (``--mem-frac``) of its equal share of the weights. Rows, each with Halda's prediction:
    - ``halda, prefetch`` and ``halda, no prefetch``: limits in place from the start, as the
      product runs (Halda plans with them; ``serve --prefetch on|off``);
    - ``k=1, even split``: planned with room for 1.1 shares per node, then the real limits
      (one window per node: nothing can be prefetched without evicting what is used next, so
      the page cache re-reads what does not fit);
-   - one node alone, and llama.cpp (llama-cpp-python, mmap) alone, under the head's limit.
+   - one node alone, and llama.cpp (llama-cpp-python, mmap) alone, under the head's memory
+     and disk limits.
 3. ``wifi``: nodes in network namespaces joined by a user-space switch with a one-way delay
    and a per-sender rate (this kernel has neither sch_netem nor sch_fq: see ``_hub_main``);
    Halda's k, k = 1 and a forced larger k, with Halda's predicted and the head's measured
    ms/token from ``/api/status``. The client runs inside the head's namespace.
 
-    scripts/bench-cluster [--quick] [--scenario ring,memory,wifi] [--model M.gguf]
-        [--tokens 32] [--threads 1,2] [--json out.json]
+4. ``prefill``: a long prompt's time to first token (``--prefill-tokens``, 1,500 by default:
+   Home Assistant's system prompt) on one node (one thread, every core) and on a ring with the
+   prompt pipelined in micro-batches and sent whole, one node at a time (as before).
+5. ``kills``: a worker killed in the middle of each of ``--kills`` streamed answers and
+   started again: every answer must be the undisturbed one (greedy), each pause at most 5 s
+   beyond the time the head spent evaluating the conversation again on the new ring.
+
+    scripts/bench-cluster [--quick] [--scenario ring,memory,wifi,prefill,kills]
+        [--model M.gguf] [--tokens 32] [--threads 1,2] [--disk nvme,sata,sd] [--json out.json]
 
 ms/token is measured by the client from token arrival times: (last token - first token) /
 (tokens - 1), i.e. decode steps only, prefill excluded; the server's own ``timings`` figure is
@@ -60,7 +72,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +303,8 @@ class NodeSpec:
     extra: list[str] = field(default_factory=list)
     netns: str | None = None
     cgroup: Path | None = None
+    io_group: Path | None = None  # a blkio group: the node's own disk speed
+    ctx: int = CTX
     all_nodes: bool = True  # head: every node takes part (else Halda chooses which)
 
 
@@ -303,7 +317,7 @@ class Node:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         state = scratch / "state" / spec.name
         argv = [sys.executable, "-m", "prima_node.cli", "serve", "--model", str(spec.model),
-                "--host", spec.host, "--port", "0", "--ctx", str(CTX),
+                "--host", spec.host, "--port", "0", "--ctx", str(spec.ctx),
                 "--threads", str(spec.threads), "--state-dir", str(state)]
         if spec.role != "single":
             argv += ["--cluster-secret", SECRET]
@@ -318,9 +332,8 @@ class Node:
         argv += spec.extra
         if spec.netns is not None:
             argv = ["ip", "netns", "exec", spec.netns, *argv]
-        if spec.cgroup is not None:  # join the memory group before exec: no page charged elsewhere
-            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(spec.cgroup / "cgroup.procs"),
-                    *argv]
+        # join the groups before exec: no page charged elsewhere, no read unthrottled
+        argv = in_groups([g for g in (spec.cgroup, spec.io_group) if g is not None], argv)
         self.argv = argv
         self.lines: list[str] = []
         self.address: str | None = None
@@ -412,16 +425,20 @@ class Cluster:
     def __init__(self, name: str, scratch: Path, models: Sequence[Path], threads: int, *,
                  rounds: int | None = None, extra: Sequence[str] = (),
                  hosts: Sequence[str] | None = None, netns: Sequence[str] | None = None,
-                 cgroups: Sequence[Path | None] | None = None, timeout: float = 600.0,
-                 all_nodes: bool = True) -> None:
+                 cgroups: Sequence[Path | None] | None = None,
+                 io_groups: Sequence[Path | None] | None = None, timeout: float = 600.0,
+                 all_nodes: bool = True, ctx: int = CTX) -> None:
         self.name, self.scratch, self.models = name, scratch, list(models)
         self.threads, self.rounds, self.extra = threads, rounds, list(extra)
         n = len(self.models)
         self.hosts = list(hosts) if hosts is not None else ["127.0.0.1"] * n
         self.netns: list[str | None] = list(netns) if netns is not None else [None] * n
         self.cgroups: list[Path | None] = list(cgroups) if cgroups is not None else [None] * n
+        self.io_groups: list[Path | None] = (list(io_groups) if io_groups is not None
+                                             else [None] * n)
         self.timeout = timeout
         self.all_nodes = all_nodes
+        self.ctx = ctx
         self.nodes: list[Node] = []  # head (or the single node) first
 
     def __enter__(self) -> Cluster:
@@ -440,7 +457,8 @@ class Cluster:
         if n == 1:
             node = Node(NodeSpec(f"{self.name}-single", self.models[0], self.threads,
                                  host=self.hosts[0], extra=self.extra, netns=self.netns[0],
-                                 cgroup=self.cgroups[0]), self.scratch)
+                                 cgroup=self.cgroups[0], io_group=self.io_groups[0],
+                                 ctx=self.ctx), self.scratch)
             self.nodes.append(node)
             node.wait_ready(self.timeout)
             return
@@ -448,7 +466,8 @@ class Cluster:
         for i in range(1, n):
             w = Node(NodeSpec(f"{self.name}-worker{i}", self.models[i], self.threads, "worker",
                               host=self.hosts[i], extra=self.extra, netns=self.netns[i],
-                              cgroup=self.cgroups[i]), self.scratch)
+                              cgroup=self.cgroups[i], io_group=self.io_groups[i],
+                              ctx=self.ctx), self.scratch)
             workers.append(w)
             self.nodes.append(w)
         for w in workers:
@@ -457,6 +476,7 @@ class Cluster:
         head = Node(NodeSpec(f"{self.name}-head", self.models[0], self.threads, "head",
                              host=self.hosts[0], peers=peers, rounds=self.rounds,
                              extra=self.extra, netns=self.netns[0], cgroup=self.cgroups[0],
+                             io_group=self.io_groups[0], ctx=self.ctx,
                              all_nodes=self.all_nodes),
                     self.scratch)
         self.nodes.insert(0, head)
@@ -488,6 +508,15 @@ class Cluster:
 
 
 # -- memory cgroups (v1) ------------------------------------------------------------------------
+
+
+def in_groups(groups: Sequence[Path], argv: list[str]) -> list[str]:
+    """``argv`` run from its first instruction inside these cgroups (v1 folders)."""
+    if not groups:
+        return argv
+    script = ('n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1/cgroup.procs" || exit 97; '
+              'shift; n=$((n - 1)); done; exec "$@"')
+    return ["sh", "-c", script, "sh", str(len(groups)), *map(str, groups), *argv]
 
 
 def own_memory_cgroup() -> Path | None:
@@ -533,7 +562,12 @@ class MemoryGroups:
         self.remove_all()
 
     def remove_all(self) -> None:
-        for d in reversed(self.made):
+        self.remove(self.made)
+        self.made.clear()
+
+    @staticmethod
+    def remove(made: Sequence[Path]) -> None:
+        for d in reversed(made):
             for _ in range(50):  # a process just killed may take a moment to leave
                 try:
                     d.rmdir()
@@ -544,6 +578,62 @@ class MemoryGroups:
                     time.sleep(0.1)
             else:
                 print(f"[bench] warning: could not remove cgroup {d}", file=sys.stderr)
+
+
+CGROUP_BLKIO = Path("/sys/fs/cgroup/blkio")
+#: a home's disks, read MB/s (cgroup v1 blkio throttle: the device's own speed is the ceiling)
+DISK_PRESETS = {"nvme": 2000, "sata": 500, "sd": 100}
+
+
+def whole_disk(path: Path) -> str:
+    """"MAJ:MIN" of the disk holding ``path`` (its parent disk when it is on a partition:
+    the throttle applies to whole disks)."""
+    dev = os.stat(path).st_dev
+    node = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not node.exists():
+        raise BenchError(f"{path} is not on a block device ({os.major(dev)}:{os.minor(dev)}): "
+                         "no disk to throttle")
+    if (node / "partition").exists():
+        return (node.resolve().parent / "dev").read_text().strip()
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+class DiskGroups:
+    """blkio cgroups (v1) with a read-bandwidth limit each: a node's own disk speed. Removed
+    on exit."""
+
+    def __init__(self, tag: str) -> None:
+        if not (CGROUP_BLKIO / "blkio.throttle.read_bps_device").exists():
+            raise BenchError(f"no cgroup-v1 blkio controller with throttling at {CGROUP_BLKIO}")
+        self.tag = tag
+        self.made: list[Path] = []
+
+    def make(self, name: str, path: Path, mb_per_s: float) -> Path:
+        d = CGROUP_BLKIO / f"{self.tag}-{name}"
+        try:
+            d.mkdir()
+            self.made.append(d)
+            (d / "blkio.throttle.read_bps_device").write_text(
+                f"{whole_disk(path)} {int(mb_per_s * 1e6)}")
+        except OSError as exc:
+            raise BenchError(f"cannot limit reads in {d}: {exc}") from None
+        return d
+
+    @staticmethod
+    def read_bytes(d: Path) -> int:
+        total = 0
+        with contextlib.suppress(OSError):
+            for line in (d / "blkio.throttle.io_service_bytes").read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[1] == "Read":
+                    total += int(parts[2])
+        return total
+
+    def __enter__(self) -> DiskGroups:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        MemoryGroups.remove(self.made)
         self.made.clear()
 
 
@@ -794,6 +884,7 @@ class Row:
     psi_full_pct: float | None = None
     predicted_ms: float | None = None
     status_ms: float | None = None
+    ttft_s: float | None = None  # prefill: time to the first token of a long prompt
     note: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -839,7 +930,8 @@ def _f(v: float | None, fmt: str) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     head = ["scenario", "variant", "nodes", "k", "thr", "ms/tok", "server", "÷1node",
-            "÷llama", "disk MB/tok", "majflt/tok", "PSI some/full %", "pred ms", "status ms"]
+            "÷llama", "disk MB/tok", "majflt/tok", "PSI some/full %", "pred ms", "status ms",
+            "TTFT s"]
     body = []
     for r in rows:
         psi = ("-" if r.psi_some_pct is None
@@ -848,10 +940,10 @@ def format_table(rows: Sequence[Row]) -> str:
                      _f(r.ms_per_token, ".1f"), _f(r.server_ms_per_token, ".1f"),
                      _f(r.vs_one_node, ".2f"), _f(r.vs_llama, ".2f"),
                      _f(r.disk_mb_per_token, ".1f"), _f(r.majflt_per_token, ".0f"), psi,
-                     _f(r.predicted_ms, ".1f"), _f(r.status_ms, ".1f")])
+                     _f(r.predicted_ms, ".1f"), _f(r.status_ms, ".1f"), _f(r.ttft_s, ".2f")])
     widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
               for i in range(len(head))]
-    right = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}
+    right = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -953,6 +1045,155 @@ def scenario_wifi(ctx: Ctx) -> None:
                         f"{_f(row.predicted_ms, '.1f')}")
 
 
+def stream_answer(base_url: str, prompt: str, tokens: int,
+                  on_piece: Callable[[int], None] | None = None) -> tuple[str, list[float]]:
+    """A greedy streamed chat answer of at most ``tokens`` tokens: its text and the seconds
+    between its pieces after the first (the pauses)."""
+    import openai
+
+    with openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0,
+                       timeout=600) as client:
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
+            temperature=0, stream=True)
+        text: list[str] = []
+        gaps: list[float] = []
+        last: float | None = None
+        for chunk in stream:
+            if not chunk.choices or not chunk.choices[0].delta.content:
+                continue
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            text.append(chunk.choices[0].delta.content)
+            if on_piece is not None:
+                on_piece(len(text))
+    return "".join(text), gaps
+
+
+def time_to_first_token(base_url: str, prompt: list[int]) -> float:
+    """Seconds from sending a prompt (token ids) to its one-token answer."""
+    t0 = time.perf_counter()
+    post_json(base_url + "/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 1,
+                                             "temperature": 0}, timeout=3600)
+    return time.perf_counter() - t0
+
+
+def scenario_prefill(ctx: Ctx) -> None:
+    """A long prompt's time to first token: one node (one thread, then every core), and a
+    ring with its prompt pipelined in micro-batches and sent whole one node at a time (as
+    before). Every prompt starts with another token, so no cache serves any of it."""
+    a = ctx.args
+    n_tok, nodes = a.prefill_tokens, a.prefill_nodes
+    cores = os.cpu_count() or 1
+    base = [1000 + (i * 7919) % 20000 for i in range(n_tok)]
+    counter = itertools.count(1)
+    setups = [("one node", 1, 1, []), (f"one node, {cores} threads", 1, cores, []),
+              ("ring, whole chunks (before)", nodes, 1, ["--prefill-pipeline", "off"]),
+              ("ring, pipelined", nodes, 1, ["--prefill-pipeline", "on"])]
+    results: dict[str, float] = {}
+    for variant, count, threads, extra in setups:
+        if extra and not serve_has("--prefill-pipeline"):
+            continue
+        ctx.log(f"prefill: {variant}")
+        try:
+            with Cluster(f"prefill-{len(ctx.rows)}", ctx.scratch, [ctx.model] * count,
+                         threads, extra=extra if count > 1 else [], ctx=n_tok + 64) as cl:
+                time_to_first_token(cl.head.url, [next(counter) + 50, *base[:64]])  # warm-up
+                times = [time_to_first_token(cl.head.url, [next(counter) + 50, *base])
+                         for _ in range(a.repeats)]
+                status = get_json(cl.head.url + "/api/status")
+        except BenchError as exc:
+            ctx.rows.append(Row("prefill", variant, count, None, threads,
+                                note=f"failed: {_first_line(exc)}"))
+            continue
+        ttft = statistics.median(times)
+        results[variant] = ttft
+        plan = ((status.get("cluster") or {}).get("plan") or {})
+        held = [nd.get("layer_count") for nd in (status.get("cluster") or {}).get("nodes", [])]
+        row = Row("prefill", variant, count, plan.get("k", 1 if count == 1 else None), threads,
+                  ttft_s=ttft, note=f"{n_tok}-token prompt, runs "
+                  + ", ".join(f"{t:.2f}" for t in times) + " s"
+                  + (f"; layers {'+'.join(map(str, held))}" if count > 1 else ""))
+        ctx.rows.append(row)
+        ctx.log(f"prefill: {variant}: {ttft:.2f} s")
+    piped = results.get("ring, pipelined")
+    before = results.get("ring, whole chunks (before)")
+    if piped and before:
+        ctx.notes.append(f"prefill: pipelined ring / ring before = {piped / before:.2f} "
+                         "(target <= 0.5)")
+    for variant in ("one node", f"one node, {cores} threads"):
+        if piped and results.get(variant):
+            ctx.notes.append(f"prefill: pipelined ring / {variant} = "
+                             f"{piped / results[variant]:.2f} (target <= 1.3)")
+
+
+def scenario_kills(ctx: Ctx) -> None:
+    """A worker killed (SIGKILL) in the middle of each of ``--kills`` streamed answers and
+    started again before the next: every answer must be the undisturbed one (greedy), and
+    each pause at most 5 s plus the time the head spent evaluating the conversation again."""
+    import random
+
+    a = ctx.args
+    rng = random.Random(2026)
+    prompt = "Tell me a long story about a lighthouse keeper and her cat."
+    with Cluster("kills", ctx.scratch, [ctx.model] * a.kill_nodes, a.threads[0]) as cl:
+        reference, _ = stream_answer(cl.head.url, prompt, a.kill_tokens)
+        if len(reference) < 40:
+            raise BenchError(f"the reference answer is too short to interrupt: {reference!r}")
+        pieces = len(stream_answer(cl.head.url, prompt, a.kill_tokens)[1]) + 1
+        results: list[dict[str, Any]] = []
+        for i in range(a.kills):
+            victim = cl.nodes[1 + i % (len(cl.nodes) - 1)]
+            at = rng.randrange(3, max(4, pieces - 3))
+            port = (victim.address or ":").rsplit(":", 1)[1]
+
+            def kill(n: int, v: Node = victim, at: int = at) -> None:
+                if n == at and v.alive():
+                    v.proc.kill()
+
+            log_before = len(cl.head.lines)
+            text, gaps = stream_answer(cl.head.url, prompt, a.kill_tokens, kill)
+            replayed = [float(m.group(1)) for line in cl.head.lines[log_before:]
+                        if (m := re.search(r"evaluated \d+ position\(s\) again in "
+                                           r"([\d.]+) s", line))]
+            pause = max(gaps) if gaps else 0.0
+            ok = text == reference
+            results.append({"kill": i + 1, "at_piece": at, "same_answer": ok,
+                            "pause_s": round(pause, 3), "replay_s": replayed,
+                            "pause_minus_replay_s": round(pause - sum(replayed), 3)})
+            ctx.log(f"kills: {i + 1}/{a.kills}: {victim.spec.name} killed at piece {at}: "
+                    f"{'same answer' if ok else 'ANSWER DIFFERS'}, pause {pause:.2f} s, "
+                    f"evaluating again {sum(replayed):.2f} s")
+            victim.proc.wait(10)
+            victim.stop()
+            restarted = Node(replace(victim.spec, extra=[*victim.spec.extra, "--port", port]),
+                             ctx.scratch)
+            cl.nodes[cl.nodes.index(victim)] = restarted
+            restarted.wait_ready(120)
+            _wait_online(cl.head.url, len(cl.nodes), 60)
+    same = sum(r["same_answer"] for r in results)
+    worst = max((r["pause_minus_replay_s"] for r in results), default=0.0)
+    ctx.details["kills"] = results
+    ctx.rows.append(Row("kills", f"{a.kills} kills", a.kill_nodes, None, a.threads[0],
+                        note=f"{same}/{a.kills} answers identical to the undisturbed one; "
+                             f"longest pause beyond evaluating again {worst:.2f} s "
+                             f"(target <= 5 s); pauses "
+                             + ", ".join(f"{r['pause_s']:.1f}" for r in results) + " s"))
+
+
+def _wait_online(base_url: str, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            nodes = get_json(base_url + "/api/status")["cluster"]["nodes"]
+            if sum(1 for nd in nodes if nd.get("online")) >= n:
+                return
+        time.sleep(0.2)
+    raise BenchError(f"the head did not see {n} nodes online within {timeout:.0f} s")
+
+
 def _replan_in(netns: str, url: str, k: int | None) -> None:
     """POST /api/plan from inside the head's namespace."""
     body = json.dumps({"k": k} if k is not None else {})
@@ -983,19 +1224,43 @@ def _anon_bytes(cg: Path) -> int:
 
 
 def scenario_memory(ctx: Ctx) -> None:
+    a = ctx.args
+    n = a.mem_nodes
+    MemoryGroups(ctx.tag)  # no memory cgroup to work in: say so before copying gigabytes
+    disks = a.disk * n if len(a.disk) == 1 else a.disk
+    if len(disks) != n:
+        raise BenchError(f"--disk gives {len(a.disk)} speeds for {n} nodes")
+    copies = model_copies(ctx.model, n, ctx.log)
+    # every node measures its own (throttled) disk afresh: no profile from another run
+    old_cache = os.environ.get("PRIMA_PROFILE_CACHE")
+    os.environ["PRIMA_PROFILE_CACHE"] = str(ctx.scratch / "profiles-memory")
+    try:
+        with DiskGroups(f"{ctx.tag}-disk") as dg:
+            io = [dg.make(f"n{i}", c, mb) for i, (c, mb) in enumerate(zip(copies, disks,
+                                                                          strict=True))]
+            ctx.log("memory: node disks " + ", ".join(f"{mb:g} MB/s" for mb in disks))
+            _memory_rows(ctx, copies, io, disks)
+    finally:
+        if old_cache is None:
+            os.environ.pop("PRIMA_PROFILE_CACHE", None)
+        else:
+            os.environ["PRIMA_PROFILE_CACHE"] = old_cache
+
+
+def _memory_rows(ctx: Ctx, copies: list[Path], io: list[Path], disks: list[float]) -> None:
+    """The memory scenario's rows, every node in its blkio group ``io`` (its own disk)."""
     from prima_node.planner.model_profile import ModelProfile
 
     a = ctx.args
     threads = a.threads[0]
     n = a.mem_nodes
-    MemoryGroups(ctx.tag)  # no memory cgroup to work in: say so before copying gigabytes
-    copies = model_copies(ctx.model, n, ctx.log)
     size = ctx.model.stat().st_size
     mp = ModelProfile.load(ctx.model)
     share = size / n
     budget = int(a.mem_frac * share)
     has_prefetch = serve_has("--prefetch")
     info: dict[str, Any] = {"copies": [str(c) for c in copies], "share_bytes": int(share),
+                            "disk_mb_per_s": disks,
                             "page_budget_bytes": budget, "prefetch_flag": has_prefetch,
                             "layer_bytes_mean": mp.mean_layer_bytes,
                             "output_bytes": mp.output_bytes}
@@ -1019,7 +1284,7 @@ def scenario_memory(ctx: Ctx) -> None:
     drop_all()
     with MemoryGroups(f"{ctx.tag}-cal") as groups:
         cgs = [groups.make(f"n{i}", None) for i in range(n)]
-        with Cluster("mem-cal", ctx.scratch, copies, threads, cgroups=cgs) as cl:
+        with Cluster("mem-cal", ctx.scratch, copies, threads, cgroups=cgs, io_groups=io) as cl:
             measure(cl.head.url, 4, 1, ctx.eog, [], [])
             anon = [_anon_bytes(cg) for cg in cgs]
     slack = a.mem_slack_mb << 20
@@ -1056,7 +1321,7 @@ def scenario_memory(ctx: Ctx) -> None:
                 # Halda's rows: Halda also chooses which nodes take part (all three cannot
                 # share 16 layers in equal rounds when a node holds at most one layer a round)
                 with Cluster(f"mem-{len(ctx.rows)}", ctx.scratch, copies, threads,
-                             rounds=rounds, extra=extra, cgroups=cgs,
+                             rounds=rounds, extra=extra, cgroups=cgs, io_groups=io,
                              all_nodes=rounds is not None) as cl:
                     m = measure(cl.head.url, a.mem_tokens, 1, ctx.eog, cl.pids,
                                 [str(c) for c in cgs],
@@ -1072,6 +1337,10 @@ def scenario_memory(ctx: Ctx) -> None:
         row.detail["cgroups"] = m["cgroups"]
         nodes_view = (row.detail.get("cluster") or {}).get("nodes", [])
         regimes = [nd.get("regime") for nd in nodes_view]
+        profiled = [nd.get("disk_read_bytes_per_s") for nd in nodes_view]
+        if profiled and all(isinstance(x, (int, float)) for x in profiled):
+            row.note = (row.note + "; " if row.note else "") + "profiled disks " + "/".join(
+                f"{x / 1e6:.0f}" for x in profiled) + " MB/s"
         if regimes:
             row.note = (row.note + "; " if row.note else "") + "Halda regimes " + ",".join(
                 str(x) for x in regimes)
@@ -1104,7 +1373,8 @@ def scenario_memory(ctx: Ctx) -> None:
     with MemoryGroups(f"{ctx.tag}-alone") as groups:
         cg = groups.make("single", alone_limit)
         try:
-            with Cluster("mem-alone", ctx.scratch, copies[:1], threads, cgroups=[cg]) as cl:
+            with Cluster("mem-alone", ctx.scratch, copies[:1], threads, cgroups=[cg],
+                         io_groups=io[:1]) as cl:
                 m = measure(cl.head.url, a.mem_tokens, 1, ctx.eog, cl.pids, [str(cg)])
                 cl.check_alive()
                 summary = _cg_summary(cg)
@@ -1116,12 +1386,31 @@ def scenario_memory(ctx: Ctx) -> None:
         except BenchError as exc:
             ctx.rows.append(Row("memory", "alone (prima)", 1, 1, threads,
                                 note=f"failed: {_first_line(exc)}"))
-    llama_row = _llama_under_limit(ctx, copies[0], alone_limit, threads)
+    llama_row = _llama_under_limit(ctx, copies[0], alone_limit, threads, io[0])
     if llama_row is not None:
         ctx.rows.append(llama_row)
         for r in ctx.rows:
             if r.scenario == "memory" and r.ms_per_token and llama_row.ms_per_token:
                 r.vs_llama = r.ms_per_token / llama_row.ms_per_token
+    _memory_targets(ctx)
+
+
+def _memory_targets(ctx: Ctx) -> None:
+    """The memory scenario's figures against the issue's targets, one line each."""
+    rows = {r.variant: r for r in ctx.rows if r.scenario == "memory"}
+    on, off = rows.get("halda, prefetch"), rows.get("halda, no prefetch")
+    llama = rows.get("alone (llama.cpp)")
+    if on and llama and on.ms_per_token and llama.ms_per_token:
+        ctx.notes.append(f"memory: llama.cpp alone / Halda with prefetch = "
+                         f"{llama.ms_per_token / on.ms_per_token:.1f}x (target >= 5)")
+    if on and off and on.ms_per_token and off.ms_per_token:
+        ctx.notes.append(f"memory: no prefetch / prefetch = "
+                         f"{off.ms_per_token / on.ms_per_token:.2f}x (target >= 1.5)")
+    for r in rows.values():
+        if r.predicted_ms and r.ms_per_token:
+            ctx.notes.append(f"memory: {r.variant}: Halda predicted {r.predicted_ms:.0f} ms, "
+                             f"measured {r.ms_per_token:.0f} ms "
+                             f"({r.predicted_ms / r.ms_per_token - 1:+.0%}; target within 25 %)")
 
 
 def _cg_summary(cg: Path) -> dict[str, Any]:
@@ -1138,7 +1427,8 @@ def _cg_summary(cg: Path) -> dict[str, Any]:
             "pgmajfault": st.get("pgmajfault")}
 
 
-def _llama_under_limit(ctx: Ctx, model: Path, limit: int, threads: int) -> Row | None:
+def _llama_under_limit(ctx: Ctx, model: Path, limit: int, threads: int, io_group: Path
+                       ) -> Row | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -1148,10 +1438,10 @@ def _llama_under_limit(ctx: Ctx, model: Path, limit: int, threads: int) -> Row |
     drop_pages(model)
     with MemoryGroups(f"{ctx.tag}-llama") as groups:
         cg = groups.make("llama", limit)
-        cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg / "cgroup.procs"),
-               sys.executable, str(Path(__file__).resolve()), "_llama", "--model", str(model),
-               "--threads", str(threads), "--tokens", str(ctx.args.mem_tokens),
-               "--cgroup", str(cg)]
+        cmd = in_groups([cg, io_group], [
+            sys.executable, str(Path(__file__).resolve()), "_llama", "--model", str(model),
+            "--threads", str(threads), "--tokens", str(ctx.args.mem_tokens), "--cgroup",
+            str(cg)])
         ctx.log("memory: llama.cpp alone under the same limit")
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False,
                              start_new_session=True)
@@ -1163,7 +1453,8 @@ def _llama_under_limit(ctx: Ctx, model: Path, limit: int, threads: int) -> Row |
                    note=f"failed with status {res.returncode} (killed by the OOM killer if -9)")
     run = json.loads(res.stdout.strip().splitlines()[-1])
     row = row_from("memory", "alone (llama.cpp)", 1, threads, {"runs": [run], "status": None},
-                   f"llama-cpp-python mmap, same limit {limit / 2**20:.0f} MiB")
+                   f"llama-cpp-python mmap, same limits as the head: {limit / 2**20:.0f} MiB, "
+                   f"its disk")
     row.detail["cgroups"] = [summary]
     ctx.log(f"memory: llama.cpp alone: {row.ms_per_token:.1f} ms/token")
     return row
@@ -1220,18 +1511,29 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
-SCENARIOS = ("ring", "memory", "wifi")
+def _disk_speed(text: str) -> float:
+    if text in DISK_PRESETS:
+        return float(DISK_PRESETS[text])
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"a disk speed must be positive, not {text}")
+    return value
+
+
+SCENARIOS = ("ring", "memory", "wifi", "prefill", "kills")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench-cluster", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Scenarios: ring (loopback overhead), memory (cgroup-limited nodes vs one node "
-               "and llama.cpp), wifi (namespaces with a delaying switch). The memory and wifi "
-               "scenarios need root.")
+        epilog="Scenarios: ring (loopback overhead), memory (nodes with their own memory and "
+               "disk limits vs one node and llama.cpp), wifi (namespaces with a delaying "
+               "switch), prefill (a long prompt's first token), kills (workers killed "
+               "mid-answer). The memory and wifi scenarios need root.")
     p.add_argument("--scenario", type=_csv(str), default=list(SCENARIOS),
-                   help="comma-separated subset of ring,memory,wifi (default: all)")
+                   help="comma-separated subset of ring,memory,wifi,prefill,kills (default: "
+                        "all)")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes: fewer tokens, one repeat, 1 and 2 nodes, 1 thread")
     p.add_argument("--model", type=Path, default=None,
@@ -1257,6 +1559,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-k", type=_csv(int), default=[1],
                    help="memory: rounds forced on an even split planned where it fits, then "
                         "run under the limits (default 1)")
+    p.add_argument("--disk", type=_csv(_disk_speed), default=None,
+                   help="memory: each node's disk read speed, MB/s or a preset "
+                        f"({', '.join(f'{k} {v}' for k, v in DISK_PRESETS.items())}); one "
+                        "value for all or one per node, the head first (default nvme,sata,sd: "
+                        "a home's PC, a mini PC and a Pi). The machine's own disk is the "
+                        "ceiling")
     p.add_argument("--mem-tokens", type=int, default=None,
                    help="memory: tokens per answer (default 12; quick 8)")
     p.add_argument("--wifi-nodes", type=int, default=3)
@@ -1265,6 +1573,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wifi-k", type=_csv(str), default=None,
                    help="wifi: rounds to measure, 'plan' = Halda's choice (default plan,1,4; "
                         "quick plan,1)")
+    p.add_argument("--prefill-tokens", type=int, default=1500,
+                   help="prefill: prompt tokens (default 1500: Home Assistant's system prompt)")
+    p.add_argument("--prefill-nodes", type=int, default=3)
+    p.add_argument("--kills", type=int, default=20, help="kills: answers, one kill in each")
+    p.add_argument("--kill-nodes", type=int, default=3)
+    p.add_argument("--kill-tokens", type=int, default=200, help="kills: tokens per answer")
     p.add_argument("--json", type=Path, default=None, help="also save the raw figures here")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the node logs (always kept when something failed)")
@@ -1278,6 +1592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return internal[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     defaults: dict[str, Any] = {"tokens": 32, "repeats": 3, "mem_tokens": 12, "threads": [1, 2],
+                                "disk": [float(DISK_PRESETS[d]) for d in ("nvme", "sata", "sd")],
                                 "nodes": [1, 2, 4], "wifi_k": ["plan", "1", "4"]}
     if args.quick:
         defaults.update(tokens=16, repeats=1, mem_tokens=8, threads=[1], nodes=[1, 2],
@@ -1287,7 +1602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, key, value)
     unknown = [s for s in args.scenario if s not in SCENARIOS]
     if unknown:
-        build_parser().error(f"unknown scenario {unknown[0]!r} (choose from ring,memory,wifi)")
+        build_parser().error(f"unknown scenario {unknown[0]!r} (choose from "
+                             f"{','.join(SCENARIOS)})")
     if any(k != "plan" and not (k.isdigit() and int(k) >= 1) for k in args.wifi_k):
         build_parser().error("--wifi-k takes 'plan' and positive integers")
     if args.tokens < 2 or args.mem_tokens < 2:
@@ -1324,7 +1640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = False
     try:
         for name, fn in (("ring", scenario_ring), ("wifi", scenario_wifi),
-                         ("memory", scenario_memory)):
+                         ("memory", scenario_memory), ("prefill", scenario_prefill),
+                         ("kills", scenario_kills)):
             if name not in args.scenario:
                 continue
             try:
@@ -1357,6 +1674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(header))
     print()
     print(format_table(ctx.rows))
+    if ctx.notes:
+        print("\n".join(["", "against the targets:", *(f"  {x}" for x in ctx.notes)]))
     if args.json is not None:
         doc = {"machine": machine, "model": {"path": str(model), "bytes": size},
                "loadavg": {"start": load_start, "end": os.getloadavg()},
