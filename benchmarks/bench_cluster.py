@@ -16,7 +16,9 @@ has exactly N tokens):
    is the ceiling). Every node profiles its own disk under its limit (a fresh profile cache
    per run), so Halda plans with the home's disks. The memory limit is the node's own
    anonymous memory (measured in a calibration run without memory limits) plus a fraction
-   (``--mem-frac``) of its equal share of the weights. Rows, each with Halda's prediction:
+   (``--mem-frac``) of its equal share of the layers; the head, which holds the output
+   projection wherever the layers go, has room for it besides (a home's head is its biggest
+   device). Rows, each with Halda's prediction:
    - ``halda, prefetch`` and ``halda, no prefetch``: limits in place from the start, as the
      product runs (Halda plans with them; ``serve --prefetch on|off``);
    - ``k=1, even split``: planned with room for 1.1 shares per node, then the real limits
@@ -176,7 +178,17 @@ def _extra(obj: Any, name: str) -> Any:
 def decode_once(base_url: str, tokens: int, eog: Sequence[int], pids: Sequence[int],
                 cgroups: Sequence[str]) -> dict[str, Any]:
     """One streamed greedy completion of exactly ``tokens`` tokens, counters over its decode
-    window (first token to last)."""
+    window (first token to last); BenchError with the server's reason if it fails."""
+    import openai
+
+    try:
+        return _decode_once(base_url, tokens, eog, pids, cgroups)
+    except openai.APIError as exc:
+        raise BenchError(f"the answer failed: {exc}") from None
+
+
+def _decode_once(base_url: str, tokens: int, eog: Sequence[int], pids: Sequence[int],
+                 cgroups: Sequence[str]) -> dict[str, Any]:
     import openai
 
     with openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0,
@@ -1256,8 +1268,14 @@ def _memory_rows(ctx: Ctx, copies: list[Path], io: list[Path], disks: list[float
     n = a.mem_nodes
     size = ctx.model.stat().st_size
     mp = ModelProfile.load(ctx.model)
-    share = size / n
+    # the layers are shared out; the output projection is the head's alone, wherever the
+    # layers go, so the head (a home's biggest device) has room for it on top of its share
+    share = (size - mp.output_bytes) / n
     budget = int(a.mem_frac * share)
+    head_budget = budget + mp.output_bytes
+    if size < 2 * head_budget:
+        ctx.log(f"memory: warning: the model ({size / 2**20:.0f} MiB) is less than twice the "
+                f"head's page budget ({head_budget / 2**20:.0f} MiB): lower --mem-frac")
     has_prefetch = serve_has("--prefetch")
     info: dict[str, Any] = {"copies": [str(c) for c in copies], "share_bytes": int(share),
                             "disk_mb_per_s": disks,
@@ -1288,7 +1306,7 @@ def _memory_rows(ctx: Ctx, copies: list[Path], io: list[Path], disks: list[float
             measure(cl.head.url, 4, 1, ctx.eog, [], [])
             anon = [_anon_bytes(cg) for cg in cgs]
     slack = a.mem_slack_mb << 20
-    limits = [x + slack + budget for x in anon]
+    limits = [x + slack + (head_budget if i == 0 else budget) for i, x in enumerate(anon)]
     # room for an even split to fit (k = 1 must fit: the planner never plans a thrashing k=1)
     fit = [x + slack + mp.scratch_bytes(256) + int(1.1 * share)
            + (mp.output_bytes if i == 0 else 0) for i, x in enumerate(anon)]
@@ -1296,10 +1314,13 @@ def _memory_rows(ctx: Ctx, copies: list[Path], io: list[Path], disks: list[float
                 fit_plan_limits_bytes=fit)
     ctx.log("memory: limits " + ", ".join(f"{x / 2**20:.0f} MiB" for x in limits)
             + f" (own memory + {slack >> 20} MiB slack + {a.mem_frac:.0%} of a "
-            f"{share / 2**20:.0f} MiB share)")
-    limit_note = (f"limit {limits[0] / 2**20:.0f} MiB = node's own {anon[0] / 2**20:.0f} MiB + "
-                  f"{slack >> 20} + page budget {budget / 2**20:.0f} MiB "
-                  f"({a.mem_frac:.0%} of a {n}-way share)")
+            f"{share / 2**20:.0f} MiB share of the layers; the head also the "
+            f"{mp.output_bytes / 2**20:.0f} MiB output projection)")
+    limit_note = (f"limits {'/'.join(f'{x / 2**20:.0f}' for x in limits)} MiB = each node's "
+                  f"own memory + {slack >> 20} + a page budget of {a.mem_frac:.0%} of its "
+                  f"{share / 2**20:.0f} MiB share of the layers ({budget / 2**20:.0f} MiB; the "
+                  f"head {head_budget / 2**20:.0f} MiB with the output): the model is "
+                  f"{size / head_budget:.1f}x the head's budget")
 
     def ring(variant: str, rounds: int | None, extra: list[str], note: str,
              plan_limits: Sequence[int]) -> None:
@@ -1552,8 +1573,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ring: also measure these forced rounds on each ring (POST /api/plan), "
                         "to price the extra hops (default: none, Halda's k only)")
     p.add_argument("--mem-nodes", type=int, default=3)
-    p.add_argument("--mem-frac", type=float, default=0.65,
-                   help="memory: page budget as a share of a node's equal share of the file")
+    p.add_argument("--mem-frac", type=float, default=0.9,
+                   help="memory: page budget as a share of a node's equal share of the "
+                        "layers (the head has room for the output projection besides)")
     p.add_argument("--mem-slack-mb", type=int, default=16,
                    help="memory: added to each node's measured own memory")
     p.add_argument("--mem-k", type=_csv(int), default=[1],

@@ -94,6 +94,7 @@ def test_cgroup_v2_takes_the_tightest_ancestor_and_counts_reclaimable_cache(
     info = memory_info(proc, cg)
     assert info.cgroup_version == 2 and info.cgroup_limit == 3 * GiB
     assert info.available == info.cgroup_available == 3 * GiB - 2 * GiB + GiB // 2
+    assert info.cgroup_reclaimable == GiB // 2
     assert (info.swap_total, info.swap_free) == (2 * GiB, GiB)
 
 

@@ -29,6 +29,7 @@ from prima_node.engine.paging import (
     WindowPages,
     merged_pages,
     should_release,
+    tensors_in_use_order,
 )
 from prima_node.engine.window import LayerWindow
 
@@ -388,15 +389,15 @@ def test_prefetch_off_leaves_paging_to_the_os(model: Model) -> None:
         pager.close()
 
 
-def test_tail_layers_is_the_fewest_trailing_layers_that_fit_halda_s_schedule() -> None:
-    from prima_node.cluster.pager import tail_layers
+def test_tail_parts_is_the_fewest_trailing_parts_that_fit_halda_s_schedule() -> None:
+    from prima_node.cluster.pager import tail_parts
 
     rng = np.random.default_rng(3)
     for _ in range(300):
         k = int(rng.integers(1, 5))
         windows = [rng.integers(1, 100, int(rng.integers(1, 6))).tolist() for _ in range(k)]
         budget = int(rng.integers(0, 2 * sum(map(sum, windows)) + 1))
-        t = tail_layers(windows, budget)
+        t = tail_parts(windows, budget)
 
         most = max(map(len, windows))
         feasible = [u for u in range(most + 1) if _fits(windows, budget, u)]
@@ -408,6 +409,27 @@ def _fits(windows: list[list[int]], budget: int, t: int) -> bool:
     """Whether k window heads plus two of the largest tail (in use, arriving) fit."""
     heads = sum(sum(w[:len(w) - t]) for w in windows)
     return heads + 2 * max(sum(w[len(w) - t:]) for w in windows) <= budget
+
+
+def test_a_window_s_parts_are_its_tensors_in_the_order_a_forward_pass_reads_them(
+        model: Model) -> None:
+    """Tensor by tensor, a streaming node's tail can be as many bytes as Halda planned;
+    the last parts are the feed-forward's (read last), and together they are the window."""
+    layers = range(1, 3)
+    parts = WindowPages.parts_in_use_order(model.file, layers)
+    whole = WindowPages.of_layers(model.file, layers)
+    assert sum(p.n_bytes for p in parts) >= whole.n_bytes > max(p.n_bytes for p in parts)
+    covered = sorted(r for p in parts for r in p.ranges)
+    assert covered[0][0] == whole.ranges[0][0] and covered[-1][1] == whole.ranges[-1][1]
+    names = tensors_in_use_order(model.file, layers)
+    assert len(names) == len(parts)
+    assert sorted(names) == sorted(n for n in model.file.tensors if n.startswith(("blk.1.",
+                                                                                  "blk.2.")))
+    assert names[-1] == "blk.2.ffn_down.weight", names
+    assert names.index("blk.1.attn_q.weight") < names.index("blk.1.ffn_gate.weight") \
+        < names.index("blk.2.attn_norm.weight")
+    with pytest.raises(ValueError, match="no tensors for layers"):
+        WindowPages.parts_in_use_order(model.file, [999])
 
 
 def test_a_streaming_node_whose_disk_is_behind_still_releases_but_queues_no_prefetch(
@@ -439,11 +461,75 @@ def _memory(available: int) -> MemoryInfo:
                       swap_total=0, swap_free=0, source="MemAvailable")
 
 
+def test_under_a_cgroup_cap_the_windows_pages_are_counted_once(model: Model) -> None:
+    """A cgroup's available figure counts inactive file pages as reclaimable, and a node's
+    windows, once used, are among them: the windows get the cap less what else is used, not
+    that plus their own inactive pages again (a node under a 300 MB cap took 600 MB for its
+    windows and re-read all of them every token)."""
+    from prima_node.cluster.pager import Pager
+
+    n = model.config.n_layer
+    windows = [model.window(0, n // 2), model.window(n // 2, n)]
+    for w in windows:
+        w.forward(hidden(model), np.arange(3), "s")
+    pages = [WindowPages.of_window(model.file, w) for w in windows]
+    resident = sum(p.resident_bytes() or 0 for p in pages)
+    assert resident > 0
+    other = 50 << 20  # used besides the windows (the process, its KV cache)
+    limit = other + resident + (8 << 20)
+    inactive = resident // 2  # half of the windows' pages went inactive
+
+    def capped() -> MemoryInfo:
+        available = limit - (other + resident) + inactive
+        return MemoryInfo(total=8 * limit, available=available, os_available=8 * limit,
+                          cgroup_limit=limit, cgroup_available=available, cgroup_version=1,
+                          swap_total=0, swap_free=0, source="cgroup v1 memory limit",
+                          cgroup_reclaimable=inactive)
+
+    pager = Pager(pages, memory=capped)
+    try:
+        held = sum(p.resident_bytes() or 0 for p in pages)
+        assert abs(pager.capacity - (limit - other - resident + held)) <= 2 * PAGE * len(pages)
+    finally:
+        pager.close()
+
+
+def test_a_figure_slightly_short_does_not_stream_what_stays_resident(model: Model) -> None:
+    """The memory arithmetic is a few tens of MB off either way; a node whose windows stay
+    resident keeps them (streaming them from a slow disk costs far more than it saves) until
+    a use finds one evicted."""
+    from prima_node.cluster.pager import RESIDENT_SAMPLE, Pager
+
+    bounds = [(a, a + 2) for a in range(0, model.config.n_layer, 2)]
+    windows = [model.window(a, b) for a, b in bounds]
+    for w in windows:
+        w.forward(hidden(model), np.arange(3), "s")
+    pages = [WindowPages.of_window(model.file, w) for w in windows]
+    for pg in pages:
+        pg.prefetch()
+    held = sum(p.n_bytes for p in pages)
+    pager = Pager(pages, memory=lambda: _memory(int(0.88 * held)), recheck_s=0.0)
+    try:
+        assert not pager.stream  # 12 % short by the figures, inside the doubt
+        pager.before_use(0)  # sampled: resident
+        pager.after_use(0)
+        pager._worker.submit(lambda: None).result(timeout=PREFETCH_WAIT_S)
+        assert not pager.stream
+        pages[1].release()  # the kernel took a window after all
+        for _ in range(RESIDENT_SAMPLE):
+            pager.before_use(1)
+        pager.after_use(1)
+        pager._worker.submit(lambda: None).result(timeout=PREFETCH_WAIT_S)
+        assert pager.stream
+    finally:
+        pager.close()
+
+
 def test_a_node_starts_streaming_when_memory_shrinks_and_stops_when_it_returns(
         model: Model) -> None:
     """The memory figure is read again while the node runs: other programs of the home take
     memory and give it back, and the mode follows (with hysteresis)."""
-    from prima_node.cluster.pager import Pager
+    from prima_node.cluster.pager import RESIDENT_SAMPLE, Pager
 
     bounds = [(a, a + 2) for a in range(0, model.config.n_layer, 2)]  # 3 windows of 2 layers
     windows = [model.window(a, b) for a, b in bounds]
@@ -457,11 +543,14 @@ def test_a_node_starts_streaming_when_memory_shrinks_and_stops_when_it_returns(
 
     held = sum(p.n_bytes for p in pages)
     available = [4 * held]
-    pager = Pager(pages, layer_pages=per_layer, memory=lambda: _memory(available[0]),
+    pager = Pager(pages, part_pages=per_layer, memory=lambda: _memory(available[0]),
                   recheck_s=0.0)
     try:
         assert not pager.stream
-        available[0] = int(0.95 * held)  # another program took memory: no longer fits
+        available[0] = int(0.95 * held)  # another program took memory: no longer fits,
+        pages[1].release()  # and the kernel evicted a window, which a use finds
+        for _ in range(RESIDENT_SAMPLE):
+            pager.before_use(1)
         pager.after_use(0)
         idle()
         assert pager.stream and pager.as_dict()["mode_changes"] == 1

@@ -243,10 +243,9 @@ class ClusterNode:
                 w.drop("warm-up")
             mf = self.model.file
             pages = [WindowPages.of_window(mf, w) for w in windows]
-            per_layer = [[WindowPages.of_layers(mf, [i]) for i in range(a, b)]
-                         for a, b in ranges]
+            parts = [WindowPages.parts_in_use_order(mf, range(a, b)) for a, b in ranges]
             return windows, Pager(pages, enabled=self.config.prefetch, planned_stream=stream,
-                                  layer_pages=per_layer)
+                                  part_pages=parts)
 
         self.assignment = None  # until the new plan is whole, no frame runs on the old one
         if self.pager is not None:

@@ -39,38 +39,46 @@ RECHECK_S = 5.0
 
 class _Policy(NamedTuple):
     stream: bool  # release each window's moving part after use and prefetch the next
-    tail: int  # trailing layers per window that move (0: nothing, or whole windows of
-    # unknown layers; at least a window's length: the whole window)
+    tail: int  # trailing parts (tensors) per window that move (0: nothing, or whole windows
+    # of unknown parts; at least a window's part count: the whole window)
     moving: list[WindowPages]  # what is released and prefetched, per window
 
 
-def tail_layers(layer_bytes: list[list[int]], budget: int) -> int:
-    """How many trailing layers of each window to stream so that the rest fits: Halda's
+def tail_parts(part_bytes: list[list[int]], budget: int) -> int:
+    """How many trailing parts of each window to stream so that the rest fits: Halda's
     streaming schedule keeps the head of every window resident and holds, besides, the tail in
-    use and the tail arriving (k heads + 2 tails <= memory). The fewest that fit; every layer
-    when even whole windows do not."""
-    most = max((len(w) for w in layer_bytes), default=0)
+    use and the tail arriving (k heads + 2 tails <= memory). The fewest that fit; every part
+    when even whole windows do not. Parts are tensors: Halda prices the tail in bytes, and
+    whole layers would stream up to a layer more per window than it planned (a node holding
+    one layer per round read twice the predicted bytes)."""
+    most = max((len(w) for w in part_bytes), default=0)
     for t in range(most + 1):
-        heads = sum(sum(w[:len(w) - t]) for w in layer_bytes)
-        tails = max((sum(w[len(w) - t:]) for w in layer_bytes), default=0)
+        heads = sum(sum(w[:len(w) - t]) for w in part_bytes)
+        tails = max((sum(w[len(w) - t:]) for w in part_bytes), default=0)
         if heads + 2 * tails <= budget:
             return t
     return most
 
 
+def clearly_short(held_bytes: int, capacity: int) -> bool:
+    """Memory short of the windows beyond the figures' doubt (20 % under what they hold)."""
+    return held_bytes > capacity * (1 + 2 * RELEASE_HEADROOM)
+
+
 class Pager:
     def __init__(self, pages: list[WindowPages], *, enabled: bool = True,
                  planned_stream: bool = False,
-                 layer_pages: list[list[WindowPages]] | None = None,
+                 part_pages: list[list[WindowPages]] | None = None,
                  memory: Callable[[], MemoryInfo] = memory_info,
                  recheck_s: float = RECHECK_S) -> None:
-        """``pages``: each round's window; ``layer_pages``: the same per layer, so that a
-        streaming node can keep each window's head and stream only its tail. ``memory`` reads
+        """``pages``: each round's window; ``part_pages``: the same per tensor, in the order
+        the window reads them, so that a streaming node can keep each window's head and
+        stream only its tail. ``memory`` reads
         what the node can count on, again every ``recheck_s`` seconds of use: memory is shared
         with the rest of the home's programs, and a node must start streaming when they take
         it and stop when they give it back."""
         self.pages = pages
-        self.layer_pages = layer_pages
+        self.part_pages = part_pages
         self.enabled = enabled
         self.held_bytes = sum(p.n_bytes for p in pages)
         self._memory = memory
@@ -82,9 +90,12 @@ class Pager:
         self._checked = time.monotonic()
         # the policy in force, replaced whole (never edited) so the model thread and the
         # paging thread each see one consistent policy
+        # (a node a little short by the figures starts resident and streams once a use finds
+        # a window evicted: see ``recheck``)
         self._policy = self._choose(enabled and len(pages) > 1 and (
-            planned_stream or should_release(self.held_bytes, self.capacity)))
+            planned_stream or clearly_short(self.held_bytes, self.capacity)))
         self._low: set[int] = set()  # windows found short of resident: prefetch them again
+        self._missed = False  # a use found a window short of resident since the last check
         self._pending: Future[None] | None = None  # the paging job in flight
         self._uses = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="prima-prefetch")
@@ -110,42 +121,51 @@ class Pager:
         capacity = mem.available
         if mem.cgroup_available is not None and mem.available == mem.cgroup_available:
             # a cgroup counts only inactive file pages as reclaimable: our windows, once
-            # used, are active and memory they can use all the same (MemAvailable and
-            # macOS's figure already include them: adding them there would count them twice)
+            # used, are active and memory they can use all the same; so the cap less what
+            # is used besides our windows (their inactive pages are among the reclaimable
+            # ones: counting both counted them twice, and a node under a 300 MB cap took
+            # 600 MB for its windows and re-read all of them every token). MemAvailable and
+            # macOS's figure already include our pages.
             capacity += sum(p.resident_bytes() or 0 for p in self.pages)
-        return capacity
+            capacity -= mem.cgroup_reclaimable or 0
+        return max(0, capacity)
 
     def _tail(self, headroom: float) -> int:
         """Trailing layers per window to stream with this share of the capacity kept free
         (at least one: a streaming node moves something)."""
-        assert self.layer_pages is not None
-        sizes = [[p.n_bytes for p in w] for w in self.layer_pages]
-        return max(1, tail_layers(sizes, int(self.capacity * (1 - headroom))))
+        assert self.part_pages is not None
+        sizes = [[p.n_bytes for p in w] for w in self.part_pages]
+        return max(1, tail_parts(sizes, int(self.capacity * (1 - headroom))))
 
     def _choose(self, stream: bool, tail: int | None = None) -> _Policy:
-        """The policy for a mode: streaming moves each window's last ``tail`` layers (Halda's
+        """The policy for a mode: streaming moves each window's last ``tail`` parts (Halda's
         schedule; by default the fewest that fit), or whole windows when per-layer pages are
         not known."""
         if not stream:
             return _Policy(False, 0, list(self.pages))
-        if self.layer_pages is None:
+        if self.part_pages is None:
             return _Policy(True, 0, list(self.pages))
         if tail is None:
             tail = self._tail(RELEASE_HEADROOM)
         moving = [whole if tail >= len(w) else
                   WindowPages(w[0].file, [r for p in w[len(w) - tail:] for r in p.ranges])
-                  for whole, w in zip(self.pages, self.layer_pages, strict=True)]
+                  for whole, w in zip(self.pages, self.part_pages, strict=True)]
         return _Policy(True, tail, moving)
 
     def _log_policy(self) -> None:
         p = self._policy
         _LOG.info("windows hold %.0f MB, memory for them %.0f MB: %s", self.held_bytes / 1e6,
                   self.capacity / 1e6,
-                  (f"keep each window's head, release its last {p.tail} layer(s) after use "
-                   "and prefetch the next" if p.tail and any(
+                  (f"keep each window's head, release its last {p.tail} tensor(s) "
+                   f"({self._moving_mb(p):.0f} MB) after use and prefetch the next"
+                   if p.tail and any(
                        m is not w for m, w in zip(p.moving, self.pages, strict=True))
                    else "release each window after use and prefetch the next")
                   if p.stream else "keep them all resident")
+
+    @staticmethod
+    def _moving_mb(p: _Policy) -> float:
+        return max((m.n_bytes for m in p.moving), default=0) / 1e6
 
     def recheck(self) -> bool:
         """Read the memory again and change mode (or tail) if it moved; True if it did.
@@ -159,10 +179,17 @@ class Pager:
         self.capacity = self._capacity()
         old = self._policy
         if not old.stream:
-            new = self._choose(should_release(self.held_bytes, self.capacity))
+            # the arithmetic is a few tens of MB off either way (the process's own memory
+            # moves; the cap counts pages the node cannot tell apart), and streaming from a
+            # slow disk what in fact stayed resident costs far more than it saves: start only
+            # once uses found a window evicted, or when memory is short beyond doubt
+            short = should_release(self.held_bytes, self.capacity)
+            evicted, self._missed = self._missed, False
+            new = self._choose(short and (evicted or clearly_short(self.held_bytes,
+                                                                   self.capacity)))
         elif self.held_bytes <= self.capacity * (1 - 2 * RELEASE_HEADROOM):
             new = self._choose(False)
-        elif self.layer_pages is None:
+        elif self.part_pages is None:
             new = old
         else:
             tight, loose = self._tail(RELEASE_HEADROOM), self._tail(2 * RELEASE_HEADROOM)
@@ -194,6 +221,7 @@ class Pager:
             self.stats.record_use(residency, time.perf_counter() - t0)
         if residency is not None and residency < HIT_RESIDENCY:
             self._low.add(r)
+            self._missed = True
 
     def after_use(self, r: int) -> None:
         """Window ``r``'s output has left: release it (streaming) and prefetch the next one,
@@ -246,7 +274,7 @@ class Pager:
             changes = self.mode_changes
         policy = self._policy
         return {"enabled": self.enabled, "mode": "stream" if policy.stream else "resident",
-                "tail_layers": policy.tail, "mode_changes": changes,
+                "tail_tensors": policy.tail, "mode_changes": changes,
                 "held_bytes": self.held_bytes, "capacity_bytes": self.capacity,
                 "streamed_bytes": sum(p.n_bytes for p in policy.moving) if policy.stream else 0,
                 **stats}

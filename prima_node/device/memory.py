@@ -32,6 +32,10 @@ class MemoryInfo:
     swap_total: int
     swap_free: int
     source: str  # which rule decided ``available``
+    #: of ``cgroup_available``, the inactive file pages the cap counts as reclaimable (a
+    #: node's own windows among them: whoever adds its windows' pages must not count these
+    #: twice)
+    cgroup_reclaimable: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,14 +48,14 @@ def memory_info(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cg
         return _macos()
     mem = _meminfo(proc / "meminfo")
     total, os_avail = mem["MemTotal"], mem.get("MemAvailable", mem.get("MemFree", 0))
-    version, limit, cg_avail = _cgroup(proc / "self" / "cgroup", cgroup_root)
+    version, limit, cg_avail, cg_reclaim = _cgroup(proc / "self" / "cgroup", cgroup_root)
     available, source = os_avail, "MemAvailable"
     if cg_avail is not None and cg_avail < available:
         available, source = cg_avail, f"cgroup v{version} memory limit"
     return MemoryInfo(total=total, available=max(0, available), os_available=os_avail,
                       cgroup_limit=limit, cgroup_available=cg_avail, cgroup_version=version,
                       swap_total=mem.get("SwapTotal", 0), swap_free=mem.get("SwapFree", 0),
-                      source=source)
+                      source=source, cgroup_reclaimable=cg_reclaim)
 
 
 def _meminfo(path: Path) -> dict[str, int]:
@@ -91,12 +95,16 @@ def _stat(path: Path) -> dict[str, int]:
     return out
 
 
-def _cgroup(self_cgroup: Path, root: Path) -> tuple[int | None, int | None, int | None]:
-    """(version, limit, available) of the process's memory cgroup; Nones without a cap."""
+_Cgroup = tuple[int | None, int | None, int | None, int | None]
+
+
+def _cgroup(self_cgroup: Path, root: Path) -> _Cgroup:
+    """(version, limit, available, reclaimable file pages) of the process's memory cgroup;
+    Nones without a cap."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
-        return None, None, None
+        return None, None, None, None
     v1 = v2 = None
     for line in lines:
         _, controllers, path = line.split(":", 2)
@@ -110,7 +118,7 @@ def _cgroup(self_cgroup: Path, root: Path) -> tuple[int | None, int | None, int 
         return _cgroup_v2(root, v2)
     if v2 is not None and (root / "unified" / "cgroup.controllers").exists():
         return _cgroup_v2(root / "unified", v2)
-    return None, None, None
+    return None, None, None, None
 
 
 def _group_dir(base: Path, path: str) -> Path:
@@ -119,38 +127,39 @@ def _group_dir(base: Path, path: str) -> Path:
     return d if d.is_dir() else base
 
 
-def _cgroup_v1(base: Path, path: str) -> tuple[int | None, int | None, int | None]:
+def _cgroup_v1(base: Path, path: str) -> _Cgroup:
     d = _group_dir(base, path)
     stat = _stat(d / "memory.stat")
     limits = [v for v in (_read_int(d / "memory.limit_in_bytes"),
                           stat.get("hierarchical_memory_limit")) if v is not None
               and v < _UNLIMITED]
     if not limits:
-        return 1, None, None
+        return 1, None, None, None
     limit = min(limits)
     usage = _read_int(d / "memory.usage_in_bytes") or 0
     reclaimable = stat.get("total_inactive_file", stat.get("inactive_file", 0))
-    return 1, limit, max(0, limit - usage + reclaimable)
+    return 1, limit, max(0, limit - usage + reclaimable), reclaimable
 
 
-def _cgroup_v2(base: Path, path: str) -> tuple[int | None, int | None, int | None]:
+def _cgroup_v2(base: Path, path: str) -> _Cgroup:
     d = _group_dir(base, path)
-    best: tuple[int, int] | None = None  # (headroom, limit) of the tightest group
+    best: tuple[int, int, int] | None = None  # (headroom, limit, reclaimable), tightest group
     node = d
     while True:
         limit = _read_int(node / "memory.max")
         if limit is not None:
             usage = _read_int(node / "memory.current") or 0
             stat = _stat(node / "memory.stat")
-            headroom = max(0, limit - usage + stat.get("inactive_file", 0))
+            reclaimable = stat.get("inactive_file", 0)
+            headroom = max(0, limit - usage + reclaimable)
             if best is None or headroom < best[0]:
-                best = (headroom, limit)
+                best = (headroom, limit, reclaimable)
         if node == base or node.parent == node:
             break
         node = node.parent
     if best is None:
-        return 2, None, None
-    return 2, best[1], best[0]
+        return 2, None, None, None
+    return 2, best[1], best[0], best[2]
 
 
 def _macos() -> MemoryInfo:

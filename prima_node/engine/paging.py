@@ -102,6 +102,29 @@ def _check_open(mf: ModelFile, what: str) -> None:
         raise ValueError(f"cannot {what} {mf.path}: the model file is closed") from None
 
 
+#: where a layer's tensors come in a forward pass (others sit in the middle, by file offset)
+_USE_ORDER = {role: i for i, role in enumerate((
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
+    "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"))}
+
+
+def tensors_in_use_order(mf: ModelFile, layers: Iterable[int]) -> list[str]:
+    """The given layers' tensor names in the order a forward pass reads them: layer by layer,
+    attention before the feed-forward, whose down projection comes last."""
+    _check_open(mf, "find the tensors of")
+    wanted = {int(i) for i in layers}
+    found: list[tuple[int, int, int, str]] = []
+    for name, t in mf.tensors.items():
+        m = re.match(r"blk\.(\d+)\.(\w+?)(?:\.weight|\.bias)?$", name)
+        if m and int(m.group(1)) in wanted:
+            rank = _USE_ORDER.get(m.group(2), len(_USE_ORDER) // 2)
+            found.append((int(m.group(1)), rank, t.byte_range[0], name))
+    missing = wanted - {f[0] for f in found}
+    if missing:
+        raise ValueError(f"{mf.path} has no tensors for layers {sorted(missing)}")
+    return [name for *_, name in sorted(found)]
+
+
 class WindowPages:
     """The pages of one window's tensors in a model file's read-only map.
 
@@ -145,6 +168,15 @@ class WindowPages:
         if wanted - found:
             raise ValueError(f"{mf.path} has no tensors for layers {sorted(wanted - found)}")
         return cls(mf, ranges)
+
+    @classmethod
+    def parts_in_use_order(cls, mf: ModelFile, layers: Iterable[int]) -> list[WindowPages]:
+        """The pages of the given layers, one part per tensor, in the order a forward pass
+        reads them (``tensors_in_use_order``): the trailing parts of a window are the ones a
+        streaming node can read back last, and tensor by tensor its tail can be as many bytes
+        as its memory spares, not whole layers."""
+        return [cls(mf, [mf.tensors[name].byte_range])
+                for name in tensors_in_use_order(mf, layers)]
 
     def prefetch(self) -> float:
         """Start reading the window into the page cache. Returns the seconds the call took.
