@@ -1573,9 +1573,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ring: also measure these forced rounds on each ring (POST /api/plan), "
                         "to price the extra hops (default: none, Halda's k only)")
     p.add_argument("--mem-nodes", type=int, default=3)
-    p.add_argument("--mem-frac", type=float, default=0.9,
+    p.add_argument("--mem-frac", type=float, default=1.0,
                    help="memory: page budget as a share of a node's equal share of the "
-                        "layers (the head has room for the output projection besides)")
+                        "layers (the head has room for the output projection besides); 1: "
+                        "together the nodes can just hold the model, none of them alone, as "
+                        "in the paper's home")
     p.add_argument("--mem-slack-mb", type=int, default=16,
                    help="memory: added to each node's measured own memory")
     p.add_argument("--mem-k", type=_csv(int), default=[1],

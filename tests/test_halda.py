@@ -89,7 +89,7 @@ def test_forcing_k_and_infeasible_requests_are_explained() -> None:
                   cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
     with pytest.raises(PlanError, match="the head t cannot hold the embedding row"):
         plan([tiny], model)
-    with pytest.raises(PlanError, match="no assignment fits with k=1: with one or two rounds"):
+    with pytest.raises(PlanError, match="no assignment fits with k=1: with one round"):
         plan([Device("small", mem_available=model.output_bytes + 8 * model.mean_layer_bytes + 4e8,
                      disk_bytes_per_s=1 * GB, cpu_flops=dev.cpu_flops)], model, Options(k=1))
     with pytest.raises(PlanError, match="no measured speed"):
@@ -133,11 +133,14 @@ def test_streamed_bytes_and_the_gpu_output_by_hand() -> None:
     p = plan([dev], model, Options(n_ctx=512, k=4))
     (d,) = p.devices
     room = avail - buf - model.embedding_row_bytes - model.output_bytes - 12 * kv
-    deficit = 12 * b - room  # three layers' weights do not fit
-    assert d.streamed_bytes == pytest.approx(4 * deficit / (4 - 2), rel=1e-9)
+    budget = 0.9 * room  # the pager keeps a tenth free
+    # four heads and the one tail in use fit the budget: 4 (3b - t) + t = budget
+    tail = (12 * b - budget) / 3
+    assert d.streamed_bytes == pytest.approx(4 * tail, rel=1e-9)
     assert d.disk_s == pytest.approx(d.streamed_bytes / (1 * GB), rel=1e-9)
-    assert d.regime == "M3" and p.latency_s == pytest.approx(max(d.compute_s + p.output_s,
-                                                                 d.disk_s), rel=1e-9)
+    # it reads between its rounds, not while it computes
+    assert d.regime == "M3" and p.latency_s == pytest.approx(
+        max(d.compute_s + p.output_s, d.compute_s + d.disk_s), rel=1e-9)
     # with a GPU that has room for the output matrix, the head projects on it when faster
     gpu = {t: 10 * v for t, v in flops.items()}
     rich = Device("g", mem_available=1e12, disk_bytes_per_s=1 * GB, cpu_flops=flops,

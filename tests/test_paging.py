@@ -389,26 +389,44 @@ def test_prefetch_off_leaves_paging_to_the_os(model: Model) -> None:
         pager.close()
 
 
-def test_tail_parts_is_the_fewest_trailing_parts_that_fit_halda_s_schedule() -> None:
-    from prima_node.cluster.pager import tail_parts
+def test_tail_bytes_is_the_fewest_trailing_bytes_that_fit_halda_s_schedule() -> None:
+    """k window heads and the one tail in use fit the budget (the pager reads the next tail
+    only after releasing the last), and no smaller tail does; whole windows when even one
+    window exceeds the budget."""
+    from prima_node.cluster.pager import tail_bytes
 
     rng = np.random.default_rng(3)
     for _ in range(300):
-        k = int(rng.integers(1, 5))
-        windows = [rng.integers(1, 100, int(rng.integers(1, 6))).tolist() for _ in range(k)]
-        budget = int(rng.integers(0, 2 * sum(map(sum, windows)) + 1))
-        t = tail_parts(windows, budget)
+        windows = rng.integers(1, 100, int(rng.integers(1, 5))).tolist()
+        budget = int(rng.integers(0, 2 * sum(windows) + 1))
+        t = tail_bytes(windows, budget)
 
-        most = max(map(len, windows))
-        feasible = [u for u in range(most + 1) if _fits(windows, budget, u)]
-        assert t == (feasible[0] if feasible else most)
-        assert all(not _fits(windows, budget, u) for u in range(t))
+        feasible = [u for u in range(max(windows) + 1)
+                    if sum(max(0, r - u) for r in windows) + min(u, max(windows)) <= budget]
+        assert t == (feasible[0] if feasible else max(windows)), (windows, budget)
+    # Halda's closed form for equal windows: t = (k r - B) / (k - 1)
+    assert tail_bytes([1000] * 8, 5000) == -(-(8 * 1000 - 5000) // 7)
+    assert tail_bytes([1000, 1000], 900) == 1000  # not even one window fits: all of them move
 
 
-def _fits(windows: list[list[int]], budget: int, t: int) -> bool:
-    """Whether k window heads plus two of the largest tail (in use, arriving) fit."""
-    heads = sum(sum(w[:len(w) - t]) for w in windows)
-    return heads + 2 * max(sum(w[len(w) - t:]) for w in windows) <= budget
+def test_a_window_s_last_bytes_are_the_end_of_its_last_parts(model: Model) -> None:
+    from prima_node.cluster.pager import last_bytes
+
+    parts = WindowPages.parts_in_use_order(model.file, range(1, 3))
+    last = parts[-1]
+    few = last_bytes(parts, last.n_bytes // 2)  # cut inside the last tensor
+    assert few.ranges[-1][1] == last.ranges[-1][1]
+    assert last.n_bytes // 2 <= few.n_bytes <= last.n_bytes // 2 + 2 * PAGE
+    more = last_bytes(parts, last.n_bytes + parts[-2].n_bytes // 2)  # into the one before
+
+    def pages(w: WindowPages) -> set[int]:
+        return {q for a, b in w.ranges for q in range(a // PAGE, b // PAGE)}
+
+    assert pages(last) <= pages(more) <= pages(last) | pages(parts[-2])
+    # (less the page the two tensors may share)
+    assert len(pages(more) - pages(last)) * PAGE >= parts[-2].n_bytes // 2 - PAGE
+    every = last_bytes(parts, sum(p.n_bytes for p in parts))
+    assert every.n_bytes == WindowPages(model.file, [r for p in parts for r in p.ranges]).n_bytes
 
 
 def test_a_window_s_parts_are_its_tensors_in_the_order_a_forward_pass_reads_them(
@@ -529,7 +547,7 @@ def test_a_node_starts_streaming_when_memory_shrinks_and_stops_when_it_returns(
         model: Model) -> None:
     """The memory figure is read again while the node runs: other programs of the home take
     memory and give it back, and the mode follows (with hysteresis)."""
-    from prima_node.cluster.pager import RESIDENT_SAMPLE, Pager
+    from prima_node.cluster.pager import RESIDENT_SAMPLE, Pager, tail_bytes
 
     bounds = [(a, a + 2) for a in range(0, model.config.n_layer, 2)]  # 3 windows of 2 layers
     windows = [model.window(a, b) for a, b in bounds]
@@ -554,18 +572,29 @@ def test_a_node_starts_streaming_when_memory_shrinks_and_stops_when_it_returns(
         pager.after_use(0)
         idle()
         assert pager.stream and pager.as_dict()["mode_changes"] == 1
-        assert pager.tail == 1  # 3 heads + 2 tails fit in 0.95 of the whole: only tails move
+        sizes = [p.n_bytes for p in pages]
+
+        def tail_for(capacity: int, headroom: float) -> int:
+            return tail_bytes(sizes, int(capacity * (1 - headroom)))
+
+        # 3 heads + the tail in use fit in 0.9 of what is left: only each window's end moves
+        tail = tail_for(int(0.95 * held), RELEASE_HEADROOM)
+        assert pager.tail == tail and 0 < tail < min(sizes) // 4
+        assert all(tail <= m.n_bytes <= tail + 2 * PAGE for m in pager.moving)
         pager.after_use(0)  # now it releases what it used and prefetches the next
         _until(lambda: pager.stats.releases >= 1 and pager.stats.prefetches >= 1)
-        # back to just above fitting: inside the hysteresis band, it keeps streaming
+        # back to just above fitting: inside the hysteresis band it keeps streaming, and the
+        # tail shrinks only to what leaves twice the headroom free
         available[0] = int(held / (1 - 1.5 * RELEASE_HEADROOM))
         pager.after_use(1)
         idle()
-        assert pager.stream and pager.tail == 1 and pager.as_dict()["mode_changes"] == 1
-        available[0] = int(0.8 * held)  # less still: heads no longer fit, whole windows move
+        loose = tail_for(available[0], 2 * RELEASE_HEADROOM)
+        assert pager.stream and 0 < pager.tail == loose < tail
+        assert pager.as_dict()["mode_changes"] == 2
+        available[0] = int(0.3 * held)  # less than one window: whole windows move
         pager.after_use(2)
         idle()
-        assert pager.tail == 2 and pager.moving == pages
+        assert pager.tail >= max(sizes) and pager.moving == pages
         released = [fraction(p) for p in pages]
         available[0] = 4 * held  # given back: keep everything again, read back what went
         pager.after_use(0)
@@ -573,6 +602,13 @@ def test_a_node_starts_streaming_when_memory_shrinks_and_stops_when_it_returns(
         assert not pager.stream
         assert all(wait_resident(p, 1.0) == 1.0 for p in pages), released
         doc = pager.as_dict()
-        assert (doc["mode"], doc["mode_changes"], doc["streamed_bytes"]) == ("resident", 3, 0)
+        assert (doc["mode"], doc["mode_changes"], doc["streamed_bytes"]) == ("resident", 4, 0)
     finally:
         pager.close()
+
+
+def test_halda_prices_the_headroom_the_pager_keeps() -> None:
+    """Halda's streaming budget is the pager's: the room less the share kept free."""
+    from prima_node.planner.halda import STREAM_HEADROOM
+
+    assert STREAM_HEADROOM == RELEASE_HEADROOM

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from ..device.memory import MemoryInfo, memory_info
 from ..engine.paging import (
     HIT_RESIDENCY,
+    PAGE,
     RELEASE_HEADROOM,
     PagingStats,
     WindowPages,
@@ -39,25 +40,47 @@ RECHECK_S = 5.0
 
 class _Policy(NamedTuple):
     stream: bool  # release each window's moving part after use and prefetch the next
-    tail: int  # trailing parts (tensors) per window that move (0: nothing, or whole windows
-    # of unknown parts; at least a window's part count: the whole window)
+    tail: int  # bytes at the end of each window that move (0: nothing, or whole windows when
+    # the parts are unknown; at least a window's bytes: the whole window)
     moving: list[WindowPages]  # what is released and prefetched, per window
 
 
-def tail_parts(part_bytes: list[list[int]], budget: int) -> int:
-    """How many trailing parts of each window to stream so that the rest fits: Halda's
-    streaming schedule keeps the head of every window resident and holds, besides, the tail in
-    use and the tail arriving (k heads + 2 tails <= memory). The fewest that fit; every part
-    when even whole windows do not. Parts are tensors: Halda prices the tail in bytes, and
-    whole layers would stream up to a layer more per window than it planned (a node holding
-    one layer per round read twice the predicted bytes)."""
-    most = max((len(w) for w in part_bytes), default=0)
-    for t in range(most + 1):
-        heads = sum(sum(w[:len(w) - t]) for w in part_bytes)
-        tails = max((sum(w[len(w) - t:]) for w in part_bytes), default=0)
-        if heads + 2 * tails <= budget:
-            return t
-    return most
+def tail_bytes(window_bytes: list[int], budget: int) -> int:
+    """How many bytes at the end of each window to stream so that the rest fits: Halda's
+    streaming schedule keeps the head of every window resident and, besides, the one tail in
+    use (``after_use`` reads the next tail only once it released the last): heads + tail <=
+    budget. The fewest bytes that fit (so a node streams what Halda priced, not whole
+    tensors or layers); the largest window's bytes when even whole windows do not."""
+    most = max(window_bytes, default=0)
+
+    def need(t: int) -> int:
+        return sum(max(0, r - t) for r in window_bytes) + min(t, most)
+
+    if need(most) > budget:
+        return most
+    lo, hi = 0, most  # need() does not grow with t: the smallest t with need(t) <= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if need(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def last_bytes(parts: list[WindowPages], n_bytes: int) -> WindowPages:
+    """The pages of a window's last ``n_bytes`` in the order a forward pass reads its parts
+    (a tensor cut where the tail begins)."""
+    ranges: list[tuple[int, int]] = []
+    left = n_bytes
+    for part in reversed(parts):
+        for a, b in reversed(part.ranges):
+            if left <= 0:
+                break
+            take = min(left, b - a)
+            ranges.append((b - take, b))
+            left -= take
+    return WindowPages(parts[0].file, ranges)
 
 
 def clearly_short(held_bytes: int, capacity: int) -> bool:
@@ -131,24 +154,22 @@ class Pager:
         return max(0, capacity)
 
     def _tail(self, headroom: float) -> int:
-        """Trailing layers per window to stream with this share of the capacity kept free
-        (at least one: a streaming node moves something)."""
-        assert self.part_pages is not None
-        sizes = [[p.n_bytes for p in w] for w in self.part_pages]
-        return max(1, tail_parts(sizes, int(self.capacity * (1 - headroom))))
+        """Bytes at the end of each window to stream with this share of the capacity kept
+        free (at least a page: a streaming node moves something)."""
+        sizes = [p.n_bytes for p in self.pages]
+        return max(PAGE, tail_bytes(sizes, int(self.capacity * (1 - headroom))))
 
     def _choose(self, stream: bool, tail: int | None = None) -> _Policy:
-        """The policy for a mode: streaming moves each window's last ``tail`` parts (Halda's
-        schedule; by default the fewest that fit), or whole windows when per-layer pages are
-        not known."""
+        """The policy for a mode: streaming moves each window's last ``tail`` bytes (Halda's
+        schedule; by default the fewest that fit), or whole windows when the order of a
+        window's parts is not known."""
         if not stream:
             return _Policy(False, 0, list(self.pages))
         if self.part_pages is None:
             return _Policy(True, 0, list(self.pages))
         if tail is None:
             tail = self._tail(RELEASE_HEADROOM)
-        moving = [whole if tail >= len(w) else
-                  WindowPages(w[0].file, [r for p in w[len(w) - tail:] for r in p.ranges])
+        moving = [whole if tail >= whole.n_bytes else last_bytes(w, tail)
                   for whole, w in zip(self.pages, self.part_pages, strict=True)]
         return _Policy(True, tail, moving)
 
@@ -156,8 +177,8 @@ class Pager:
         p = self._policy
         _LOG.info("windows hold %.0f MB, memory for them %.0f MB: %s", self.held_bytes / 1e6,
                   self.capacity / 1e6,
-                  (f"keep each window's head, release its last {p.tail} tensor(s) "
-                   f"({self._moving_mb(p):.0f} MB) after use and prefetch the next"
+                  (f"keep each window's head, release its last {self._moving_mb(p):.0f} MB "
+                   "after use and prefetch the next"
                    if p.tail and any(
                        m is not w for m, w in zip(p.moving, self.pages, strict=True))
                    else "release each window after use and prefetch the next")
@@ -274,7 +295,7 @@ class Pager:
             changes = self.mode_changes
         policy = self._policy
         return {"enabled": self.enabled, "mode": "stream" if policy.stream else "resident",
-                "tail_tensors": policy.tail, "mode_changes": changes,
+                "tail_bytes": policy.tail, "mode_changes": changes,
                 "held_bytes": self.held_bytes, "capacity_bytes": self.capacity,
                 "streamed_bytes": sum(p.n_bytes for p in policy.moving) if policy.stream else 0,
                 **stats}

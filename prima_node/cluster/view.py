@@ -13,7 +13,7 @@ from typing import Any
 from .members import Member, Membership
 from .planning import Planning
 
-PAGING_FIELDS = ("enabled", "mode", "tail_tensors", "mode_changes", "held_bytes",
+PAGING_FIELDS = ("enabled", "mode", "tail_bytes", "mode_changes", "held_bytes",
                  "capacity_bytes", "uses", "hit_rate", "mean_residency", "prefetches",
                  "releases", "bytes_prefetched", "bytes_released")
 

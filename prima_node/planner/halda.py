@@ -9,17 +9,18 @@ k times around the ring, L = k * sum(w). Three things differ from the paper's co
 - Disk. In the paper's formula the re-read time (overflow bytes / disk speed) is added to the
   latency and depends on the layers a device holds, k * w, not on k, so more rounds could never
   pay. What makes them pay in the running system is prefetching: a device whose share does not
-  fit streams part of each window, loading it while the token is elsewhere in the ring. That
-  needs room for what is in use and what is arriving, and it costs latency only where
-  streaming is slower than the rest of the token's path: latency = max(compute path + hops +
-  output, each streaming device's bytes / disk speed). With k windows of r bytes and room for
-  weights R, the device keeps a resident head of every window and streams a tail t = (k r -
-  R) / (k - 2), k t bytes a token (see ``_device_cost``); windows too big for two to fit, and
-  k <= 2, would thrash the page cache and are not planned. Large k makes streaming cheap on
-  memory-poor devices; hops make large k expensive.
-- The memory regimes (M1-M4) are not guessed and refined: the streaming time is a convex
-  function of the window (zero while everything fits), so one integer program per k is exact
-  over every regime at once, and the regime each device ends in is reported. The paper's
+  fit streams part of each window, loading it while the token is elsewhere in the ring. It
+  costs latency only where streaming is slower than the rest of the token's path, and a device
+  reads only while it is not computing: latency = max(compute path + hops + output, each
+  device's compute + its streaming). With k windows of r bytes and a budget B for weights (the
+  room less the share the node's pager keeps free, ``STREAM_HEADROOM``), the device keeps a
+  resident head of every window and streams a tail t = (k r - B) / (k - 1), k t bytes a token
+  (see ``_device_cost``); one round, or a window bigger than B, would thrash the page cache and
+  is not planned. Large k makes streaming cheap on memory-poor devices; hops make large k
+  expensive.
+- The memory regimes (M1-M4) are not guessed and refined: one integer program per k, with a
+  binary per device for "streams", is exact over every regime at once, and the regime each
+  device ends in is reported. The paper's
   set-refinement and calibration loop, which exist to guess the regimes and can stop in a local
   optimum, are not needed; idle VRAM cannot be left over either, since GPU layers are priced
   exactly against VRAM.
@@ -53,6 +54,9 @@ TOL_BYTES = 2.0**14
 #: Plans whose decode latency is within this share of the best count as equally fast; of
 #: those, the most even ring is chosen (its pipelined prefill is up to n times faster)
 TIE_REL = 1e-9
+#: Share of a streaming device's room its pager keeps free (cluster.pager: RELEASE_HEADROOM):
+#: the budget for resident heads and the tail in use
+STREAM_HEADROOM = 0.10
 
 
 @dataclass(frozen=True)
@@ -231,41 +235,108 @@ def _device_cost(c: _Coef, k: int, w: int, n: int) -> tuple[float, float, float]
 
     Either everything it holds fits in memory, or it streams part of every window from disk
     while the token is elsewhere in the ring (prima.cpp's prefetch-release, spread evenly): each
-    of its k windows keeps a resident head and streams a tail of t bytes, released after use
-    and prefetched again before the next use. Memory then holds the k heads, the tail in use and
-    the tail arriving: k (r - t) + 2 t <= room, so t = (k r - room) / (k - 2), k t bytes a token.
-    Streaming whole windows instead costs k r - room + 2 r, never less within the feasible range
-    (t <= r, i.e. two whole windows fit); with k <= 2 nothing can be prefetched without evicting
-    what is needed next, so everything must fit. The KV cache is anonymous memory and stays
-    resident either way (the paper's M3 counts it as re-read from disk, which it never is).
+    of its k windows keeps a resident head and streams a tail of t bytes, released right after
+    use and prefetched again before the next use. The pager reads the next tail only once it
+    released the last one, so memory holds the k heads and one tail: k (r - t) + t <= B, so
+    t = (k r - B) / (k - 1), k t bytes a token, where B is the room for weights less the
+    pager's headroom. Streaming needs one whole window to fit B (t <= r) and two rounds at
+    least: with one, the window released is the one needed next. The KV cache is anonymous
+    memory and stays resident either way (the paper's M3 counts it as re-read from disk, which
+    it never is).
     """
     if n > w or k * n * c.layer_mem > c.gpu_cap_bytes + TOL_BYTES:
         return None
     compute = k * (c.alpha * w + c.beta * n)
     ram = _ram_layers(c, w, n)
-    room = c.avail - c.fixed_mem - k * ram * c.kv_mem  # for weights
-    window = ram * c.weight_mem
-    deficit = k * window - room
-    if deficit <= TOL_BYTES:
+    room = c.avail - c.fixed_mem
+    if k * ram * c.layer_mem <= room + TOL_BYTES:
         return compute, 0.0, 0.0
-    if k <= 2 or not c.can_overflow or 2 * window > room + TOL_BYTES:
+    budget = (1 - STREAM_HEADROOM) * (room - k * ram * c.kv_mem)  # for weights
+    window = ram * c.weight_mem
+    if k < 2 or not c.can_overflow or window > budget + TOL_BYTES:
         return None
-    streamed = k * deficit / (k - 2)
+    streamed = k * (k * window - budget) / (k - 1)
     return compute, streamed / c.disk, streamed
 
 
 # -- the integer program ----------------------------------------------------------------------
 
 
+class _Program:
+    """A mixed-integer program's variables and rows, added one constraint at a time."""
+
+    def __init__(self, M: int) -> None:
+        # per device: w_m, n_m (integer layers, GPU layers), s_m >= 0 (streaming seconds),
+        # z_m (binary: streams); then T and P
+        self.M = M
+        self.iw, self.i_n, self.i_s, self.iz = 0, M, 2 * M, 3 * M
+        self.iT, self.iP = 4 * M, 4 * M + 1
+        self.nvar = 4 * M + 2
+        self.lo = np.zeros(self.nvar)
+        self.hi = np.full(self.nvar, np.inf)
+        self.hi[self.iz:self.iz + M] = 0.0  # no device streams unless allowed to
+        self.rows: list[np.ndarray] = []
+        self.rlo: list[float] = []
+        self.rhi: list[float] = []
+
+    def row(self, coeffs: dict[int, float], low: float, high: float) -> None:
+        r = np.zeros(self.nvar)
+        for i, v in coeffs.items():
+            r[i] = v
+        self.rows.append(r)
+        self.rlo.append(low)
+        self.rhi.append(high)
+
+    def solve(self, objective: int) -> np.ndarray | None:
+        integrality = np.concatenate([np.ones(2 * self.M), np.zeros(self.M),
+                                      np.ones(self.M), np.zeros(2)])
+        res = milp(np.eye(self.nvar)[objective], integrality=integrality,
+                   bounds=Bounds(self.lo, self.hi),
+                   constraints=LinearConstraint(np.array(self.rows), self.rlo, self.rhi),
+                   options={"mip_rel_gap": 0.0})
+        return res.x if res.status == 0 and res.x is not None else None
+
+
+def _device_rows(p: _Program, m: int, cf: _Coef, k: int, W: int) -> None:
+    """Device m's rows: its layers, its compute within T and P, and its memory: everything
+    fits (z = 0) or it streams (z = 1; see ``_device_cost``), T >= its compute + streaming."""
+    iw, i_n, i_s, iz = p.iw + m, p.i_n + m, p.i_s + m, p.iz + m
+    p.lo[iw], p.hi[iw] = 1, W
+    p.hi[i_n] = math.floor((cf.gpu_cap_bytes + TOL_BYTES / 2) / (k * cf.layer_mem)) \
+        if cf.gpu_cap_bytes else 0
+    p.row({i_n: 1.0, iw: -1.0}, -np.inf, 0.0)  # n <= w
+    p.row({p.iP: 1.0, iw: -k * cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
+    p.row({p.iT: 1.0, i_s: -1.0, iw: -k * cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
+    ram = {iw: 1.0} if cf.metal else {iw: 1.0, i_n: -1.0}
+
+    def scaled(per_layer: float) -> dict[int, float]:  # GB, to keep the program well scaled
+        return {i: v * per_layer / 1e9 for i, v in ram.items()}
+
+    room = (cf.avail - cf.fixed_mem + TOL_BYTES / 2) / 1e9
+    big = k * cf.layer_mem * W / 1e9 + abs(room)  # exceeds every memory row's left side
+    if k < 2 or not cf.can_overflow:  # everything fits
+        p.row(scaled(k * cf.layer_mem), -np.inf, room)
+        p.hi[i_s] = 0.0
+        return
+    p.hi[iz] = 1.0
+    keep = 1 - STREAM_HEADROOM
+    # everything fits unless it streams
+    p.row({**scaled(k * cf.layer_mem), iz: -big}, -np.inf, room)
+    # streaming: one window's weights within the budget B = keep * (room - KV)
+    p.row({**scaled(cf.weight_mem + keep * k * cf.kv_mem), iz: big}, -np.inf, keep * room + big)
+    # streaming: s >= k / (k - 1) * (k * window - B) / disk
+    f = k / (k - 1) * 1e9 / cf.disk
+    p.row({**{i: v * f for i, v in scaled(k * (cf.weight_mem + keep * cf.kv_mem)).items()},
+           i_s: -1.0, iz: f * big}, -np.inf, f * (keep * room + big))
+
+
 def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
              ) -> tuple[float, list[int], list[int]] | None:
-    """Exact min of T = max(compute + base, each device's streaming time) for fixed k, and
-    among the plans that reach it, the most even pipeline.
+    """Exact min of T = max(compute + base, each device's compute + streaming time) for fixed
+    k, and among the plans that reach it, the most even pipeline.
 
-    Variables: w_m, n_m (integer), s_m >= 0 (streaming seconds), T, and P >= every device's
-    compute per token. The streaming time is max(0, a linear function of w, n), convex, so it
-    needs no regime binaries: every device's memory regime (fits or streams) falls out of the
-    one program. Memory rows are in GB to keep the program well scaled.
+    A binary per device says whether it streams; every device's memory regime (fits or
+    streams) falls out of the one program.
 
     P is the pipelined prefill's pace: a prompt's micro-batches follow each other around the
     ring, so its time is set by the busiest device, while a decode step visits every device
@@ -274,82 +345,38 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
     minimises P with T held at its optimum, so the even one is chosen at no cost to decoding.
     """
     M = len(coefs)
-    iw, i_n, i_s, iT, iP = 0, M, 2 * M, 3 * M, 3 * M + 1
-    nvar = 3 * M + 2
-    c = np.zeros(nvar)
-    c[iT] = 1.0
-    lo = np.zeros(nvar)
-    hi = np.full(nvar, np.inf)
-    rows: list[np.ndarray] = []
-    rlo: list[float] = []
-    rhi: list[float] = []
-
-    def row(coeffs: dict[int, float], low: float, high: float) -> None:
-        r = np.zeros(nvar)
-        for i, v in coeffs.items():
-            r[i] = v
-        rows.append(r)
-        rlo.append(low)
-        rhi.append(high)
-
-    row(dict.fromkeys(range(M), 1.0), W, W)
-    compute: dict[int, float] = {iT: 1.0}
+    p = _Program(M)
+    p.row(dict.fromkeys(range(M), 1.0), W, W)
+    compute: dict[int, float] = {p.iT: 1.0}
     for m, cf in enumerate(coefs):
-        lo[iw + m], hi[iw + m] = 1, W
-        hi[i_n + m] = math.floor((cf.gpu_cap_bytes + TOL_BYTES / 2) / (k * cf.layer_mem)) \
-            if cf.gpu_cap_bytes else 0
-        compute[iw + m] = -k * cf.alpha
-        compute[i_n + m] = -k * cf.beta
-        row({iP: 1.0, iw + m: -k * cf.alpha, i_n + m: -k * cf.beta}, 0.0, np.inf)
-        row({i_n + m: 1.0, iw + m: -1.0}, -np.inf, 0.0)  # n <= w
-        row({iT: 1.0, i_s + m: -1.0}, 0.0, np.inf)  # T >= streaming time
-        ram = {iw + m: 1.0} if cf.metal else {iw + m: 1.0, i_n + m: -1.0}
-
-        def scaled(per_layer: float, _ram: dict[int, float] = ram) -> dict[int, float]:
-            return {i: v * per_layer / 1e9 for i, v in _ram.items()}
-
-        room = (cf.avail - cf.fixed_mem + TOL_BYTES / 2) / 1e9
-        if k <= 2 or not cf.can_overflow:  # everything fits
-            row(scaled(k * cf.layer_mem), -np.inf, room)
-            hi[i_s + m] = 0.0
-            continue
-        # two windows' weights (in use, arriving) and all the KV fit
-        row(scaled(2 * cf.weight_mem + k * cf.kv_mem), -np.inf, room)
-        # s >= k / (k - 2) * (k * window + KV - room) / disk
-        f = k / (k - 2) * 1e9 / cf.disk
-        row({**{i: v * f for i, v in scaled(k * cf.layer_mem).items()}, i_s + m: -1.0},
-            -np.inf, room * f)
-    row(compute, base, np.inf)  # T >= compute + hops + output
-    integrality = np.concatenate([np.ones(2 * M), np.zeros(M + 2)])
-    res = milp(c, integrality=integrality, bounds=Bounds(lo, hi),
-               constraints=LinearConstraint(np.array(rows), rlo, rhi),
-               options={"mip_rel_gap": 0.0})
-    if res.status != 0 or res.x is None:
+        _device_rows(p, m, cf, k, W)
+        compute[p.iw + m] = -k * cf.alpha
+        compute[p.i_n + m] = -k * cf.beta
+    p.row(compute, base, np.inf)  # T >= compute + hops + output
+    x = p.solve(p.iT)
+    if x is None:
         return None
     if M > 1:  # the most even of the fastest: T held at its optimum, P minimised
-        lo_t, hi_t = lo.copy(), hi.copy()
-        hi_t[iT] = res.x[iT] * (1 + TIE_REL) + 1e-12
-        even = milp(np.eye(nvar)[iP], integrality=integrality, bounds=Bounds(lo_t, hi_t),
-                    constraints=LinearConstraint(np.array(rows), rlo, rhi),
-                    options={"mip_rel_gap": 0.0})
-        if even.status == 0 and even.x is not None:
-            res = even
-    w = [round(v) for v in res.x[iw:iw + M]]
-    n = [round(v) for v in res.x[i_n:i_n + M]]
+        p.hi[p.iT] = x[p.iT] * (1 + TIE_REL) + 1e-12
+        even = p.solve(p.iP)
+        if even is not None:
+            x = even
+    w = [round(v) for v in x[p.iw:p.iw + M]]
+    n = [round(v) for v in x[p.i_n:p.i_n + M]]
     total = _latency(coefs, k, w, n, base)  # re-evaluated on the integers
     return None if total is None else (total, w, n)
 
 
 def _latency(coefs: Sequence[_Coef], k: int, w: Sequence[int], n: Sequence[int],
              base: float) -> float | None:
-    comp, slowest_disk = base, 0.0
+    comp, slowest = base, 0.0
     for m, cf in enumerate(coefs):
         cost = _device_cost(cf, k, w[m], n[m])
         if cost is None:
             return None
         comp += cost[0]
-        slowest_disk = max(slowest_disk, cost[1])
-    return max(comp, slowest_disk)
+        slowest = max(slowest, cost[0] + cost[1])  # a device reads only between its rounds
+    return max(comp, slowest)
 
 
 # -- ring order -------------------------------------------------------------------------------
@@ -441,7 +468,7 @@ def _lower_bound(coefs: Sequence[_Coef], k: int, L: int, base: float) -> float:
     cannot beat the best plan found so far.
 
     Compute: no split beats every layer on the fastest device. Disk: what does not fit in the
-    devices' memory and VRAM together must stream, k / (k - 2) times over (see
+    devices' memory and VRAM together must stream, k / (k - 1) times over (see
     ``_device_cost``), and all disks at once stream at most their summed speed within T.
     """
     compute = base + L * min(c.alpha + min(0.0, c.beta) for c in coefs)
@@ -451,9 +478,9 @@ def _lower_bound(coefs: Sequence[_Coef], k: int, L: int, base: float) -> float:
     if deficit <= 0:
         return compute
     disks = sum(c.disk for c in coefs if c.can_overflow)
-    if k <= 2 or disks == 0:
+    if k < 2 or disks == 0:
         return math.inf
-    return max(compute, k / (k - 2) * deficit / disks)
+    return max(compute, k / (k - 1) * deficit / disks)
 
 
 def _why_infeasible(devices: Sequence[Device], model: ModelProfile, opts: Options,
@@ -467,15 +494,15 @@ def _why_infeasible(devices: Sequence[Device], model: ModelProfile, opts: Option
     need = model.n_layer * coefs[0].layer_mem
     sizes = (f"the devices have {have / 1e9:.1f} GB of memory and VRAM for layers, the model "
              f"needs {need / 1e9:.1f} GB (weights and a {opts.n_ctx}-position KV cache)")
-    if opts.k is not None and opts.k <= 2:
-        return (f"no assignment fits with k={opts.k}: with one or two rounds every device must "
-                f"hold all its layers in memory (prefetching a window while another runs needs "
-                f"k >= 3); {sizes}. Leave k to the planner, or shorten the context")
+    if opts.k == 1:
+        return (f"no assignment fits with k=1: with one round every device must hold all its "
+                f"layers in memory (prefetching a window while another runs needs k >= 2); "
+                f"{sizes}. Leave k to the planner, or shorten the context")
     if not any(c.can_overflow for c in coefs):
         return (f"no assignment fits: {sizes}, and no disk is fast enough to stream the rest "
                 f"(at least {MIN_DISK_BYTES_PER_S / 1e9:.1f} GB/s)")
     return (f"no assignment fits{f' with k={opts.k}' if opts.k else ''}: {sizes}; streaming "
-            "the rest needs room for two windows on every streaming device")
+            "the rest needs room for a whole window on every streaming device")
 
 
 def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None = None,
@@ -625,7 +652,7 @@ def _brute_force(coefs: Sequence[_Coef], head_out: float, hop: Mapping[tuple[int
                 if len(members) > W:
                     continue
                 base = k * ring_s + head_out
-                # options per device and window: (compute, streaming time), over every n
+                # options per device and window: (compute, compute + streaming), over every n
                 opts_m = []
                 for m in members:
                     per_w: list[list[tuple[float, float]]] = [[] for _ in range(W + 1)]
@@ -633,10 +660,10 @@ def _brute_force(coefs: Sequence[_Coef], head_out: float, hop: Mapping[tuple[int
                         for n in range(0, w + 1):
                             cost = _device_cost(coefs[m], k, w, n)
                             if cost is not None:
-                                per_w[w].append((cost[0], cost[1]))
+                                per_w[w].append((cost[0], cost[0] + cost[1]))
                     opts_m.append(per_w)
-                # latency = max(sum of compute + base, slowest streaming): for each bound D on
-                # the streaming times, minimise the compute sum by DP over devices
+                # latency = max(sum of compute + base, slowest compute + streaming): for each
+                # bound D on the latter, minimise the compute sum by DP over devices
                 bounds = sorted({o[1] for per_w in opts_m for opts in per_w for o in opts})
                 for D in bounds:
                     dp = [math.inf] * (W + 1)

@@ -476,10 +476,11 @@ def _status_document() -> Schema:
                     "mode": {"enum": ["resident", "stream"], "description": "resident: its "
                              "windows fit and stay in memory; stream: each window is released "
                              "after use and the next one read ahead."},
-                    "tail_tensors": _t("integer", "Streaming: trailing tensors of each window "
-                                       "(in the order they are read) that are released and "
-                                       "read ahead (the rest stays); 0 when whole windows "
-                                       "move or nothing does."),
+                    "tail_bytes": _t("integer", "Streaming: bytes at the end of each window "
+                                     "(in the order a forward pass reads them) that are "
+                                     "released and read ahead, the rest staying (at least "
+                                     "a window's bytes: whole windows move); 0 when nothing "
+                                     "does."),
                     "mode_changes": _t("integer", "Times the node changed mode or tail as "
                                        "its available memory moved (read every few seconds "
                                        "of use)."),
