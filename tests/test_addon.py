@@ -276,7 +276,7 @@ def test_head_with_peers_key_and_tuning(tmp_path: Path) -> None:
     argv = argv_of(tmp_path, role="auto", cluster_secret="s3cret-of-the-house",
                    peers=[" 192.168.1.20:8080 ", "", "nas.local:9000"], api_key="key with space",
                    threads=6, context=8192, prefetch=False, log_level="debug", port=9090,
-                   model="/media/models/a b.gguf")
+                   model="/media/models/a b.gguf", name="Kitchen PC")
     args = parsed(argv)
     assert args.head and secret_in(args.cluster_secret_file) == "s3cret-of-the-house"
     assert "s3cret-of-the-house" not in argv and "key with space" not in argv  # not in `ps`
@@ -285,7 +285,7 @@ def test_head_with_peers_key_and_tuning(tmp_path: Path) -> None:
     assert args.model == "/media/models/a b.gguf"
     assert (args.threads, args.ctx, args.prefetch, args.log_level, args.port) == (
         6, 8192, "off", "debug", 9090)
-    assert args.state_dir == "/data"
+    assert args.state_dir == "/data" and args.name == "Kitchen PC"
 
 
 def test_explicit_roles(tmp_path: Path) -> None:

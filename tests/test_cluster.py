@@ -700,12 +700,28 @@ def test_a_two_node_ring_of_the_tiny_preset_gives_one_node_s_logits(
         assert worker.stop() == 0, worker.log()
 
 
-def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
+def _spoil_profiles(cache: Path, factor: float = 50.0) -> dict[Path, dict[str, float]]:
+    """Divide the cached profiles' decode speeds by ``factor`` (a profile "measured" while
+    something else ran); the real speeds, per file."""
+    cached = sorted(cache.glob("device-*.json"))
+    assert cached
+    real = {}
+    for path in cached:
+        doc = json.loads(path.read_text())
+        real[path] = {t: k["decode_flops"] for t, k in doc["kernels"].items()}
+        for k in doc["kernels"].values():
+            k["decode_flops"] /= factor
+        path.write_text(json.dumps(doc))
+    return real
+
+
+def test_a_profile_the_ring_contradicts_is_calibrated_then_measured_again_when_idle(
         make_model: ModelFactory, tmp_path: Path) -> None:
     """A device profile is cached; one taken while the device was busy says it computes
-    many times slower than it does. Once decode steps show it, the head measures that node
-    again before the next request, and the plan after it prices the real speed. The same
-    steps teach the head what a hop costs beyond its link."""
+    many times slower than it does. Once decode steps show it, the head scales the node's
+    figures by what the ring measured and asks for a plan when idle (never before the next
+    request), which measures the node again and prices its real speed. The same steps
+    teach the head what a hop costs beyond its link."""
     from prima_node.cluster.planning import REPROFILE_EVERY_S, STALE_AFTER_STEPS
 
     model = make_model("llama", "tiny", "Q8_0")
@@ -716,15 +732,7 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
         worker.wait_ready()
         head = InProcessHead(model, [f"127.0.0.1:{worker.port}"], cache)
         head.plan(1)  # measures both nodes and caches their profiles
-        cached = sorted(cache.glob("device-*.json"))
-        assert cached
-        real = {}
-        for path in cached:
-            doc = json.loads(path.read_text())
-            real[path] = {t: k["decode_flops"] for t, k in doc["kernels"].items()}
-            for k in doc["kernels"].values():
-                k["decode_flops"] /= 50  # "measured" while something else ran
-            path.write_text(json.dumps(doc))
+        real = _spoil_profiles(cache)
         slow = head.plan(1)
         ring = head.head.planning
         ids = [d.name for d in slow.devices]
@@ -733,21 +741,25 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
             head.ring.forward([t + 1], session="s")
             assert not ring.stale_profiles  # too few steps to judge
         head.ring.forward([3], session="s")
-        assert ring.stale_profiles == set(ids) and ring.needs_plan
+        assert ring.stale_profiles == set(ids) and ring.replan_when_idle
+        assert not ring.needs_plan  # the next request does not wait for it
+        assert set(ring.calibration) == set(ids)
+        assert all(c < 0.5 for c in ring.calibration.values()), ring.calibration
         assert ring.hop_overhead_s is not None and ring.hop_overhead_s >= 0
         head.call(head.head.replan(1))
         for path, speeds in real.items():
             fresh = json.loads(path.read_text())["kernels"]
             assert all(fresh[t]["decode_flops"] > speeds[t] / 5 for t in speeds), (fresh, speeds)
         assert not ring.stale_profiles and set(ring.reprofiled_at) == set(ids)
+        assert not ring.calibration and not ring.replan_when_idle  # measured afresh
         assert ring.plan is not None
         for old, new in zip(slow.devices, ring.plan.devices, strict=True):
             assert new.compute_s < old.compute_s / 10
-        # measured again once: the same contradiction within REPROFILE_EVERY_S does not
-        # repeat it; after that it would
+        # measured again once: the same contradiction within REPROFILE_EVERY_S is only
+        # calibrated; after that it is measured again too
         ring.measured_ms = {i: 50e3 * d.compute_s for i, d in enumerate(slow.devices)}
         ring._check_profiles(slow)
-        assert not ring.stale_profiles
+        assert not ring.stale_profiles and set(ring.calibration) == set(ids)
         for node_id in ids:
             ring.reprofiled_at[node_id] -= REPROFILE_EVERY_S + 1
         ring._check_profiles(slow)
@@ -757,4 +769,73 @@ def test_a_profile_the_ring_contradicts_is_measured_again_and_hops_are_priced(
     finally:
         if head is not None:
             head.close()
+        assert worker.stop() == 0, worker.log()
+
+
+def test_twenty_conversations_on_a_ring_never_stall_and_keep_their_cache(
+        make_model: ModelFactory, tmp_path: Path) -> None:
+    """As Home Assistant talks to a ring: one long system prompt, a new question each time.
+    The nodes' cached profiles are 50x too slow, so the ring contradicts them at the first
+    answer; no conversation waits for a re-measure or a re-plan (the first token of each
+    within 2x the first one's), every one after the first finds the system prompt cached,
+    and the plan made while idle keeps the windows, so the cache survives it."""
+    from prima_node.server.app import IDLE_S
+
+    model = make_model("llama", "tiny", "Q8_0")
+    cache = tmp_path / "profiles"
+    worker = _node(model, tmp_path / "w", cache)
+    worker.wait_ready()
+    peers = ("--head", "--all-nodes", "--peer", f"127.0.0.1:{worker.port}")
+    head = _node(model, tmp_path / "h", cache, *peers)
+    try:
+        head.wait_ready()
+        assert head.stop() == 0  # the profiles are cached now: spoil them
+        _spoil_profiles(cache)
+        head = _node(model, tmp_path / "h", cache, *peers)
+        head.wait_ready()
+        system = "You are the voice assistant of a home. " * 30
+        first: list[float] = []
+        cached: list[int] = []
+        with openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0,
+                           timeout=60) as client:
+            for i in range(20):
+                if i == 10:  # idle for a while: the nodes are measured again meanwhile
+                    deadline = time.monotonic() + IDLE_S + 60
+                    while "measuring node" not in head.log():
+                        assert time.monotonic() < deadline, head.log()
+                        time.sleep(0.05)
+                t0 = time.monotonic()
+                ttft = None
+                for chunk in client.chat.completions.create(
+                        model="m", messages=[{"role": "system", "content": system},
+                                             {"role": "user", "content": f"Question {i}?"}],
+                        max_tokens=12, temperature=0, stream=True,
+                        stream_options={"include_usage": True}):
+                    if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                        ttft = time.monotonic() - t0
+                    if chunk.usage is not None:
+                        details = chunk.usage.prompt_tokens_details
+                        cached.append(details.cached_tokens or 0 if details else 0)
+                assert ttft is not None
+                first.append(ttft)
+        log = head.log()
+        assert "its figures are scaled by what the ring measured" in log, log
+        # the plan made once the measuring was over (between two requests) kept the ring,
+        # and the next conversation finds its cache
+        deadline = time.monotonic() + 60
+        while "the ring and its caches stay" not in head.log():
+            assert time.monotonic() < deadline, head.log()
+            time.sleep(0.1)
+        with openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0,
+                           timeout=60) as client:
+            after = client.chat.completions.create(
+                model="m", messages=[{"role": "system", "content": system},
+                                     {"role": "user", "content": "Question 20?"}],
+                max_tokens=4, temperature=0)
+        assert after.usage is not None and after.usage.prompt_tokens_details is not None
+        assert (after.usage.prompt_tokens_details.cached_tokens or 0) > 0
+        assert all(t < 2 * first[0] for t in first), " ".join(f"{t:.3f}" for t in first)
+        assert all(c > 0 for c in cached[1:]), cached
+    finally:
+        head.stop()
         assert worker.stop() == 0, worker.log()

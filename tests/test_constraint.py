@@ -300,6 +300,8 @@ def test_special_tokens_are_never_allowed_inside_json(setups: dict[Any, Any]) ->
     ({"type": "foo"}, "foo"),
     ({"type": "string", "pattern": "(?<=a)b"}, "pattern|look"),
     ({"$ref": "#/definitions/missing"}, "missing"),
+    # compiles, and fails only when the first token's mask is computed
+    ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "admits no document"),
 ])
 def test_invalid_schemas_raise_schema_error_with_llguidance_message(
         setups: dict[Any, Any], schema: dict[str, Any], message: str) -> None:

@@ -33,7 +33,8 @@ def test_help_explains_every_option() -> None:
                    "--threads", "--queue-limit", "--cache-slots", "--state-dir", "--log-level",
                    "--cluster-secret", "--cluster-secret-file", "--head", "--peer", "--rounds",
                    "--all-nodes", "--link-dtype", "--prefill-pipeline", "--prefetch",
-                   "--no-discovery", "--tls-cert", "--tls-key", "--tls-ca", "--advertise"):
+                   "--no-discovery", "--tls-cert", "--tls-key", "--tls-ca", "--advertise",
+                   "--name"):
         assert option in out
 
 
@@ -48,6 +49,8 @@ def test_help_explains_every_option() -> None:
     (["--tls-cert", "/tmp", "--tls-key", "/tmp"], "Is a directory"),
     (["--tls-cert", "/etc/hostname"], "TLS needs both --tls-cert and --tls-key"),
     (["--tls-ca", "/etc/hostname"], "--tls-ca needs --tls-cert and --tls-key"),
+    (["--name", " "], "--name must be 1 to 64 printable characters"),
+    (["--name", "a\nb"], "--name must be 1 to 64 printable characters"),
 ])
 def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
                                             make_model: ModelFactory) -> None:
@@ -155,3 +158,20 @@ def test_two_nodes_on_one_state_directory_do_not_collapse(tmp_path: Path,
         assert again.wait_ready().status()["node_id"] == (state / "node-id").read_text().strip()
     finally:
         again.stop()
+
+
+def test_a_node_is_known_by_the_name_it_is_given(tmp_path: Path,
+                                                 make_model: ModelFactory) -> None:
+    """Three nodes on one box are three names, not the host's name three times."""
+    node = ServerProcess(make_model(), tmp_path / "state", extra=("--name", "Kitchen PC"))
+    try:
+        (me,) = node.start().wait_ready().status()["cluster"]["nodes"]
+        assert me["name"] == "Kitchen PC"
+    finally:
+        node.stop()
+    unnamed = ServerProcess(make_model(), tmp_path / "state")
+    try:
+        (me,) = unnamed.start().wait_ready().status()["cluster"]["nodes"]
+        assert me["name"] == socket.gethostname()
+    finally:
+        unnamed.stop()

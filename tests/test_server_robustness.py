@@ -74,6 +74,30 @@ def test_oversized_or_odd_fields_are_refused_by_name(server: ServerProcess,
     assert status == 400 and body["error"]["param"] == param, body
 
 
+@pytest.mark.parametrize(("path", "fields", "param"), [
+    ("/v1/completions", {"prompt": "x\udc80y"}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]},
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["ok", "\udfff"]}, "stop[1]"),
+])
+def test_a_lone_surrogate_is_refused_by_name(server: ServerProcess, path: str,
+                                             fields: dict[str, Any], param: str) -> None:
+    """JSON can spell text no tokenizer can encode; the answer is a 400 naming where."""
+    status, raw = server.post(path, {"max_tokens": 2, **fields})
+    body = json.loads(raw)
+    assert status == 400 and body["error"]["param"] == param, body
+    assert "lone surrogate" in body["error"]["message"]
+
+
+def test_a_schema_that_compiles_but_admits_nothing_is_a_400(server: ServerProcess) -> None:
+    recursive = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    status, body = chat(server, response_format={
+        "type": "json_schema", "json_schema": {"name": "r", "schema": recursive}})
+    assert status == 400 and body["error"]["param"] == "response_format", body
+    assert "admits no document" in body["error"]["message"]
+    assert chat(server)[0] == 200  # and the node goes on serving
+
+
 def test_template_arguments_cannot_collide_with_the_servers_own(server: ServerProcess) -> None:
     status, body = chat(server, chat_template_kwargs={"self": 1, "bos_token": "<s>"})
     assert status == 200, body  # just template variables: no clash with any signature

@@ -95,6 +95,7 @@ RECOMMENDED_CONVERSATION_OPTIONS: dict[str, Any] = {
     CONF_MAX_HISTORY: DEFAULT_MAX_HISTORY,
 }
 
+AUTH_ERRORS = ("invalid_auth", "missing_auth")
 _API_KEY_SELECTOR = TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))
 
 
@@ -227,7 +228,8 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
         try:
             return await client.status(), None
         except PrimaAuthError:
-            return None, "invalid_auth"
+            # the head tells "no key" from "a wrong key"; so does the form
+            return None, "invalid_auth" if api_key else "missing_auth"
         except PrimaConnectionError as exc:
             LOGGER.debug("cannot connect to %s: %s", url, exc)
             return None, "cannot_connect"
@@ -312,7 +314,7 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
                 str(existing.data.get(CONF_URL) or ""), discovery_info.host, port)})
 
         doc, error = await self._async_probe(url, None)
-        if error == "invalid_auth":
+        if error in AUTH_ERRORS:
             self._needs_key = True
         elif doc is None:
             return self.async_abort(reason=error or "unknown")
@@ -369,7 +371,7 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
             return self.async_abort(reason="invalid_discovery_info")
         api_key = _clean_key(config)
         doc, error = await self._async_probe(url, api_key)
-        if error == "invalid_auth":
+        if error in AUTH_ERRORS:
             self._needs_key = True
         elif doc is None:
             return self.async_abort(reason=error or "unknown")
@@ -452,13 +454,46 @@ def _llm_api_options(hass: HomeAssistant) -> list[SelectOptionDict]:
     return [SelectOptionDict(label=api.name, value=api.id) for api in llm.async_get_apis(hass)]
 
 
+def tool_support(doc: Mapping[str, Any] | None) -> bool | None:
+    """Whether the served model can call tools (its template has a tool-call syntax); None
+    while the head has not said (no model loaded yet)."""
+    model = doc.get("model") if doc else None
+    if not isinstance(model, dict) or "tool_format" not in model:
+        return None
+    return model["tool_format"] is not None
+
+
+def tools_note(doc: Mapping[str, Any] | None) -> str:
+    """The agent form's line on tools: what the served model can do with them."""
+    model = doc.get("model") if doc else None
+    name = str(model.get("id") or "the model") if isinstance(model, dict) else "the model"
+    can = tool_support(doc)
+    if can is None:
+        return (f"Whether {name} can call tools is not known yet: the head has not loaded it.")
+    if can:
+        assert isinstance(model, dict)
+        return (f"{name} can call tools ({model['tool_format']} syntax): choose the APIs it "
+                "may use to control Home Assistant.")
+    return (f"{name} cannot call tools: its chat template has no tool-call syntax, so it "
+            "cannot control Home Assistant, and the head tells it so. Leave \"Control Home "
+            "Assistant\" empty; an assistant that prefers handling commands locally still "
+            "controls your devices.")
+
+
+def unused_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base 2``, ``base 3``... whichever no other subentry carries."""
+    if base not in taken:
+        return base
+    return next(f"{base} {i}" for i in range(2, len(taken) + 3) if f"{base} {i}" not in taken)
+
+
 def subentry_schema(hass: HomeAssistant, subentry_type: str, options: Mapping[str, Any],
-                    *, new: bool) -> vol.Schema:
+                    *, new: bool, name: str | None = None) -> vol.Schema:
     """The options form of a conversation agent or an AI Task entity."""
     conversation = subentry_type == SUBENTRY_CONVERSATION
     schema: dict[Any, Any] = {}
     if new:
-        name = DEFAULT_CONVERSATION_NAME if conversation else DEFAULT_AI_TASK_NAME
+        name = name or (DEFAULT_CONVERSATION_NAME if conversation else DEFAULT_AI_TASK_NAME)
         schema[vol.Required(CONF_NAME, default=name)] = str
     if conversation:
         known = {api.id for api in llm.async_get_apis(hass)}
@@ -512,16 +547,26 @@ class PrimaSubentryFlow(ConfigSubentryFlow):
                 return self.async_create_entry(title=str(user_input[CONF_NAME]), data=data)
             return self.async_update_and_abort(self._get_entry(),
                                                self._get_reconfigure_subentry(), data=data)
+        entry = self._get_entry()
+        doc = entry.runtime_data.coordinator.data
+        conversation = self._subentry_type == SUBENTRY_CONVERSATION
         options: Mapping[str, Any]
         if not new:
             options = self._get_reconfigure_subentry().data
-        elif self._subentry_type == SUBENTRY_CONVERSATION:
-            options = RECOMMENDED_CONVERSATION_OPTIONS  # Assist on, as in the default agent
+        elif conversation:
+            # Assist on, as in the default agent, where the model can use it
+            options = RECOMMENDED_CONVERSATION_OPTIONS if tool_support(doc) is not False \
+                else {**RECOMMENDED_CONVERSATION_OPTIONS, CONF_LLM_HASS_API: []}
         else:
             options = RECOMMENDED_AI_TASK_OPTIONS
+        default = DEFAULT_CONVERSATION_NAME if conversation else DEFAULT_AI_TASK_NAME
+        name = unused_name(default, {sub.title for sub in entry.subentries.values()
+                                     if sub.subentry_type == self._subentry_type})
         return self.async_show_form(
             step_id="set_options",
-            data_schema=subentry_schema(self.hass, self._subentry_type, options, new=new))
+            data_schema=subentry_schema(self.hass, self._subentry_type, options, new=new,
+                                        name=name),
+            description_placeholders={"tools": tools_note(doc)} if conversation else None)
 
     async_step_user = async_step_set_options
     async_step_reconfigure = async_step_set_options

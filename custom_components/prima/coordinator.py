@@ -112,6 +112,10 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
                         LOGGER.debug("receiving the status from %s as it changes",
                                      self.client.url)
                     delay = RECONNECT_MIN_S
+                    if not self.last_update_success:
+                        # Home Assistant's "recovered" line is the poller's; a return through
+                        # the stream would otherwise pass unsaid after the failure was logged
+                        LOGGER.info("The head node at %s is back", self.client.url)
                     self._track(doc)
                     self.async_set_updated_data(doc)
             except PrimaAuthError:

@@ -331,6 +331,7 @@ class PrimaLLMBaseEntity(Entity):
     def __init__(self, entry: PrimaConfigEntry, subentry: ConfigSubentry) -> None:
         self.entry = entry
         self.subentry = subentry
+        self._warned_no_tools = False  # said once that the model cannot use its tools
         self._attr_unique_id = subentry.subentry_id
         coordinator = entry.runtime_data.coordinator
         model = coordinator.data.get("model")
@@ -384,6 +385,14 @@ class PrimaLLMBaseEntity(Entity):
                  ] if chat_log.llm_api else []
         fmt = response_format(structure_name, structure, serializer or llm.selector_serializer
                               ) if structure is not None else None
+        if tools and not self._warned_no_tools and self.entry.runtime_data.coordinator.data.get(
+                "model", {}).get("can_call_tools") is False:
+            self._warned_no_tools = True
+            LOGGER.warning("%s: the served model cannot call tools (its chat template has no "
+                           "tool-call syntax), so it cannot act through %s; the head tells it "
+                           "so. Remove \"Control Home Assistant\" from the agent or serve a "
+                           "model with tool calls", self.entity_id, chat_log.llm_api.api.name
+                           if chat_log.llm_api else "the selected APIs")
         stats = RoundStats()
         for _iteration in range(MAX_TOOL_ITERATIONS):
             payload = self._payload(self._messages(chat_log))

@@ -77,13 +77,14 @@ class ClusterHead:
         await self._apply(await self.planning.make(self.members))
         self.membership.start()
 
-    async def replan(self, k: int | None = None) -> None:
+    async def replan(self, k: int | None = None, *, fresh_links: bool = True) -> None:
         """Plan again with the members that are connected and not benched."""
         self.membership.members = self.membership.usable()
-        self.planning.needs_plan = False
+        self.planning.needs_plan = self.planning.replan_when_idle = False
         _LOG.info("planning again with %d node(s)", len(self.members))
         try:
-            await self._apply(await self.planning.make(self.members, k))
+            await self._apply(await self.planning.make(self.members, k,
+                                                       fresh_links=fresh_links))
         except BaseException:
             self.mark_stale()  # half the nodes may hold the new plan: never run on that
             raise
@@ -262,6 +263,33 @@ class HeadRingLink:
 
     def record(self, marks: list[tuple[int, int]], token_s: float, output_s: float) -> None:
         self.head.planning.record(marks, token_s, output_s)
+
+    def wants_idle_plan(self) -> bool:
+        """A plan is due once nobody waits (the ring contradicted a node's profile)."""
+        return self.head.planning.replan_when_idle
+
+    async def idle_measure(self) -> None:
+        """Event loop, once the cluster is idle, without holding the model: measure the
+        nodes the ring contradicted (seconds of benchmarks that a request arriving meanwhile
+        does not wait for)."""
+        try:
+            await self.head.planning.profiles(self.head.membership.usable())
+        except Exception as exc:  # the plan measures them then
+            _LOG.warning("measuring nodes again while idle failed: %s", exc)
+
+    def idle_plan(self) -> None:
+        """Plan again while the cluster is idle (model thread, holding the model's turn),
+        from the profiles just measured and the links of the last plan: quick, and the ring
+        is kept, caches included, when the plan gives every node its windows."""
+        try:
+            self._call(self.head.replan(fresh_links=False), timeout=REPLAN_TIMEOUT_S)
+        except Exception as exc:  # the next request plans again (mark_stale was called)
+            _LOG.warning("planning the ring again while idle failed: %s", exc)
+        while True:  # frames of an old ring
+            try:
+                self.node.returned.get_nowait()
+            except queue.Empty:
+                break
 
     def plan_now(self, k: int | None = None) -> dict[str, Any]:
         """Plan again at once (model thread, between answers): ``POST /api/plan``."""

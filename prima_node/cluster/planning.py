@@ -9,7 +9,10 @@ epoch, carried by every frame) so that no node runs a frame of an older plan.
 While the ring runs, each decode step's per-node compute times and its total are folded into
 moving averages (the status document shows them), and what a hop costs beyond its link's
 measured time is learnt and priced by the next plan. A node whose compute is far from what its
-profile predicted is measured again before the next plan.
+profile predicted has its figures scaled by what the ring measured, and the ring is planned
+again (the node measured again) once the cluster is idle: never between a user and an answer.
+A plan that gives every node the windows it holds changes nothing on the nodes: their caches
+stay.
 
 ``make`` and ``apply`` run on the event loop; ``record`` and ``round_deadline_s`` are called
 from the model thread (plain figures, no awaiting).
@@ -18,13 +21,14 @@ from the model thread (plain figures, no awaiting).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
 from typing import Any
 
 from ..planner.cluster_file import device_from_profile
-from ..planner.halda import Link, Options, Plan, plan
+from ..planner.halda import Device, Link, Options, Plan, plan
 from ..planner.model_profile import ModelProfile
 from .control import NodeError
 from .members import STALL_FLOOR_S, Member
@@ -33,7 +37,7 @@ from .node import ClusterNode
 _LOG = logging.getLogger("prima.cluster")
 STALL_FACTOR = 4.0  # a round may take this many times the predicted (or measured) time
 #: A node's measured compute this many times above or below its profile's prediction, after
-#: ``STALE_AFTER_STEPS`` decode steps of a plan, gets its profile measured again.
+#: ``STALE_AFTER_STEPS`` decode steps of a plan, is calibrated and measured again when idle.
 STALE_RATIO = 2.0
 STALE_AFTER_STEPS = 8
 REPROFILE_EVERY_S = 600.0
@@ -73,6 +77,10 @@ class Planning:
         self.decode_steps = 0  # decode steps measured on this plan
         # nodes whose cached profile the ring contradicts: measured again by the next plan
         self.stale_profiles: set[str] = set()
+        # node id -> measured / predicted compute: the profile's speeds scaled until the node
+        # is measured again
+        self.calibration: dict[str, float] = {}
+        self.replan_when_idle = False  # a better plan may exist: make it when nobody waits
         self.reprofiled_at: dict[str, float] = {}  # node id -> monotonic time last measured
         self.disk_speed: dict[str, float] = {}  # node id -> its profile's disk read bytes/s
 
@@ -82,11 +90,16 @@ class Planning:
 
     # -- making and applying a plan -----------------------------------------------------------
 
-    async def make(self, members: list[Member], k: int | None = None) -> Plan:
-        """Halda's plan for these members (the head first), from their profiles and links."""
-        profiles = await self._profiles(members)
-        self.links = await self._links(members)
-        devices = [device_from_profile(p) for p in profiles]
+    async def make(self, members: list[Member], k: int | None = None, *,
+                   fresh_links: bool = True) -> Plan:
+        """Halda's plan for these members (the head first), from their profiles and links
+        (measured again, or those of the last plan where it measured them all)."""
+        profiles = await self.profiles(members)
+        if fresh_links or any((a.node_id, b.node_id) not in self.links
+                              for a in members for b in members if a is not b):
+            self.links = await self._links(members)
+        devices = [_calibrated(device_from_profile(p), self.calibration.get(m.node_id, 1.0))
+                   for m, p in zip(members, profiles, strict=True)]
         model = ModelProfile.load(self.node.config.model_path)
         options = Options(n_ctx=self.node.config.n_ctx,
                           k=k if k is not None else self.force_k, head=0, use_all=self.use_all,
@@ -98,7 +111,9 @@ class Planning:
                   " -> ".join(names.get(d, d) for d in result.ring), 1e3 * result.latency_s)
         return result
 
-    async def _profiles(self, members: list[Member]) -> list[dict[str, Any]]:
+    async def profiles(self, members: list[Member]) -> list[dict[str, Any]]:
+        """The members' profiles: cached, or measured again for the nodes the ring
+        contradicted (``stale_profiles``), whose calibration then ends."""
         loop = asyncio.get_running_loop()
         stale, self.stale_profiles = self.stale_profiles, set()
         for m in members:
@@ -118,6 +133,7 @@ class Planning:
         now = time.monotonic()
         for node_id in stale:
             self.reprofiled_at[node_id] = now
+            self.calibration.pop(node_id, None)  # measured afresh: the profile speaks again
         for member, profile in zip(members, profiles, strict=True):
             disk = profile.get("disk")
             if isinstance(disk, dict) and isinstance(disk.get("sequential_bytes_per_s"),
@@ -140,9 +156,24 @@ class Planning:
 
     async def apply(self, p: Plan, members: list[Member]) -> None:
         """Every ring member loads its windows under a new plan number; the plan and its
-        figures start afresh. Raises WindowLoadError naming a member that could not."""
+        figures start afresh. A plan whose windows are the ones the ring holds (the same
+        ring, rounds, layers and streaming) only replaces the figures: nothing reloads, and
+        the caches stay. Raises WindowLoadError naming a member that could not."""
         by_id = {m.node_id: m for m in members}
         ring = [by_id[node_id] for node_id in p.ring]
+        if self.plan is None or _windows(p) != _windows(self.plan) \
+                or [m.node_id for m in ring] != [m.node_id for m in self.ring] \
+                or self.node.assignment is None:
+            await self._load(p, ring)
+        else:
+            _LOG.info("the new plan gives every node the windows it holds: the ring and its "
+                      "caches stay")
+        self.plan, self.ring = p, ring
+        self.planned_at = time.time()
+        self.measured_ms, self.measured_token_ms = {}, None
+        self.decode_steps = 0
+
+    async def _load(self, p: Plan, ring: list[Member]) -> None:
         self.epoch = (self.epoch + 1) % 2**32
         for i, (member, dp) in enumerate(zip(ring, p.devices, strict=True)):
             successor = ring[(i + 1) % len(ring)].url if len(ring) > 1 else None
@@ -156,10 +187,6 @@ class Planning:
                                           epoch=self.epoch, stream=stream)
             except NodeError as exc:
                 raise WindowLoadError(member, exc) from None
-        self.plan, self.ring = p, ring
-        self.planned_at = time.time()
-        self.measured_ms, self.measured_token_ms = {}, None
-        self.decode_steps = 0
 
     # -- what the ring measures (model thread) ------------------------------------------------
 
@@ -221,10 +248,11 @@ class Planning:
         """Compare each node's measured compute with what its profile predicted. A profile is
         cached per device and model; one taken while the device was busy (or before a
         change of hardware or power mode) can be several times off, and a plan built on it
-        gives that node too few or too many layers. Such a node is measured again, at most
-        once per ``REPROFILE_EVERY_S``, by a plan made before the next request. Only nodes
-        that hold their windows in memory are judged: a streaming node's compute time includes
-        its waits for the disk."""
+        gives that node too few or too many layers. Such a node's speeds are scaled by what
+        the ring measured, and a plan made once the cluster is idle prices them (measuring
+        the node again, at most once per ``REPROFILE_EVERY_S``): a request never waits for
+        it. Only nodes that hold their windows in memory are judged: a streaming node's
+        compute time includes its waits for the disk."""
         now = time.monotonic()
         for index, ms in self.measured_ms.items():
             if index >= len(self.ring) or index >= len(p.devices):
@@ -235,11 +263,30 @@ class Planning:
             predicted = 1e3 * planned.compute_s
             if predicted <= 0 or 1 / STALE_RATIO <= ms / predicted <= STALE_RATIO:
                 continue
-            if now - self.reprofiled_at.get(member.node_id, -REPROFILE_EVERY_S) \
-                    < REPROFILE_EVERY_S:
-                continue
+            ratio = ms / predicted
+            self.calibration[member.node_id] = self.calibration.get(member.node_id, 1.0) * ratio
+            measure = now - self.reprofiled_at.get(member.node_id, -REPROFILE_EVERY_S) \
+                >= REPROFILE_EVERY_S
+            if measure:
+                self.stale_profiles.add(member.node_id)
+            self.replan_when_idle = True
             _LOG.warning("node %s computes its windows in %.1f ms a token, its profile said "
-                         "%.1f ms: it will be measured again before the next request",
-                         member.name, ms, predicted)
-            self.stale_profiles.add(member.node_id)
-            self.needs_plan = True
+                         "%.1f ms: its figures are scaled by what the ring measured%s, and the "
+                         "ring is planned again once the cluster is idle", member.name, ms,
+                         predicted, " (it is measured again then)" if measure else "")
+
+
+def _windows(p: Plan) -> tuple[Any, ...]:
+    """What a plan has the nodes load: rounds, and per node its layers and whether it
+    streams."""
+    return (p.k, tuple((tuple(map(tuple, d.ranges)), d.streamed_bytes > 0) for d in p.devices))
+
+
+def _calibrated(device: Device, ratio: float) -> Device:
+    """The device with its compute speeds divided by ``ratio`` (measured / predicted time)."""
+    if ratio == 1.0:
+        return device
+    gpu = device.gpu_flops
+    return dataclasses.replace(
+        device, cpu_flops={t: v / ratio for t, v in device.cpu_flops.items()},
+        gpu_flops=None if gpu is None else {t: v / ratio for t, v in gpu.items()})

@@ -81,7 +81,8 @@ async def run(config: ServerConfig, threads: int | None, announce: Announcement 
         link = HeadRingLink(head, asyncio.get_running_loop())
         opener = functools.partial(open_ring, head, link)
         cluster = ClusterHooks(node.handler, head.view, link.plan_now,
-                               head.membership.listeners)
+                               head.membership.listeners, link.wants_idle_plan,
+                               link.idle_measure, link.idle_plan)
     app = make_app(config, opener, cluster)
     presence = None if announce is None else Presence(
         config.model_path, announce, on_change=head.membership.on_discovered if head else None)

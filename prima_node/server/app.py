@@ -56,6 +56,10 @@ CONFIG = web.AppKey("config", ServerConfig)
 PLANNER: web.AppKey[Callable[[int | None], dict[str, Any]]] = web.AppKey("planner")
 
 
+async def _nothing_to_measure() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class ClusterHooks:
     """What a cluster's head adds to the API; a lone node has none of it."""
@@ -64,6 +68,31 @@ class ClusterHooks:
     view: Callable[[], dict[str, Any]]  # the status document's ``cluster`` part
     plan: Callable[[int | None], dict[str, Any]]  # POST /api/plan, run on the model thread
     listeners: list[Callable[[], None]]  # told of joins and departures: the hub pushes then
+    # work that must not stand between a user and an answer, once no request ran for
+    # ``IDLE_S``: whether it is wanted, its slow part (event loop, the model free for
+    # requests) and its quick part (model thread, holding the model's turn)
+    idle_wanted: Callable[[], bool] = lambda: False
+    idle_measure: Callable[[], Awaitable[None]] = _nothing_to_measure
+    idle_work: Callable[[], None] = lambda: None
+
+
+IDLE_S = 3.0  # no request for this long: the cluster is idle
+IDLE_POLL_S = 1.0
+
+
+async def _when_idle(runtime: Runtime, cluster: ClusterHooks) -> None:
+    """Run the cluster's idle work whenever it wants to and the node is idle: the slow part
+    beside any request that arrives meanwhile, the quick part between requests."""
+    while True:
+        await asyncio.sleep(IDLE_POLL_S)
+        if not cluster.idle_wanted() or runtime.idle_for() < IDLE_S:
+            continue
+        try:
+            await cluster.idle_measure()
+            while cluster.idle_wanted() and not await runtime.when_idle(cluster.idle_work, 0):
+                await asyncio.sleep(IDLE_POLL_S)
+        except Exception:  # the work reports its own failures; keep serving
+            _LOG.exception("the cluster's idle work failed")
 
 
 def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | None = None,
@@ -75,7 +104,8 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
     runtime = Runtime(queue_limit=config.queue_limit, slots=config.cache_slots,
                       on_change=lambda: hub.changed())
     status = Status(runtime, config.node_id, config.model_path, config.n_ctx, config.host,
-                    config.port, cluster_view=cluster.view if cluster is not None else None)
+                    config.port, cluster_view=cluster.view if cluster is not None else None,
+                    name=config.name)
     hub = StatusHub(status.document)
     metrics = _metrics(runtime)
     app[CONFIG], app[RUNTIME], app[STATUS], app[HUB], app[METRICS] = (
@@ -102,8 +132,12 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
         if open_generator is not None:
             _LOG.info("loading %s (context %d tokens)", config.model_path, config.n_ctx)
             app[_LOADER] = asyncio.create_task(runtime.load(open_generator))
+        if cluster is not None:
+            app[_IDLE] = asyncio.create_task(_when_idle(runtime, cluster))
 
     async def shutdown(app: web.Application) -> None:
+        if _IDLE in app:
+            app[_IDLE].cancel()
         hub.close()
         runtime.stop_accepting()  # queued requests get 503 instead of running
         runtime.cancel_all()
@@ -123,6 +157,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
 
 
 _LOADER = web.AppKey("loader", asyncio.Task)
+_IDLE = web.AppKey("idle work", asyncio.Task)
 
 
 def _metrics(runtime: Runtime) -> ServerMetrics:

@@ -30,6 +30,20 @@ class ServerConfig:
     cache_slots: int = 2
     node_id: str = "local"
     tls: ssl.SSLContext | None = None  # set: the listener speaks HTTPS (and wss)
+    name: str = "node"  # what people see: Home Assistant's device, the plan, the logs
+
+
+MAX_NAME = 64
+
+
+def node_name(given: str | None, host: str) -> str:
+    """The node's name: ``--name`` (or $PRIMA_NODE_NAME), else the host name. Three nodes on
+    one box would otherwise all be called after it (and Home Assistant's devices ``vm``,
+    ``vm_2``, ``vm_3``)."""
+    name = (given if given is not None else os.environ.get("PRIMA_NODE_NAME") or host).strip()
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise PrimaError(f"--name must be 1 to {MAX_NAME} printable characters, got {name!r}")
+    return name
 
 
 @contextlib.contextmanager

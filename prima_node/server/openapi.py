@@ -393,6 +393,10 @@ def _model_info(extra: dict[str, Schema], required: list[str]) -> Schema:
         "chat_template": _t("string"),
         "tool_format": _t(["string", "null"], "The tool-call syntax of the chat template "
                           "(null: tool calls cannot be recognised or forced)."),
+        "can_call_tools": _t("boolean", "Whether the model can call tools. When it cannot, "
+                             "a request's tools are left out of the prompt and the model is "
+                             "told that it cannot act; a forced call is refused (400 "
+                             "tools_unsupported)."),
     }
     return _obj(props, required=required, description="Most fields appear once the model "
                 "is loaded.")

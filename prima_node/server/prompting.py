@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ChatTemplateError, ContextOverflowError, SchemaError
 from ..generate import Event, GenerationOptions, Generator
@@ -39,6 +40,28 @@ def _options(req: CommonRequest) -> GenerationOptions:
     return GenerationOptions(sampling=req.sampling, max_tokens=req.max_tokens, stop=req.stop)
 
 
+_told_about_tools = threading.Event()  # warned once; later requests log it at INFO
+
+#: What a model whose template has no tool-call syntax is told when a request offers tools:
+#: otherwise it answers "I turned on the light" while nothing happens
+NO_TOOLS_NOTE = ("You cannot call tools or control any device in this conversation. If you "
+                 "are asked to act, say plainly that you cannot do it; never claim that you did.")
+
+
+def without_tools(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with ``NO_TOOLS_NOTE`` at the end of its system message (one is added
+    at the start when there is none)."""
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        content = first.get("content")
+        if isinstance(content, list):
+            first["content"] = [*content, {"type": "text", "text": "\n\n" + NO_TOOLS_NOTE}]
+        else:
+            first["content"] = f"{content or ''}\n\n{NO_TOOLS_NOTE}".lstrip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": NO_TOOLS_NOTE}, *messages]
+
+
 def chat_prompt(gen: Generator, req: ChatRequest) -> tuple[list[int], GenerationOptions]:
     """The rendered conversation's ids and the options (tool syntax, grammar, schema)."""
     opts = _options(req)
@@ -49,10 +72,16 @@ def chat_prompt(gen: Generator, req: ChatRequest) -> tuple[list[int], Generation
             raise RequestError(
                 f"this model's chat template ({gen.template.name}) has no tool-call syntax, so "
                 "a tool call cannot be forced", param="tool_choice", code="tools_unsupported")
-        _LOG.warning("this model's chat template (%s) has no tool-call syntax: tools are shown "
-                     "to the model but its calls cannot be recognised", gen.template.name)
+        _LOG.log(logging.WARNING if not _told_about_tools.is_set() else logging.INFO,
+                 "this model's chat template (%s) has no tool-call syntax: the request's %d "
+                 "tool(s) were left out of the prompt, and the model was told that it cannot "
+                 "act", gen.template.name, len(tools))
+        _told_about_tools.set()
+        messages, tools = without_tools(req.messages), []
+    else:
+        messages = req.messages
     try:
-        ids = gen.chat_prompt(req.messages, tools=tools or None, **req.template_kwargs)
+        ids = gen.chat_prompt(messages, tools=tools or None, **req.template_kwargs)
     except ChatTemplateError as exc:
         raise RequestError(f"the model's chat template refused the conversation: {exc}",
                            param="messages", code="chat_template_error") from None

@@ -88,6 +88,7 @@ class CompletionRequest(CommonRequest):
 
 def parse_chat_request(body: Any) -> ChatRequest:
     body = _object(body, None, "the request body")
+    _unicode(body, "")
     _known(body, _CHAT_FIELDS, "/v1/chat/completions")
     common = _common(body, max_tokens_fields=("max_completion_tokens", "max_tokens"))
     if body.get("top_logprobs") not in (None, 0):
@@ -114,6 +115,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = _object(body, None, "the request body")
+    _unicode(body, "")
     _known(body, _COMPLETION_FIELDS, "/v1/completions")
     # OpenAI's default for this endpoint is 16 tokens; an explicit null means "until the end"
     common = _common(body, max_tokens_fields=("max_tokens",),
@@ -373,6 +375,29 @@ def _prompt(value: Any) -> str | list[int]:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _unicode(body: Any, where: str) -> None:
+    """Every string of the body must be text a model can read: JSON's escapes can spell a lone
+    surrogate ("\\udc80"), which no UTF-8 tokenizer (nor llama.cpp) can encode. Walked with
+    a stack of its own: a body nested as deep as the JSON parser allows must not overflow."""
+    stack: list[tuple[Any, str]] = [(body, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = value[exc.start:exc.end].encode("unicode_escape").decode()
+                raise RequestError(f"{at or 'the body'} is not valid Unicode: it holds a lone "
+                                   f"surrogate ({bad}) at character {exc.start}; send UTF-8 "
+                                   "text", param=at or None) from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, at))
+                stack.append((v, f"{at}.{k}" if at else str(k)))
+        elif isinstance(value, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))
 
 
 def _object(value: Any, param: str | None, what: str) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Runtime:
         self._on_change = on_change or (lambda: None)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prima-model")
         self._turn = asyncio.Lock()
+        self._idle_since = time.monotonic()  # when the last request let go of the model
         self._last_use = dict.fromkeys(self.slots, 0.0)
         self._key_slot: dict[str, str] = {}
         self._jobs: set[Job] = set()
@@ -98,7 +99,8 @@ class Runtime:
         describe = getattr(gen.executor, "describe", None)
         self.model_info = {**(describe() if describe else {"file": gen.path.name}),
                            "chat_template": gen.template.name,
-                           "tool_format": gen.template.tool_format}
+                           "tool_format": gen.template.tool_format,
+                           "can_call_tools": gen.template.tool_format is not None}
         _LOG.info("ready in %.1f s: %s (%s chat template, context %d tokens, %d cache slots)",
                   time.perf_counter() - t0, gen.path.name, gen.template.name,
                   gen.executor.n_ctx, len(self.slots))
@@ -158,8 +160,28 @@ class Runtime:
             job.cancel()  # whatever is still running for it stops at its next token
             self._jobs.discard(job)
             self.running -= 1
+            self._idle_since = time.monotonic()
             self._turn.release()
             self._on_change()  # the queue's figures changed: subscribers see it idle
+
+    def idle_for(self) -> float:
+        """Seconds since the last request let go of the model (0 while one runs or waits,
+        or while the model is not ready)."""
+        if self.state != READY or self._turn.locked() or self.waiting:
+            return 0.0
+        return time.monotonic() - self._idle_since
+
+    async def when_idle(self, fn: Callable[[], None], idle_s: float) -> bool:
+        """Run ``fn`` on the model thread, holding the model's turn, if the model is ready
+        and no request ran or waited for ``idle_s`` seconds; whether it ran. A request that
+        arrives meanwhile waits for it, as for any turn."""
+        if self.state != READY or self._turn.locked() or self.waiting \
+                or time.monotonic() - self._idle_since < idle_s:
+            return False  # (idle_s 0: whenever no request runs or waits)
+        async with self._turn:
+            await self.call(fn)
+            self._idle_since = time.monotonic()
+        return True
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the model thread (after whatever is running there)."""

@@ -22,7 +22,7 @@ from ..cluster.node import NodeConfig
 from ..cluster.tls import client_context, server_context
 from ..errors import PrimaError
 from ..model_file import ModelFile
-from .config import ServerConfig, claimed_state
+from .config import ServerConfig, claimed_state, node_name
 from .presence import Announcement
 
 _LOG = logging.getLogger("prima.server")
@@ -46,6 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-slots", type=int, default=2,
                    help="conversations whose KV cache is kept between requests (each may hold "
                    "up to --ctx positions)")
+    p.add_argument("--name", default=None,
+                   help="the node's name in Home Assistant, the plan and the logs (also "
+                   "$PRIMA_NODE_NAME; default: the host name)")
     p.add_argument("--state-dir", default=None,
                    help="where the node keeps its id (default $XDG_STATE_HOME/prima)")
     p.add_argument("--log-level", default="info",
@@ -166,7 +169,7 @@ def _serve(args: argparse.Namespace, model_path: Path, node_id: str) -> int:
     secret = _secret(args)
     role = "standalone" if secret is None else "head" if args.head else "worker"
     announce = None if args.no_discovery else Announcement(
-        config.node_id, socket.gethostname(), role, args.host,
+        config.node_id, config.name, role, args.host,
         None if secret is None else cluster_id(secret))
     if secret is None:
         from . import api_node  # the API and the text layer: only where they run
@@ -203,7 +206,7 @@ def _server_config(args: argparse.Namespace, model_path: Path, tls: ssl.SSLConte
     config = ServerConfig(model_path=model_path, n_ctx=args.ctx, host=args.host,
                           port=args.port, api_key=_api_key(args), queue_limit=args.queue_limit,
                           cache_slots=args.cache_slots, node_id=node_id,
-                          tls=tls)
+                          tls=tls, name=node_name(args.name, socket.gethostname()))
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _LOG.warning("listening on %s without an API key: anyone on the network can use the "
                      "model (set --api-key or --api-key-file)", args.host)
@@ -213,7 +216,7 @@ def _server_config(args: argparse.Namespace, model_path: Path, tls: ssl.SSLConte
 def _node_config(args: argparse.Namespace, model_path: Path, config: ServerConfig,
                  secret: bytes, tls: ssl.SSLContext | None) -> NodeConfig:
     return NodeConfig(model_path=model_path, secret=secret, node_id=config.node_id,
-                      name=socket.gethostname(), n_ctx=args.ctx, threads=args.threads,
+                      name=config.name, n_ctx=args.ctx, threads=args.threads,
                       profile_cache=Path(os.environ.get("PRIMA_PROFILE_CACHE")
                                          or Path.home() / ".cache" / "prima" / "profiles"),
                       link_dtype=args.link_dtype, prefetch=args.prefetch == "on",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ class Status:
         "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
     #: the ring's view (nodes, plan, timings) on a cluster's head; None on a lone node
     cluster_view: Callable[[], dict[str, Any]] | None = None
+    name: str = "node"
 
     def document(self) -> dict[str, Any]:
         rt = self.runtime
@@ -80,7 +80,7 @@ class Status:
             "last_request": self.last.as_dict() if self.last else None,
             "cluster": self.cluster_view() if self.cluster_view is not None else {
                 "mode": "single",
-                "nodes": [{"node_id": self.node, "name": socket.gethostname(), "role": "head",
+                "nodes": [{"node_id": self.node, "name": self.name, "role": "head",
                            "online": rt.state in ("loading", "ready"),
                            "address": f"{self.host}:{self.port}",
                            "layers": [0, n_layers] if n_layers else None,

@@ -318,7 +318,7 @@ class JsonConstraint:
                                        or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
         compiled = _compiled_for(vocab)
-        return cls(compiled, compiled.matcher(schema), max_tokens)
+        return cls(compiled, compiled.matcher(schema), max_tokens)._probed()
 
     @classmethod
     def compile_lark(cls, vocab: TokenVocab, lark: str) -> JsonConstraint:
@@ -329,7 +329,17 @@ class JsonConstraint:
         throughout. Raises SchemaError for a grammar that does not compile.
         """
         compiled = _compiled_for(vocab)
-        return cls(compiled, compiled.lark_matcher(lark))
+        return cls(compiled, compiled.lark_matcher(lark))._probed()
+
+    def _probed(self) -> JsonConstraint:
+        """Self, once the first token's mask is computed: some grammars compile and fail only
+        there (a schema whose only definition refers to itself), and that must be the
+        request's error, not the generation's."""
+        try:
+            self.allowed()
+        except SchemaError as exc:
+            raise SchemaError(f"the schema admits no document ({exc})") from None
+        return self
 
     @property
     def n_vocab(self) -> int:

@@ -86,6 +86,19 @@ def head(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
         srv.stop()
 
 
+@pytest.fixture(scope="session")
+def toolless_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A head serving the real default model, SmolLM2, whose template has no tool syntax."""
+    found = subprocess.run([str(NODE_PYTHON), "-c", "from prima_node.default_model import "
+                            "default_model; print(default_model())"],
+                           capture_output=True, text=True, check=True, timeout=60)
+    srv = start_head(Path(found.stdout.strip()), tmp_path_factory.mktemp("toolless"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 def head_url(srv: ServerProcess) -> str:
     return f"http://127.0.0.1:{srv.port}"
 

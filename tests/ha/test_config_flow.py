@@ -174,7 +174,7 @@ async def test_user_errors_then_success(hass: HomeAssistant, head: ServerProcess
     flow_id = await start_user(hass)
     attempts = [
         ({CONF_URL: head_url(head), CONF_API_KEY: "not-the-key"}, {"base": "invalid_auth"}),
-        ({CONF_URL: head_url(head)}, {"base": "invalid_auth"}),  # the head needs a key
+        ({CONF_URL: head_url(head)}, {"base": "missing_auth"}),  # the head needs a key
         ({CONF_URL: f"http://127.0.0.1:{free_port()}", CONF_API_KEY: API_KEY},
          {"base": "cannot_connect"}),
         ({CONF_URL: "http://exa mple:80", CONF_API_KEY: API_KEY}, {CONF_URL: "invalid_url"}),
@@ -542,7 +542,8 @@ async def test_reauth_new_key(hass: HomeAssistant, head: ServerProcess,
 
 
 @pytest.fixture
-async def set_up_entry(hass: HomeAssistant, head: ServerProcess) -> MockConfigEntry:
+async def set_up_entry(hass: HomeAssistant, head: ServerProcess, real_setup: None
+                       ) -> MockConfigEntry:
     entry = entry_for(head)
     entry.add_to_hass(hass)
     assert await hass.config_entries.async_setup(entry.entry_id)
@@ -563,6 +564,11 @@ async def test_subentry_conversation_create_and_reconfigure(
     assert {str(k) for k in schema.schema} == {
         "name", CONF_PROMPT, CONF_LLM_HASS_API, CONF_TEMPERATURE, CONF_TOP_P, CONF_MAX_TOKENS,
         CONF_MAX_HISTORY, CONF_THINK}
+    # the model calls tools: the form says so and offers Assist, as the default agent does
+    assert "can call tools (llama3 syntax)" in result["description_placeholders"]["tools"]
+    assert _suggested(schema, CONF_LLM_HASS_API) == [llm.LLM_API_ASSIST]
+    # the entry has a "Prima conversation": a second agent is not offered the same name
+    assert _default(schema, "name") == "Prima conversation 2"
     result = await hass.config_entries.subentries.async_configure(result["flow_id"], {
         "name": "Kitchen agent", CONF_PROMPT: "Answer in one sentence.",
         CONF_LLM_HASS_API: [llm.LLM_API_ASSIST], CONF_TEMPERATURE: 0.2, CONF_TOP_P: 0.9,
@@ -578,6 +584,7 @@ async def test_subentry_conversation_create_and_reconfigure(
         CONF_THINK: True}
     assert isinstance(subentry.data[CONF_MAX_TOKENS], int)
 
+    await hass.async_block_till_done()  # the entry reloads with its new subentry
     result = await entry.start_subentry_reconfigure_flow(hass, subentry.subentry_id)
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "set_options"
@@ -617,6 +624,7 @@ async def test_subentry_new_conversation_suggests_assist(
 
     subentry = next(s for s in entry.subentries.values() if s.subentry_type == "conversation")
     assert subentry.data[CONF_LLM_HASS_API] == []
+    await hass.async_block_till_done()  # the entry reloads with its new subentry
     result = await entry.start_subentry_reconfigure_flow(hass, subentry.subentry_id)
     assert result["type"] is FlowResultType.FORM
     assert suggested(result, CONF_LLM_HASS_API) == []
@@ -642,6 +650,7 @@ async def test_subentry_ai_task_create_and_reconfigure(
     assert subentry.data[CONF_MAX_TOKENS] == 200
     assert CONF_TEMPERATURE in subentry.data and CONF_THINK in subentry.data
 
+    await hass.async_block_till_done()  # the entry reloads with its new subentry
     result = await entry.start_subentry_reconfigure_flow(hass, subentry.subentry_id)
     assert result["type"] is FlowResultType.FORM
     result = await hass.config_entries.subentries.async_configure(
@@ -847,3 +856,27 @@ async def test_reauth_same_key_revives_loaded_entry(
         await hass.async_block_till_done()
     finally:
         await hass.async_add_executor_job(srv.stop)
+
+
+def _suggested(schema: Any, key: str) -> Any:
+    (marker,) = [k for k in schema.schema if str(k) == key]
+    return (marker.description or {}).get("suggested_value")
+
+
+def _default(schema: Any, key: str) -> Any:
+    (marker,) = [k for k in schema.schema if str(k) == key]
+    return marker.default()
+
+
+async def test_a_model_that_cannot_call_tools_is_said_so_and_assist_is_not_preselected(
+        hass: HomeAssistant, toolless_head: ServerProcess, real_setup: None) -> None:
+    entry = entry_for(toolless_head)
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    result = await hass.config_entries.subentries.async_init(
+        (entry.entry_id, "conversation"), context={"source": SOURCE_USER})
+    assert result["type"] is FlowResultType.FORM
+    note = result["description_placeholders"]["tools"]
+    assert "cannot call tools" in note and "SmolLM2" in note, note
+    assert _suggested(result["data_schema"], CONF_LLM_HASS_API) == []

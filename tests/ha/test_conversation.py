@@ -325,6 +325,30 @@ class LightAPI(llm.API):
                                llm_context=llm_context, tools=[self.tool])
 
 
+async def test_a_model_that_cannot_call_tools_is_told_and_the_log_says_so(
+        hass: HomeAssistant, toolless_head: ServerProcess, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """SmolLM2 has no tool syntax: the agent still answers (the head tells the model it
+    cannot act), nothing is called, and the log says once why the API does nothing."""
+    tool = SetLight()
+    unregister = llm.async_register_api(hass, LightAPI(hass, tool))
+    entry = await setup_entry(hass, entry_for(
+        toolless_head, **{CONF_LLM_HASS_API: ["prima_test_lights"], CONF_MAX_TOKENS: 16}))
+    caplog.set_level(logging.WARNING, logger="custom_components.prima")
+    entity_id = agent_id(hass, entry)
+    for _ in range(2):
+        result = await conversation.async_converse(hass, "switch on the kitchen light", None,
+                                                   Context(), agent_id=entity_id)
+        assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+        assert result.response.speech["plain"]["speech"]
+    unregister()
+    assert not tool.calls
+    said = [r.getMessage() for r in caplog.records if "cannot call tools" in r.getMessage()]
+    assert len(said) == 1 and "Test lights" in said[0], said
+    assert "were left out of the prompt, and the model was told that it cannot act" \
+        in toolless_head.log()
+
+
 async def test_tool_call_runs_against_the_head(hass: HomeAssistant, head: ServerProcess,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     tool = SetLight()

@@ -181,6 +181,11 @@ async def test_head_stops_and_returns(hass: HomeAssistant, tiny_model: Path, tmp
         down = [r for r in caplog.records if r.name.startswith("custom_components.prima")
                 and r.levelno >= logging.WARNING]
         assert len(down) == 1, "logged once while down, not again"
+        # and once that it is back, whichever saw it first: the poller or the event stream
+        back = [r.getMessage() for r in caplog.records
+                if r.name.startswith("custom_components.prima") and r.levelno == logging.INFO
+                and ("is back" in r.getMessage() or "recovered" in r.getMessage())]
+        assert len(back) == 1, back
         assert await hass.config_entries.async_unload(entry.entry_id)
         await hass.async_block_till_done()
     finally:

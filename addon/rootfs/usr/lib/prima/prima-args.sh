@@ -91,7 +91,7 @@ prima_role() {
 }
 
 prima_args() {
-    local role model secret key threads prefetch level peer
+    local role model secret key threads prefetch level peer name
     role="$(prima_role)" || return 1
     model="$(prima_opt model)"
     if [[ -z "${model}" ]]; then
@@ -117,6 +117,10 @@ prima_args() {
     fi
     level="$(prima_opt log_level)"
     PRIMA_ARGV+=(--log-level "${level:-info}")
+    name="$(prima_opt name)"
+    if [[ -n "${name}" ]]; then
+        PRIMA_ARGV+=(--name "${name}")
+    fi
     secret="$(prima_opt cluster_secret)"
     if [[ "${role}" != standalone ]]; then
         PRIMA_ARGV+=(--cluster-secret-file "$(prima_secret_file cluster-secret "${secret}")")
