@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.typing import ConfigType
 
-from .api import PrimaAuthError, PrimaClient, PrimaError
+from .api import PrimaClient
 from .const import CONF_API_KEY, CONF_URL, DOMAIN
 from .coordinator import PrimaCoordinator, cluster_nodes
 from .entity import cluster_device
@@ -50,17 +49,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: PrimaConfigEntry) -> boo
     client = PrimaClient(async_get_clientsession(hass), entry.data[CONF_URL],
                          entry.data.get(CONF_API_KEY))
     coordinator = PrimaCoordinator(hass, entry, client)
-    try:
-        coordinator.data = await client.status()
-    except PrimaAuthError as exc:
-        raise ConfigEntryAuthFailed(
-            translation_domain=DOMAIN, translation_key="invalid_auth") from exc
-    except PrimaError as exc:
-        raise ConfigEntryNotReady(
-            translation_domain=DOMAIN, translation_key="cannot_connect",
-            translation_placeholders={"url": client.url, "error": str(exc)}) from exc
+    # a refused key starts re-authentication; an unreachable head retries the set-up
+    await coordinator.async_config_entry_first_refresh()
     coordinator.seed_from_registry()
-    coordinator._track(coordinator.data)
     # the hub first: node and assistant devices hang under it (via_device_id)
     coordinator.hub_device_id = dr.async_get(hass).async_get_or_create(
         config_entry_id=entry.entry_id, **cluster_device(coordinator)).id
@@ -86,13 +77,14 @@ async def async_remove_entry(hass: HomeAssistant, entry: PrimaConfigEntry) -> No
 
 async def async_remove_config_entry_device(hass: HomeAssistant, entry: PrimaConfigEntry,
                                            device: dr.DeviceEntry) -> bool:
-    """A node's device may be deleted by hand unless the head lists the node online (it would
-    come back at once); the cluster hub and the assistants stay while the entry does."""
+    """A node's device may be deleted by hand once the head no longer lists the node (online
+    or not: it would come back with the next status); the cluster hub and the assistants stay
+    while the entry does."""
     coordinator = entry.runtime_data.coordinator
-    online = {n["node_id"] for n in cluster_nodes(coordinator.data) if n.get("online", True)}
+    listed = {n["node_id"] for n in cluster_nodes(coordinator.data)}
     for domain, ident in device.identifiers:
         if domain == DOMAIN and ident in coordinator.known_nodes:
-            if ident in online:
+            if ident in listed:
                 return False
             coordinator.known_nodes.pop(ident, None)
             coordinator.last_seen.pop(ident, None)

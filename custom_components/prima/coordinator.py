@@ -20,6 +20,7 @@ from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
+from homeassistant.util import dt as dt_util
 
 from .api import PrimaAuthError, PrimaClient, PrimaError
 from .const import (
@@ -71,9 +72,12 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
         try:
             doc = await self.client.status()
         except PrimaAuthError as exc:
-            raise ConfigEntryAuthFailed(str(exc)) from exc
+            raise ConfigEntryAuthFailed(translation_domain=DOMAIN,
+                                        translation_key="invalid_auth") from exc
         except PrimaError as exc:
-            raise UpdateFailed(str(exc)) from exc
+            raise UpdateFailed(translation_domain=DOMAIN, translation_key="cannot_connect",
+                               translation_placeholders={"url": self.client.url,
+                                                         "error": str(exc)}) from exc
         self._track(doc)
         return doc
 
@@ -201,12 +205,15 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
         for node_id, node in self.known_nodes.items():
             issue = self.issue_id("node_offline", node_id)
             away = now - self.last_seen.get(node_id, now)
-            if NODE_OFFLINE_ISSUE_S <= away < STALE_NODE_S:
+            if away >= NODE_OFFLINE_ISSUE_S:  # (until its device goes: remove_stale_devices)
+                # when it was last seen, to the minute: the same text at every check
+                since = dt_util.as_local(dt_util.utc_from_timestamp(
+                    (time.time() - away) // 60 * 60)).strftime("%Y-%m-%d %H:%M")
                 ir.async_create_issue(
                     hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
                     translation_key="node_offline",
                     translation_placeholders={"name": str(node.get("name") or node_id),
-                                              "minutes": str(int(away // 60))})
+                                              "since": since})
             else:
                 ir.async_delete_issue(hass, DOMAIN, issue)
             mismatch = self.issue_id("node_version", node_id)
@@ -232,12 +239,15 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
             ir.async_delete_issue(hass, DOMAIN, issue)
 
     def remove_stale_devices(self) -> None:
-        """Remove the devices of nodes gone for longer than ``STALE_NODE_S``."""
+        """Remove the devices of nodes gone for longer than ``STALE_NODE_S`` that the head
+        no longer lists."""
         now = time.monotonic()
         registry = dr.async_get(self.hass)
+        listed = {n["node_id"] for n in cluster_nodes(self.data)} if self.data else set()
+        removed = False
         for node_id, seen in list(self.last_seen.items()):
-            if now - seen < STALE_NODE_S:
-                continue
+            if now - seen < STALE_NODE_S or node_id in listed:
+                continue  # a node the head lists would come straight back
             device = registry.async_get_device_by_identifier((DOMAIN, node_id),
                                                              self.config_entry.entry_id)
             if device is not None:
@@ -246,3 +256,6 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
             self.known_nodes.pop(node_id, None)
             ir.async_delete_issue(self.hass, DOMAIN, self.issue_id("node_offline", node_id))
             ir.async_delete_issue(self.hass, DOMAIN, self.issue_id("node_version", node_id))
+            removed = True
+        if removed:
+            self.async_update_listeners()  # the cluster is no longer degraded by it

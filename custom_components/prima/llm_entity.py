@@ -345,6 +345,18 @@ class PrimaLLMBaseEntity(Entity):
             via_device_id=coordinator.hub_device_id,  # registered at setup
         )
 
+    @property
+    def available(self) -> bool:
+        """Unavailable while the head does not answer: an assistant that would only say
+        "cannot reach the cluster" is shown as such."""
+        return self.entry.runtime_data.coordinator.last_update_success
+
+    async def async_added_to_hass(self) -> None:
+        await super().async_added_to_hass()
+        # the coordinator's updates carry availability: write the state when they come
+        self.async_on_remove(self.entry.runtime_data.coordinator.async_add_listener(
+            self.async_write_ha_state))
+
     def _payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """A request with the subentry's sampling settings."""
         data = self.subentry.data

@@ -20,6 +20,7 @@ from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.entity_component import DATA_INSTANCES
+from homeassistant.util import dt as dt_util
 from homeassistant.util import slugify
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 from server_process import ServerProcess
@@ -249,11 +250,21 @@ async def test_ring(hass: HomeAssistant, tiny_model: Path, tmp_path: Path,
         assert issue is not None
         assert issue.translation_key == "node_offline"
         assert issue.translation_placeholders is not None
-        assert int(issue.translation_placeholders["minutes"]) >= NODE_OFFLINE_ISSUE_S // 60
+        since = dt_util.parse_datetime(issue.translation_placeholders["since"] + ":00")
+        assert since is not None
+        gone_for = dt_util.now().replace(tzinfo=None) - since.replace(tzinfo=None)
+        assert gone_for.total_seconds() >= NODE_OFFLINE_ISSUE_S
         assert offline_issues(hass, entry) == [issue_id]
+        # a minute later the text is the same (it names a time, not a count of minutes)
+        freezer.tick(60)
+        async_fire_time_changed(hass)
+        await hass.async_block_till_done()
+        again = issue_registry.async_get_issue(DOMAIN, issue_id)
+        assert again is not None
+        assert again.translation_placeholders == issue.translation_placeholders
 
-        # gone for good: the device and its entities are removed, the issue with them; the
-        # head's device stays the same device
+        # gone for good (the head planned without it and no longer lists it): the device and
+        # its entities are removed, the issue with them; the head's device stays the same
         freezer.tick(STALE_NODE_S)
         async_fire_time_changed(hass)
         await hass.async_block_till_done()

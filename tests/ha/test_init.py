@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -149,11 +150,14 @@ async def test_head_stops_and_returns(hass: HomeAssistant, tiny_model: Path, tmp
         await wait_until(hass, lambda: coordinator.pushing, "the event stream")
         state_id = cluster_entity(hass, entry, "sensor", "state")
         assert state_of(hass, state_id) == "ready"
-        # the sensors, binary sensors and buttons that have a value now (the head's too)
+        # the sensors, binary sensors and buttons that have a value now (the head's too),
+        # and the assistants: an agent that can only say "cannot reach" is unavailable
+        ours = {e.entity_id for e in er.async_entries_for_config_entry(er.async_get(hass),
+                                                                       entry.entry_id)}
         shown = [s.entity_id for s in hass.states.async_all()
-                 if s.domain in ("sensor", "binary_sensor", "button")
-                 and s.state != STATE_UNAVAILABLE]
+                 if s.entity_id in ours and s.state != STATE_UNAVAILABLE]
         assert len(shown) > 5
+        assert {"conversation", "ai_task"} <= {e.split(".")[0] for e in shown}
 
         caplog.set_level(logging.INFO, logger="custom_components.prima")
         # stopped from a thread, so that Home Assistant's end of the event stream closes at once
@@ -220,10 +224,29 @@ async def test_nodes_left_while_stopped_age_and_removal_cleans_up(
     assert await async_remove_config_entry_device(hass, entry, gone)
     assert "left-while-stopped" not in coordinator.known_nodes
 
+    # a node the head still lists, even offline, would come back with the next status: it
+    # stays, by hand and through the week's clean-up (the head's real document, with its own
+    # node entry copied as a worker that is offline)
+    doc = head.status()
+    me = doc["cluster"]["nodes"][0]
+    listed = {**me, "node_id": "listed-offline", "name": "w", "role": "worker",
+              "online": False}
+    coordinator.async_set_updated_data(
+        {**doc, "cluster": {**doc["cluster"], "nodes": [me, listed]}})
+    await hass.async_block_till_done()
+    device = registry.async_get_device_by_identifier((DOMAIN, "listed-offline"),
+                                                     entry.entry_id)
+    assert device is not None
+    assert not await async_remove_config_entry_device(hass, entry, device)
+    coordinator.last_seen["listed-offline"] = time.monotonic() - 8 * 24 * 3600
+    coordinator.remove_stale_devices()
+    assert registry.async_get_device_by_identifier((DOMAIN, "listed-offline"),
+                                                   entry.entry_id) is not None
+
     ir.async_create_issue(hass, DOMAIN, coordinator.issue_id("node_offline", "x"),
                           is_fixable=False, severity=ir.IssueSeverity.WARNING,
                           translation_key="node_offline",
-                          translation_placeholders={"name": "x", "minutes": "20"})
+                          translation_placeholders={"name": "x", "since": "2026-12-01 07:00"})
     assert await hass.config_entries.async_remove(entry.entry_id)
     await hass.async_block_till_done()
     assert not [i for (d, i) in ir.async_get(hass).issues if d == DOMAIN]
