@@ -181,11 +181,19 @@ def _title(doc: Mapping[str, Any]) -> str:
     return f"Prima cluster ({model})" if model else "Prima cluster"
 
 
-def default_subentries() -> list[ConfigSubentryData]:
-    """What a new cluster starts with: one Assist agent and one AI Task entity."""
+def conversation_defaults(doc: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A new agent's options: Assist on, as in the default agent, where the model can use it
+    (a model that cannot call tools would only be offered tools it cannot use)."""
+    if tool_support(doc) is False:
+        return {**RECOMMENDED_CONVERSATION_OPTIONS, CONF_LLM_HASS_API: []}
+    return dict(RECOMMENDED_CONVERSATION_OPTIONS)
+
+
+def default_subentries(doc: Mapping[str, Any] | None) -> list[ConfigSubentryData]:
+    """What a new cluster starts with: one agent and one AI Task entity."""
     return [
         ConfigSubentryData(subentry_type=SUBENTRY_CONVERSATION,
-                           data=dict(RECOMMENDED_CONVERSATION_OPTIONS),
+                           data=conversation_defaults(doc),
                            title=DEFAULT_CONVERSATION_NAME, unique_id=None),
         ConfigSubentryData(subentry_type=SUBENTRY_AI_TASK,
                            data=dict(RECOMMENDED_AI_TASK_OPTIONS),
@@ -255,7 +263,7 @@ class PrimaConfigFlow(ConfigFlow, domain=DOMAIN):
         assert self._url is not None and self._doc is not None
         return self.async_create_entry(
             title=_title(self._doc), data={CONF_URL: self._url, CONF_API_KEY: self._api_key},
-            subentries=default_subentries())
+            subentries=default_subentries(self._doc))
 
     def _update_and_abort(self, entry: ConfigEntry, data: dict[str, Any]) -> ConfigFlowResult:
         """Store new connection data and set the entry up again with them.
@@ -554,9 +562,7 @@ class PrimaSubentryFlow(ConfigSubentryFlow):
         if not new:
             options = self._get_reconfigure_subentry().data
         elif conversation:
-            # Assist on, as in the default agent, where the model can use it
-            options = RECOMMENDED_CONVERSATION_OPTIONS if tool_support(doc) is not False \
-                else {**RECOMMENDED_CONVERSATION_OPTIONS, CONF_LLM_HASS_API: []}
+            options = conversation_defaults(doc)
         else:
             options = RECOMMENDED_AI_TASK_OPTIONS
         default = DEFAULT_CONVERSATION_NAME if conversation else DEFAULT_AI_TASK_NAME

@@ -420,7 +420,9 @@ class PrimaLLMBaseEntity(Entity):
                                          self._think)):
                     pass
             except PrimaError as exc:
-                LOGGER.warning("%s: the head could not answer: %s", self.entity_id, exc)
+                # raised, not logged: the user gets the message; the coordinator logs the
+                # head's absence once
+                LOGGER.debug("%s: the head could not answer: %s", self.entity_id, exc)
                 raise llm_error(exc) from exc
             chat_log.async_trace({"stats": {"finish_reason": stats.finish_reason,
                                             "usage": stats.usage, "timings": stats.timings}})

@@ -77,14 +77,15 @@ class ClusterHead:
         await self._apply(await self.planning.make(self.members))
         self.membership.start()
 
-    async def replan(self, k: int | None = None, *, fresh_links: bool = True) -> None:
-        """Plan again with the members that are connected and not benched."""
+    async def replan(self, k: int | None = None, *, fresh_links: bool = True,
+                     remeasure: bool = True) -> None:
+        """Plan again with the members that are connected and not benched (``make``)."""
         self.membership.members = self.membership.usable()
         self.planning.needs_plan = self.planning.replan_when_idle = False
         _LOG.info("planning again with %d node(s)", len(self.members))
         try:
-            await self._apply(await self.planning.make(self.members, k,
-                                                       fresh_links=fresh_links))
+            await self._apply(await self.planning.make(
+                self.members, k, fresh_links=fresh_links, remeasure=remeasure))
         except BaseException:
             self.mark_stale()  # half the nodes may hold the new plan: never run on that
             raise
@@ -249,7 +250,10 @@ class HeadRingLink:
         starts empty in the new ring: the executor evaluates the session's again)."""
         if self.broken() or self.head.needs_plan:
             try:
-                self._call(self.head.replan(), timeout=REPLAN_TIMEOUT_S)
+                # a request waits: no benchmarks (the idle work measures), and the links
+                # of the last plan where they were all measured
+                self._call(self.head.replan(fresh_links=False, remeasure=False),
+                           timeout=REPLAN_TIMEOUT_S)
             except Exception as exc:
                 raise RingError(f"the ring could not be planned again: {exc}") from exc
             while True:  # frames of the old ring

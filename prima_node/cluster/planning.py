@@ -91,10 +91,11 @@ class Planning:
     # -- making and applying a plan -----------------------------------------------------------
 
     async def make(self, members: list[Member], k: int | None = None, *,
-                   fresh_links: bool = True) -> Plan:
-        """Halda's plan for these members (the head first), from their profiles and links
-        (measured again, or those of the last plan where it measured them all)."""
-        profiles = await self.profiles(members)
+                   fresh_links: bool = True, remeasure: bool = True) -> Plan:
+        """Halda's plan for these members (the head first), from their profiles (see
+        ``profiles``) and links (measured again, or those of the last plan where it measured
+        them all)."""
+        profiles = await self.profiles(members, remeasure)
         if fresh_links or any((a.node_id, b.node_id) not in self.links
                               for a in members for b in members if a is not b):
             self.links = await self._links(members)
@@ -111,11 +112,17 @@ class Planning:
                   " -> ".join(names.get(d, d) for d in result.ring), 1e3 * result.latency_s)
         return result
 
-    async def profiles(self, members: list[Member]) -> list[dict[str, Any]]:
-        """The members' profiles: cached, or measured again for the nodes the ring
-        contradicted (``stale_profiles``), whose calibration then ends."""
+    async def profiles(self, members: list[Member], remeasure: bool = True
+                       ) -> list[dict[str, Any]]:
+        """The members' profiles: cached, or (``remeasure``) measured again for the nodes
+        the ring contradicted (``stale_profiles``), whose calibration then ends. A plan made
+        while a request waits (a node failed) does not measure: the calibration stands in,
+        and the nodes stay due for measuring when the cluster is idle."""
         loop = asyncio.get_running_loop()
-        stale, self.stale_profiles = self.stale_profiles, set()
+        if not remeasure:
+            stale: set[str] = set()
+        else:
+            stale, self.stale_profiles = self.stale_profiles, set()
         for m in members:
             if m.node_id in stale:
                 _LOG.info("measuring node %s again: its cached profile is far from what the "

@@ -870,10 +870,17 @@ def _default(schema: Any, key: str) -> Any:
 
 async def test_a_model_that_cannot_call_tools_is_said_so_and_assist_is_not_preselected(
         hass: HomeAssistant, toolless_head: ServerProcess, real_setup: None) -> None:
-    entry = entry_for(toolless_head)
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
+    # the entry's first agent is made without Assist
+    flow_id = await start_user(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_URL: head_url(toolless_head), CONF_API_KEY: API_KEY})
     await hass.async_block_till_done()
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    entry = result["result"]
+    (agent,) = [s for s in entry.subentries.values() if s.subentry_type == "conversation"]
+    assert agent.data[CONF_LLM_HASS_API] == []
+    assert entry.state is ConfigEntryState.LOADED
+    # and so is any agent added later
     result = await hass.config_entries.subentries.async_init(
         (entry.entry_id, "conversation"), context={"source": SOURCE_USER})
     assert result["type"] is FlowResultType.FORM
