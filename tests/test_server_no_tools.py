@@ -19,6 +19,7 @@ import pytest
 from prima_node.default_model import default_model
 from prima_node.server.prompting import NO_TOOLS_NOTE
 from tests.server_process import ServerProcess
+from tests.test_server import _run_server
 
 LIGHT = {"type": "function", "function": {
     "name": "HassTurnOn", "description": "Turns on a device",
@@ -33,15 +34,8 @@ ASK = "Turn on the kitchen light."
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(default_model(), tmp_path_factory.mktemp("state"), ctx=1024)
-    srv.start()
-    try:
-        srv.wait_ready()
-    except BaseException:
-        srv.kill()
-        raise
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from _run_server(ServerProcess(default_model(), tmp_path_factory.mktemp("state"),
+                                         ctx=1024))
 
 
 def _chat(srv: ServerProcess, messages: list[dict[str, Any]], **fields: Any

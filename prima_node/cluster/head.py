@@ -78,21 +78,22 @@ class ClusterHead:
         self.membership.start()
 
     async def replan(self, k: int | None = None, *, fresh_links: bool = True,
-                     remeasure: bool = True) -> None:
-        """Plan again with the members that are connected and not benched (``make``)."""
+                     remeasure: bool = True, keep_same: bool = False) -> None:
+        """Plan again with the members that are connected and not benched (``make``,
+        ``apply``)."""
         self.membership.members = self.membership.usable()
         self.planning.needs_plan = self.planning.replan_when_idle = False
         _LOG.info("planning again with %d node(s)", len(self.members))
         try:
             await self._apply(await self.planning.make(
-                self.members, k, fresh_links=fresh_links, remeasure=remeasure))
+                self.members, k, fresh_links=fresh_links, remeasure=remeasure), keep_same)
         except BaseException:
             self.mark_stale()  # half the nodes may hold the new plan: never run on that
             raise
 
-    async def _apply(self, p: Plan) -> None:
+    async def _apply(self, p: Plan, keep_same: bool = False) -> None:
         try:
-            await self.planning.apply(p, self.members)
+            await self.planning.apply(p, self.members, keep_same=keep_same)
         except WindowLoadError as failure:
             m = failure.member
             if m.control is not None and m.control.alive:  # it answers but cannot load: hung
@@ -286,7 +287,8 @@ class HeadRingLink:
         from the profiles just measured and the links of the last plan: quick, and the ring
         is kept, caches included, when the plan gives every node its windows."""
         try:
-            self._call(self.head.replan(fresh_links=False), timeout=REPLAN_TIMEOUT_S)
+            self._call(self.head.replan(fresh_links=False, keep_same=self.broken() is None),
+                       timeout=REPLAN_TIMEOUT_S)
         except Exception as exc:  # the next request plans again (mark_stale was called)
             _LOG.warning("planning the ring again while idle failed: %s", exc)
         while True:  # frames of an old ring

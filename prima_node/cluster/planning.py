@@ -161,14 +161,17 @@ class Planning:
                 links[(a.node_id, b.node_id)] = Link(hop["latency_s"], hop["bytes_per_s"])
         return links
 
-    async def apply(self, p: Plan, members: list[Member]) -> None:
+    async def apply(self, p: Plan, members: list[Member], *, keep_same: bool = False
+                    ) -> None:
         """Every ring member loads its windows under a new plan number; the plan and its
-        figures start afresh. A plan whose windows are the ones the ring holds (the same
-        ring, rounds, layers and streaming) only replaces the figures: nothing reloads, and
-        the caches stay. Raises WindowLoadError naming a member that could not."""
+        figures start afresh. With ``keep_same`` (a healthy ring), a plan whose windows are
+        the ones the ring holds (the same ring, rounds, layers and streaming) only replaces
+        the figures: nothing reloads, and the caches stay. (A load is also what opens the
+        ring's links again, so a ring in trouble always loads.) Raises WindowLoadError
+        naming a member that could not."""
         by_id = {m.node_id: m for m in members}
         ring = [by_id[node_id] for node_id in p.ring]
-        if self.plan is None or _windows(p) != _windows(self.plan) \
+        if not keep_same or self.plan is None or _windows(p) != _windows(self.plan) \
                 or [m.node_id for m in ring] != [m.node_id for m in self.ring] \
                 or self.node.assignment is None:
             await self._load(p, ring)

@@ -164,20 +164,20 @@ class Runtime:
             self._turn.release()
             self._on_change()  # the queue's figures changed: subscribers see it idle
 
+    def _busy(self) -> bool:
+        """A request runs or waits, or the model is not ready for any."""
+        return self.state != READY or self._turn.locked() or bool(self.waiting)
+
     def idle_for(self) -> float:
-        """Seconds since the last request let go of the model (0 while one runs or waits,
-        or while the model is not ready)."""
-        if self.state != READY or self._turn.locked() or self.waiting:
-            return 0.0
-        return time.monotonic() - self._idle_since
+        """Seconds since the last request let go of the model (0 while busy)."""
+        return 0.0 if self._busy() else time.monotonic() - self._idle_since
 
     async def when_idle(self, fn: Callable[[], None], idle_s: float) -> bool:
         """Run ``fn`` on the model thread, holding the model's turn, if the model is ready
-        and no request ran or waited for ``idle_s`` seconds; whether it ran. A request that
-        arrives meanwhile waits for it, as for any turn."""
-        if self.state != READY or self._turn.locked() or self.waiting \
-                or time.monotonic() - self._idle_since < idle_s:
-            return False  # (idle_s 0: whenever no request runs or waits)
+        and no request ran or waited for ``idle_s`` seconds (0: none runs or waits now);
+        whether it ran. A request that arrives meanwhile waits for it, as for any turn."""
+        if self._busy() or time.monotonic() - self._idle_since < idle_s:
+            return False
         async with self._turn:
             await self.call(fn)
             self._idle_since = time.monotonic()
