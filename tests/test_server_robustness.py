@@ -75,6 +75,22 @@ def test_oversized_or_odd_fields_are_refused_by_name(server: ServerProcess,
 
 
 @pytest.mark.parametrize(("path", "fields", "param"), [
+    ("/v1/completions", {"prompt": "x", "echo": 0.0}, "echo"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"},
+                                               "strict": []}}},
+     "response_format.json_schema.strict"),
+])
+def test_what_the_api_document_refuses_the_server_refuses(
+        server: ServerProcess, path: str, fields: dict[str, Any], param: str) -> None:
+    """Values /openapi.json does not allow (echo only false, strict a boolean) are 400s,
+    not quietly taken."""
+    status, raw = server.post(path, {"max_tokens": 2, **fields})
+    body = json.loads(raw)
+    assert status == 400 and body["error"]["param"] == param, body
+
+
+@pytest.mark.parametrize(("path", "fields", "param"), [
     ("/v1/completions", {"prompt": "x\udc80y"}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]},
      "messages[0].content"),

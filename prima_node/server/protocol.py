@@ -120,8 +120,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     # OpenAI's default for this endpoint is 16 tokens; an explicit null means "until the end"
     common = _common(body, max_tokens_fields=("max_tokens",),
                      default_max_tokens=None if body.get("max_tokens", 16) is None else 16)
-    if body.get("echo") not in (None, False):
-        raise RequestError("echo is not supported", param="echo")
+    if body.get("echo") is not None and body["echo"] is not False:  # (0.0 == False in Python)
+        raise RequestError("echo is not supported: only false", param="echo")
     if body.get("suffix") not in (None, ""):
         raise RequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.get("best_of") is not None and (not _is_int(body["best_of"]) or body["best_of"] != 1):
@@ -344,6 +344,11 @@ def _response_format(value: Any) -> tuple[dict[str, Any] | None, bool]:
     if kind == "json_schema":
         spec = _object(value.get("json_schema"), "response_format.json_schema",
                        "response_format.json_schema")
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise RequestError("response_format.json_schema.strict must be true or false (the "
+                               "schema is enforced either way)",
+                               param="response_format.json_schema.strict")
         schema = spec.get("schema")
         if schema is None:  # OpenAI allows it: any JSON object
             return None, True
