@@ -887,3 +887,51 @@ async def test_a_model_that_cannot_call_tools_is_said_so_and_assist_is_not_prese
     note = result["description_placeholders"]["tools"]
     assert "cannot call tools" in note and "SmolLM2" in note, note
     assert _suggested(result["data_schema"], CONF_LLM_HASS_API) == []
+
+
+async def test_an_announcement_without_any_port_is_refused(hass: HomeAssistant,
+                                                           head: ServerProcess) -> None:
+    props = txt(head)
+    del props["api"]
+    info = zeroconf_info(props, head.port)
+    info = ZeroconfServiceInfo(ip_address=info.ip_address, ip_addresses=info.ip_addresses,
+                               port=None, hostname=info.hostname, type=info.type,
+                               name=info.name, properties=props)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_ZEROCONF}, data=info)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "invalid_discovery_info"
+
+
+async def test_an_unexpected_failure_is_logged_and_shown_as_unknown(
+        hass: HomeAssistant, head: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug, not a head's answer: the form says 'unknown' and the log has the traceback.
+    (No head produces this: the client itself is made to fail.)"""
+    flow_id = await start_user(hass)
+    with patch("custom_components.prima.config_flow.PrimaClient.status",
+               side_effect=RuntimeError("a bug")):
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, {CONF_URL: head_url(head), CONF_API_KEY: API_KEY})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "unknown"}
+    assert "unexpected error talking to" in caplog.text and "a bug" in caplog.text
+
+
+def test_the_form_helpers_on_documents_without_a_model() -> None:
+    """Before the head has loaded its model: no model id, tool support unknown (and said)."""
+    from custom_components.prima.config_flow import (
+        _model_id,
+        _rediscovered_url,
+        tool_support,
+        tools_note,
+        unused_name,
+    )
+
+    loading = {"node_id": "n", "state": "loading", "model": {"file": "m.gguf"}}
+    assert _model_id(loading) is None
+    assert tool_support(loading) is None and tool_support(None) is None
+    assert "not known yet" in tools_note(loading)
+    assert unused_name("Agent", set()) == "Agent"
+    assert unused_name("Agent", {"Agent", "Agent 2"}) == "Agent 3"
+    # a stored URL that cannot be parsed follows the node's announced address
+    assert _rediscovered_url("http://[::1", "192.168.1.20", 8080) == "http://192.168.1.20:8080"
