@@ -282,10 +282,11 @@ class Generator:
         if opts.grammar is not None:
             if opts.json_schema is not None or opts.json_mode:
                 raise ValueError("a grammar and a JSON schema / JSON mode cannot both apply")
-            constraint = JsonConstraint.compile_lark(self.tokenizer, opts.grammar)
+            # the budget lets the constraint close the call in time rather than cut it off
+            constraint = JsonConstraint.compile_lark(self.tokenizer, opts.grammar,
+                                                     max_tokens=max_tokens)
         elif opts.json_schema is not None or opts.json_mode:
             schema = dict(opts.json_schema) if opts.json_schema is not None else None
-            # the budget lets the constraint close the document in time rather than cut it off
             constraint = JsonConstraint.compile(self.tokenizer, schema, max_tokens=max_tokens)
         if session in self._busy:
             raise _busy(session)

@@ -352,6 +352,44 @@ def test_a_forced_tool_call_streams_as_one_structured_call(make_model: ModelFact
     jsonschema.validate(json.loads(calls[0].arguments), params)
 
 
+NOTE_TOOL = {"type": "function", "function": {
+    "name": "add_note", "description": "Adds a note to the shopping list",
+    "parameters": {"type": "object", "properties": {"text": {"type": "string"},
+                                                    "items": {"type": "array",
+                                                              "items": {"type": "string"}}},
+                   "required": ["text"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("arch,fmt", [("qwen2", "hermes"), ("llama", "llama3"),
+                                      ("llama", "mistral")])
+def test_a_forced_call_is_closed_validly_within_a_small_budget(make_model: ModelFactory,
+                                                               arch: str, fmt: str) -> None:
+    """Random weights never close an unbounded string by themselves: without looking ahead at
+    the budget, the call is cut off as text at max_tokens. With it, every forced call is one
+    valid call within the budget, its text shortened rather than broken."""
+    from prima_node.text.tool_grammar import tool_call_grammar
+
+    with Generator.open(make_model(arch, "tiny", "Q8_0"), threads=1, n_ctx=512) as g:
+        ids = g.chat_prompt([{"role": "user", "content": "Note: milk and bread"}],
+                            tools=[NOTE_TOOL])
+        grammar = tool_call_grammar(fmt, [NOTE_TOOL], g.tokenizer)
+        closed = 0
+        for seed, budget in [(0, 64), (1, 64), (2, 64), (3, 40), (4, 100)]:
+            opts = GenerationOptions(sampling=SamplingParams(temperature=1.0, seed=seed),
+                                     max_tokens=budget, grammar=grammar, tool_format=fmt)
+            events = list(g.generate(ids, opts))
+            calls = [e for e in events if isinstance(e, ToolCall)]
+            text = "".join(e.text for e in events if isinstance(e, TextDelta))
+            fin = events[-1]
+            assert isinstance(fin, Finished) and fin.finish_reason == "tool_calls", (text, fin)
+            assert len(calls) == 1 and calls[0].name == "add_note" and text.strip() == ""
+            assert len(fin.tokens) <= budget
+            jsonschema.validate(json.loads(calls[0].arguments),
+                                NOTE_TOOL["function"]["parameters"])  # type: ignore[index]
+            closed += len(fin.tokens) >= budget - 2 * 16
+        assert closed, "random weights should have run into the budget at least once"
+
+
 def test_forced_call_grammars_refuse_what_cannot_be_called(gen: Generator) -> None:
     from prima_node.text.tool_grammar import tool_call_grammar
 

@@ -359,6 +359,25 @@ def test_a_required_tool_call_comes_back_in_openai_shape(client: openai.OpenAI,
     assert r.usage is not None and answer.usage.prompt_tokens > r.usage.prompt_tokens
 
 
+def test_a_required_call_with_a_small_budget_is_still_one_valid_call(
+        client: openai.OpenAI, model_id: str) -> None:
+    """Random weights run a free-text argument on to the budget: the call is closed in time
+    (its text shortened), never returned cut off as text with finish_reason "length"."""
+    note = {"type": "function", "function": {
+        "name": "add_note", "description": "Add a note",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}},
+                       "required": ["text"], "additionalProperties": False}}}
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=model_id, messages=user("Note that we need milk"), tools=[note],  # type: ignore[list-item]
+            tool_choice="required", max_tokens=64, temperature=1.0, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.tool_calls and len(choice.message.tool_calls) == 1, choice
+        check_call(choice.message.tool_calls[0], [note], "add_note")
+        assert r.usage is not None and r.usage.completion_tokens <= 64
+
+
 def test_a_named_tool_choice_calls_that_tool(client: openai.OpenAI, model_id: str) -> None:
     tools = [ROOM_TOOL, TIMER_TOOL]
     r = client.chat.completions.create(

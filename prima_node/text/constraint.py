@@ -18,12 +18,15 @@ document (a search over single bytes with llguidance itself, so it honours the s
 keys, enums, minimum lengths, formats) and, once the tokens left are only just enough for it,
 allows nothing but that ending. The content is then shortened, not broken. (A budget below the
 schema's smallest document, or one token opening a large object right before the end, can
-still run out: then the output is cut as it would have been without this.)
+still run out: then the output is cut as it would have been without this.) A forced tool call
+is such a document too: JSON between the marker tokens of the model's call syntax, which the
+search tries where no byte goes on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -67,6 +70,10 @@ _PLAN_MAX_BYTES = 4096
 _PLAN_MAX_CHECKS = 20_000
 # Longest token looked up when forcing an ending (longer ones are merely not used for it).
 _MAX_PIECE = 32
+# A special token in llguidance's Lark dialect: <[id]>
+_LARK_SPECIAL = re.compile(r"<\[(\d+)\]>")
+# the "byte" of a special token among the search's (byte, token) candidates
+_NO_BYTE = -1
 
 
 class TokenVocab(Protocol):
@@ -289,7 +296,7 @@ class JsonConstraint:
     """
 
     def __init__(self, compiled: _CompiledVocab, matcher: llguidance.LLMatcher,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, specials: tuple[int, ...] = ()) -> None:
         self._compiled = compiled
         self._matcher = matcher
         n = compiled.n_vocab
@@ -297,9 +304,13 @@ class JsonConstraint:
         self._allowed: np.ndarray | None = None
         self._max_tokens = max_tokens
         self._used = 0
-        self._ending: bytes | None = None  # once set, the only bytes still allowed (in order)
+        # once set, the only tokens still allowed, in order: single bytes (merged into longer
+        # pieces when emitted) and special tokens
+        self._ending: list[int] | None = None
         self._next_check = 0  # token count at which to look at the budget again
         self._lex = _Lex()  # where the document so far stands lexically (in a string or not)
+        # special tokens the grammar names, tried by the ending search where no byte goes on
+        self._specials = [(_NO_BYTE, t) for t in specials if 0 <= t < compiled.n_vocab]
 
     @classmethod
     def compile(cls, vocab: TokenVocab, schema: dict[str, Any] | None, *,
@@ -314,22 +325,24 @@ class JsonConstraint:
             schema = {"type": "object"}
         elif not isinstance(schema, dict):
             raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        if max_tokens is not None and (isinstance(max_tokens, bool)
-                                       or not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+        _check_budget_arg(max_tokens)
         compiled = _compiled_for(vocab)
         return cls(compiled, compiled.matcher(schema), max_tokens)._probed()
 
     @classmethod
-    def compile_lark(cls, vocab: TokenVocab, lark: str) -> JsonConstraint:
+    def compile_lark(cls, vocab: TokenVocab, lark: str, *,
+                     max_tokens: int | None = None) -> JsonConstraint:
         """Start a document of a Lark grammar (llguidance's dialect: ``%json {schema}`` embeds
         JSON, ``<[id]>`` names a special token), e.g. a forced tool call in a model's syntax.
 
-        There is no budget look-ahead here: closing a document early needs to know it is JSON
-        throughout. Raises SchemaError for a grammar that does not compile.
+        With ``max_tokens`` it is closed in time like a JSON document. That assumes what the
+        tool-call grammars are: JSON, plus text around it without a double quote (the search
+        tracks strings by their quotes). Raises SchemaError for a grammar that does not compile.
         """
+        _check_budget_arg(max_tokens)
         compiled = _compiled_for(vocab)
-        return cls(compiled, compiled.lark_matcher(lark))._probed()
+        specials = tuple(dict.fromkeys(int(m) for m in _LARK_SPECIAL.findall(lark)))
+        return cls(compiled, compiled.lark_matcher(lark), max_tokens, specials)._probed()
 
     def _probed(self) -> JsonConstraint:
         """Self, once the first token's mask is computed: some grammars compile and fail only
@@ -366,7 +379,7 @@ class JsonConstraint:
                 raise SchemaError(f"constraint failed: {self._matcher.get_error()}")
             if self._max_tokens is not None and self._ending is None:
                 self._check_budget()
-            if self.is_complete or self._ending == b"":
+            if self.is_complete or self._ending == []:
                 mask = self._compiled.eog.copy()
             elif self._ending is not None:
                 mask = np.zeros(self._compiled.n_vocab, dtype=bool)
@@ -393,11 +406,12 @@ class JsonConstraint:
         if not self._matcher.consume_token(t):
             raise SchemaError(f"constraint failed on token {t}: {self._matcher.get_error()}")
         piece = self._compiled.tokens[t]
-        if piece[:1] != _SPECIAL_PREFIX:
+        special = piece[:1] == _SPECIAL_PREFIX
+        if not special:
             for b in piece:
                 self._lex = self._lex.step(b)
         if self._ending:
-            self._ending = self._ending[len(piece):]
+            del self._ending[:1 if special else len(piece)]
         self._used += 1
         self._allowed = None
 
@@ -419,14 +433,15 @@ class JsonConstraint:
         if ending is None:  # cannot plan here (e.g. no byte tokens): try again a little later
             self._next_check = self._used + 8
             return
-        spare = left - len(longest_pieces(ending, self._compiled.piece_ids)) - margin
+        spare = left - self._ending_length(ending) - margin
         if spare <= 0:
             self._ending = ending
         else:
             self._next_check = self._used + max(1, spare // 4)
 
-    def find_ending(self) -> bytes | None:
-        """Bytes that finish the document from here: a depth-first search, closers first.
+    def find_ending(self) -> list[int] | None:
+        """Tokens that finish the document from here: a depth-first search over single bytes
+        (and the grammar's special tokens where no byte goes on), closers first.
 
         At a structural position the search tries ``}`` and ``]`` before anything that opens a
         value; inside a string, the closing quote first, then characters the string does not
@@ -435,7 +450,7 @@ class JsonConstraint:
         tokens, or a convoluted schema).
         """
         m = self._matcher.deep_copy()
-        path = bytearray()
+        path: list[int] = []  # token ids
         lex = self._lex
         # per depth: the candidates, where to resume in them, the lexical state before the byte
         stack: list[tuple[list[tuple[int, int]], int, _Lex]] = []
@@ -449,9 +464,9 @@ class JsonConstraint:
                     i += 1
                     checks += 1
                     if m.validate_tokens([tok]) == 1 and m.consume_token(tok):
-                        path.append(b)
+                        path.append(tok)
                         stack.append((order, i, lex))
-                        lex = lex.step(b)
+                        lex = lex.step(b) if b != _NO_BYTE else lex
                         order, i = self._byte_order(lex, path), 0
                         advanced = True
                         break
@@ -461,10 +476,11 @@ class JsonConstraint:
                 m.rollback(1)
                 path.pop()
                 order, i, lex = stack.pop()
-        return bytes(path)
+        return path
 
-    def _byte_order(self, lex: _Lex, path: bytearray) -> list[tuple[int, int]]:
-        """Candidate (byte, token) pairs, best first, for the search's next step after ``path``.
+    def _byte_order(self, lex: _Lex, path: list[int]) -> list[tuple[int, int]]:
+        """Candidate (byte, token) pairs, best first, for the search's next step after ``path``
+        (token ids): the grammar's special tokens come last, outside strings.
 
         Outside strings, a byte just taken twice in a row goes last: digits or a repeatable
         pattern would otherwise be extended forever.
@@ -478,19 +494,48 @@ class JsonConstraint:
                     + [c for c in rest if c[0] in used])
         order = compiled.byte_order
         if len(path) >= 2 and path[-1] == path[-2]:
-            order = ([c for c in order if c[0] != path[-1]]
-                     + [c for c in order if c[0] == path[-1]])
-        return order
+            order = ([c for c in order if c[1] != path[-1]]
+                     + [c for c in order if c[1] == path[-1]])
+        return order + self._specials if self._specials else order
+
+    def _ending_length(self, ending: list[int]) -> int:
+        """How many tokens forcing ``ending`` takes: its byte runs in the longest pieces."""
+        n, run = 0, bytearray()
+        for tok in ending:
+            piece = self._compiled.tokens[tok]
+            if piece[:1] == _SPECIAL_PREFIX:
+                n += 1 + (len(longest_pieces(bytes(run), self._compiled.piece_ids)) if run else 0)
+                run.clear()
+            else:
+                run += piece
+        return n + (len(longest_pieces(bytes(run), self._compiled.piece_ids)) if run else 0)
 
     def _next_ending_token(self) -> int:
-        """The longest token that spells the start of the ending and that the grammar takes.
+        """The longest token that spells the start of the ending and that the grammar takes
+        (a special token is taken as it is).
 
-        Single bytes need no check: the search that found the ending consumed them.
+        Single bytes and special tokens need no check: the search that found the ending
+        consumed them.
         """
         assert self._ending
+        tokens = self._compiled.tokens
+        head = bytearray()
+        for tok in self._ending[:_MAX_PIECE]:
+            piece = tokens[tok]
+            if piece[:1] == _SPECIAL_PREFIX:
+                break
+            head += piece
+        if not head:
+            return self._ending[0]
         pieces = self._compiled.piece_ids
-        for k in range(min(_MAX_PIECE, len(self._ending)), 0, -1):
-            tok = pieces.get(self._ending[:k])
-            if tok is not None and (k == 1 or self._matcher.validate_tokens([tok]) == 1):
-                return tok
-        raise SchemaError(f"no token spells byte {self._ending[0]:#04x} of the ending")
+        for k in range(len(head), 1, -1):
+            tok_k = pieces.get(bytes(head[:k]))
+            if tok_k is not None and self._matcher.validate_tokens([tok_k]) == 1:
+                return tok_k
+        return self._ending[0]
+
+
+def _check_budget_arg(max_tokens: int | None) -> None:
+    if max_tokens is not None and (isinstance(max_tokens, bool)
+                                   or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
