@@ -1,7 +1,7 @@
 """The OpenAPI document (``GET /openapi.json``) held to the server it describes.
 
 The document is written by hand, so everything here compares it with the code or with a live
-``prima-node serve``: its structure (OpenAPI 3.1, JSON Schema 2020-12), its routes against the
+``prima-node serve``: its structure (OpenAPI 3.2, JSON Schema 2020-12), its routes against the
 aiohttp router, its request fields against what ``protocol`` accepts, its ranges against what the
 server refuses, and its response schemas against real answers, with every object closed so that
 a field the server sends but the document does not name fails the test.
@@ -99,7 +99,7 @@ def _walk(node: Any) -> Iterator[dict[str, Any]]:
             yield from _walk(v)
 
 
-# A structural check of the parts of OpenAPI 3.1 the document uses (the official meta-schema is
+# A structural check of the parts of OpenAPI 3.2 the document uses (the official meta-schema is
 # not available offline); the component schemas are checked as JSON Schema 2020-12 separately.
 _EXT = {"^x-": {}}
 _STR = {"type": "string"}
@@ -108,7 +108,7 @@ _OPENAPI_META: dict[str, Any] = {
     "type": "object",
     "required": ["openapi", "info", "paths"],
     "properties": {
-        "openapi": {"const": "3.1.0"},
+        "openapi": {"const": "3.2.0"},
         "info": {"type": "object", "required": ["title", "version"],
                  "properties": {"title": _STR, "version": _STR, "description": _STR},
                  "patternProperties": _EXT, "additionalProperties": False},
@@ -166,14 +166,15 @@ _OPENAPI_META: dict[str, Any] = {
                    "additionalProperties": False},
         "content": {"type": "object", "propertyNames": {"pattern": "^[a-z]+/[a-z0-9.+-]+$"},
                     "additionalProperties": {
-                        "type": "object", "properties": {"schema": {"type": ["object",
-                                                                             "boolean"]}},
+                        "type": "object", "minProperties": 1,
+                        "properties": {"schema": {"type": ["object", "boolean"]},
+                                       "itemSchema": {"type": ["object", "boolean"]}},
                         "patternProperties": _EXT, "additionalProperties": False}},
     },
 }
 
 
-def test_the_document_is_well_formed_openapi_3_1() -> None:
+def test_the_document_is_well_formed_openapi_3_2() -> None:
     meta = Draft202012Validator(_OPENAPI_META)
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
               for e in meta.iter_errors(DOC)]
@@ -286,6 +287,23 @@ def test_tool_call_shapes_match() -> None:
         _check("ChatCompletionChunk", json.loads(json.dumps(chunk)))
 
 
+
+def test_a_stream_that_fails_part_way_ends_with_a_documented_error_event() -> None:
+    """What the server writes when a node fails after the headers went out (the live server
+    below cannot be made to fail): the chunks so far, then an Error in place of [DONE]."""
+    from prima_node.errors import ClusterError
+    from prima_node.server.app import _node_failed
+    from prima_node.server.responses import sse
+
+    reply = Reply(model="m", chat=True)
+    raw = (sse(reply.first_chunk()) + sse(reply.text_chunk("The"))
+           + sse(_node_failed(ClusterError("node b stopped answering")).body()))
+    taken = _check_stream("/v1/chat/completions", raw)
+    assert taken == ["ChatCompletionChunk", "ChatCompletionChunk", "Error"]
+    with pytest.raises(AssertionError):  # and the check can fail: a chunk is not an error
+        _check_stream("/v1/completions", sse(reply.first_chunk()))
+
+
 # -- a live server --------------------------------------------------------------------------------
 
 
@@ -360,6 +378,49 @@ def _sse(raw: bytes) -> list[Any]:
     return [json.loads(e) for e in events[:-1]]
 
 
+def _sse_events(raw: bytes) -> list[dict[str, str]]:
+    """The events of a stream as OpenAPI 3.2 models them: an object of its fields."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        event: dict[str, str] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            event[name] = value[1:] if value.startswith(" ") else value
+        out.append(event)
+    return out
+
+
+def _check_stream(path: str, raw: bytes) -> list[str]:
+    """Every event of ``raw`` against the itemSchema the document gives ``path``'s stream, with
+    the JSON in ``data`` decoded and held to the ``contentSchema`` of exactly one branch (which
+    JSON Schema only annotates). The names of the branches taken, in order."""
+    media = DOC["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    name = media["itemSchema"]["$ref"].rsplit("/", 1)[1]
+    branches = DOC["components"]["schemas"][name]["properties"]["data"]["anyOf"]
+    taken = []
+    for event in _sse_events(raw):
+        _check(name, event)
+        fits = []
+        for branch in branches:
+            if "const" in branch:
+                if event["data"] == branch["const"]:
+                    fits.append(branch["const"])
+                continue
+            assert branch["contentMediaType"] == "application/json"
+            target = branch["contentSchema"]["$ref"].rsplit("/", 1)[1]
+            try:
+                data = json.loads(event["data"])
+            except json.JSONDecodeError:
+                continue
+            if not list(_validator(target).iter_errors(data)):
+                fits.append(target)
+        assert len(fits) == 1, (event, fits)
+        taken += fits
+    return taken
+
+
 def test_real_answers_match_the_response_schemas(live: Live) -> None:
     chat = live.json("POST", "/v1/chat/completions",
                      {"messages": _CHAT, "max_tokens": 4, "seed": 1})
@@ -374,6 +435,8 @@ def test_real_answers_match_the_response_schemas(live: Live) -> None:
     assert any("timings" in c for c in chunks)
     for chunk in chunks:
         _check("ChatCompletionChunk", chunk)
+    taken = _check_stream("/v1/chat/completions", raw)
+    assert taken == ["ChatCompletionChunk"] * len(chunks) + ["[DONE]"]
 
     text = live.json("POST", "/v1/completions", {"prompt": "Once upon", "max_tokens": 3})
     _check("Completion", text)
@@ -382,6 +445,7 @@ def test_real_answers_match_the_response_schemas(live: Live) -> None:
     assert code == 200
     for chunk in _sse(raw):
         _check("CompletionChunk", chunk)
+    assert _check_stream("/v1/completions", raw)[-1] == "[DONE]"
 
     _check("ModelList", live.json("GET", "/v1/models"))
     status = live.json("GET", "/api/status")

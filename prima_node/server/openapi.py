@@ -1,9 +1,10 @@
-"""The OpenAPI 3.1 description of the head's API (``GET /openapi.json``).
+"""The OpenAPI 3.2 description of the head's API (``GET /openapi.json``).
 
 Written by hand rather than generated from ``protocol``: the document is a contract that a
 reviewer reads, and ``tests/test_openapi.py`` holds it to the code (the accepted fields, the
 ranges, the routes and real answers of a live server), so the two cannot drift apart silently.
-Schemas are JSON Schema 2020-12, as OpenAPI 3.1 defines them; response objects stay open to new
+Schemas are JSON Schema 2020-12, as OpenAPI 3.1 and 3.2 define them (3.2 for ``itemSchema``, which
+describes a server-sent event stream event by event); response objects stay open to new
 fields (clients must ignore what they do not know), request bodies are closed because the server
 refuses unknown fields.
 """
@@ -372,6 +373,22 @@ def _text_choice(*, chunk: bool) -> Schema:
                  "finish_reason": _finish(chunk)})
 
 
+def _sse_event(chunk: str) -> Schema:
+    """One server-sent event of a streamed answer, as OpenAPI 3.2's ``itemSchema`` describes a
+    stream: its fields as an object, the JSON in ``data`` by ``contentSchema``."""
+    def json_data(name: str, description: str) -> Schema:
+        return {"type": "string", "description": description,
+                "contentMediaType": "application/json", "contentSchema": _ref(name)}
+
+    return _obj({"data": {"anyOf": [
+        json_data(chunk, "A part of the answer."),
+        json_data("Error", "The answer failed part-way; the last event."),
+        {"const": "[DONE]", "description": "The answer is complete; the last event."},
+    ]}}, description=f"One event of a streamed answer (a `data:` line and a blank line; no "
+       f"`event`, `id` or `retry` fields): `{chunk}` events, then `[DONE]`; or, when the answer "
+       "fails part-way, one `Error` in place of `[DONE]`.", additionalProperties=False)
+
+
 def _model_info(extra: dict[str, Schema], required: list[str]) -> Schema:
     """What the node reports about its model (the GGUF file's metadata once loaded)."""
     props = {
@@ -578,6 +595,8 @@ def _components() -> dict[str, Any]:
             "status": {"enum": ["ok", "loading", "failed", "stopping"]},
             "error": _t("string", "Why the model failed to load."),
         }, required=["status"]),
+        "ChatCompletionChunkEvent": _sse_event("ChatCompletionChunk"),
+        "CompletionChunkEvent": _sse_event("CompletionChunk"),
         "StatusDocument": _status_document(),
         "ClusterView": _status_document()["properties"]["cluster"],
         "StatusEvent": _obj({"type": {"const": "status"}, "data": _ref("StatusDocument")},
@@ -639,14 +658,11 @@ def _generation(*, summary: str, operation_id: str, request: str, answer: str, c
                         "JSON, as llama.cpp's server does).",
                         "content": {"application/json": {"schema": _ref(request)}}},
         "responses": {
-            "200": {"description": "The answer; with `stream: true` server-sent events.",
+            "200": {"description": "The answer; with `stream: true` server-sent events, "
+                    "described one by one (OpenAPI 3.2's itemSchema).",
                     "content": {
                         "application/json": {"schema": _ref(answer)},
-                        "text/event-stream": {
-                            "schema": {"type": "string", "description": f"`data: <{chunk}>` "
-                                       "events, then `data: [DONE]`; or one `data: <Error>` "
-                                       "event if the answer fails part-way."},
-                            "x-sse-data": _ref(chunk)}}},
+                        "text/event-stream": {"itemSchema": _ref(f"{chunk}Event")}}},
             **_errors("BadRequest", "Unauthorized", "TooLarge", "QueueFull", "InternalError",
                       "Unavailable"),
         }}}
@@ -771,7 +787,7 @@ def _paths() -> dict[str, Any]:
              "404": _error("Not a cluster node (code not_a_cluster_node)."),
              "400": _error("Not a websocket handshake (code bad_request).")}, public=True),
         "/openapi.json": _get("openapi", "This document (no key needed)",
-                              "The OpenAPI 3.1 description of the API.",
+                              "The OpenAPI 3.2 description of the API.",
                               {"200": {"description": "The document.", "content": {
                                   "application/json": {"schema": {"type": "object"}}}}},
                               public=True),
@@ -781,7 +797,7 @@ def _paths() -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     """A fresh document each call (cheap), so a caller may change its copy."""
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.2.0",
         "info": {
             "title": API_TITLE,
             "version": API_VERSION,
