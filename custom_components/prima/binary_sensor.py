@@ -15,10 +15,11 @@ from homeassistant.components.binary_sensor import (
     BinarySensorEntityDescription,
 )
 from homeassistant.components.binary_sensor.const import BinarySensorDeviceClass
+from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
 
 from .coordinator import PrimaCoordinator
-from .sensor import PrimaTrackedNodeEntity, async_track_nodes
+from .entity import PrimaTrackedNodeEntity, async_track_nodes
 
 if TYPE_CHECKING:
     from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
@@ -46,8 +47,8 @@ NODE_BINARY_SENSORS: tuple[PrimaNodeBinarySensorDescription, ...] = (
 
 async def async_setup_entry(hass: HomeAssistant, entry: PrimaConfigEntry,
                             async_add_entities: AddConfigEntryEntitiesCallback) -> None:
-    async_track_nodes(entry, async_add_entities, lambda c, node: (
-        PrimaNodeBinarySensor(c, node, description) for description in NODE_BINARY_SENSORS))
+    async_track_nodes(entry, async_add_entities, Platform.BINARY_SENSOR, NODE_BINARY_SENSORS,
+                      PrimaNodeBinarySensor)
 
 
 class PrimaNodeBinarySensor(PrimaTrackedNodeEntity, BinarySensorEntity):

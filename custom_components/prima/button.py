@@ -1,8 +1,8 @@
 """Buttons: plan the ring again (measure the nodes and links, hand out the layers anew).
 
 The head plans by itself when nodes join or leave; the button is for after a change it cannot
-see, such as a node whose load changed for good. A lone node has no ring: the button is then
-unavailable.
+see, such as a node whose load changed for good. A lone node has no ring: the button is added
+once the head runs one (and is unavailable while a ring that had it is down to one node).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from homeassistant.components.button import ButtonEntity, ButtonEntityDescription
-from homeassistant.const import EntityCategory
+from homeassistant.const import EntityCategory, Platform
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 
 from .api import PrimaClient, PrimaError
 from .const import DOMAIN
 from .coordinator import PrimaCoordinator
-from .entity import PrimaClusterEntity
+from .entity import PrimaClusterEntity, async_add_cluster_entities
 
 if TYPE_CHECKING:
     from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
@@ -60,9 +60,8 @@ CLUSTER_BUTTONS: tuple[PrimaButtonDescription, ...] = (
 
 async def async_setup_entry(hass: HomeAssistant, entry: PrimaConfigEntry,
                             async_add_entities: AddConfigEntryEntitiesCallback) -> None:
-    coordinator = entry.runtime_data.coordinator
-    async_add_entities(PrimaClusterButton(coordinator, description)
-                       for description in CLUSTER_BUTTONS)
+    async_add_cluster_entities(entry, async_add_entities, Platform.BUTTON, CLUSTER_BUTTONS,
+                               PrimaClusterButton, lambda d, doc: d.available_fn(doc))
 
 
 class PrimaClusterButton(PrimaClusterEntity, ButtonEntity):

@@ -1,15 +1,16 @@
 """Sensors: what the cluster does (its state, speed, queue) and what each node holds and has.
 
 Cluster sensors read the head's status document; node sensors read the node's entry in its
-``cluster.nodes``. A node that joins later gets its device and sensors when it first appears.
+``cluster.nodes``. A sensor is added once it can have a value (see ``entity``): a node that joins
+later gets its device and sensors when it first appears, a lone head its plan's figures once it
+runs a ring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from homeassistant.components.sensor import (
@@ -21,16 +22,21 @@ from homeassistant.components.sensor import (
 from homeassistant.const import (
     PERCENTAGE,
     EntityCategory,
+    Platform,
     UnitOfDataRate,
     UnitOfInformation,
     UnitOfTime,
 )
-from homeassistant.core import HomeAssistant, callback
-from homeassistant.helpers.entity import Entity
+from homeassistant.core import HomeAssistant
 from homeassistant.util import dt as dt_util
 
 from .coordinator import PrimaCoordinator, cluster_nodes
-from .entity import PrimaClusterEntity, PrimaNodeEntity
+from .entity import (
+    PrimaClusterEntity,
+    PrimaTrackedNodeEntity,
+    async_add_cluster_entities,
+    async_track_nodes,
+)
 
 if TYPE_CHECKING:
     from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
@@ -100,7 +106,7 @@ class PrimaClusterSensorDescription(SensorEntityDescription):
     """A figure of the cluster as a whole."""
 
     value_fn: Callable[[PrimaCoordinator], StateType | datetime]
-    #: whether the figure exists for this head (a lone node has no plan)
+    #: whether the figure can have a value for this head (a lone node has no plan)
     exists_fn: Callable[[dict[str, Any]], bool] = lambda _doc: True
 
 
@@ -109,7 +115,8 @@ class PrimaNodeSensorDescription(SensorEntityDescription):
     """A figure of one node, from its entry in the cluster's node list."""
 
     value_fn: Callable[[dict[str, Any]], StateType]
-    #: whether the node reports the figure at all (older nodes lack newer fields)
+    #: whether the node reports the figure (a lone node has no window, older nodes lack
+    #: newer fields)
     exists_fn: Callable[[dict[str, Any]], bool] = lambda _node: True
 
 
@@ -255,55 +262,13 @@ NODE_SENSORS: tuple[PrimaNodeSensorDescription, ...] = (
 )
 
 
-# -- nodes that come and go -----------------------------------------------------------------------
-
-class PrimaTrackedNodeEntity(PrimaNodeEntity):
-    """A node's entity that lets its platform forget the node once its device is removed."""
-
-    forget_node: Callable[[], None] | None = None
-
-    async def async_removed_from_registry(self) -> None:
-        if self.forget_node is not None:
-            self.forget_node()
-
-
-def async_track_nodes(
-    entry: PrimaConfigEntry,
-    add_entities: AddConfigEntryEntitiesCallback,
-    make: Callable[[PrimaCoordinator, dict[str, Any]], Iterable[PrimaTrackedNodeEntity]],
-) -> None:
-    """Add ``make(node)``'s entities for every node listed now and for each that joins later.
-
-    A node is added once; when its device is removed (gone for long) its entities leave the
-    registry, the node is forgotten, and it gets new ones should it come back.
-    """
-    coordinator = entry.runtime_data.coordinator
-    known: set[str] = set()
-
-    @callback
-    def add_new_nodes() -> None:
-        entities: list[Entity] = []
-        for node in cluster_nodes(coordinator.data):
-            if node["node_id"] in known:
-                continue
-            known.add(node["node_id"])
-            for entity in make(coordinator, node):
-                entity.forget_node = partial(known.discard, node["node_id"])
-                entities.append(entity)
-        if entities:
-            add_entities(entities)
-
-    add_new_nodes()
-    entry.async_on_unload(coordinator.async_add_listener(add_new_nodes))
-
-
 async def async_setup_entry(hass: HomeAssistant, entry: PrimaConfigEntry,
                             async_add_entities: AddConfigEntryEntitiesCallback) -> None:
     coordinator = entry.runtime_data.coordinator
-    async_add_entities(PrimaClusterSensor(coordinator, description)
-                       for description in CLUSTER_SENSORS)
-    async_track_nodes(entry, async_add_entities, lambda c, node: (
-        PrimaNodeSensor(c, node, description) for description in NODE_SENSORS))
+    async_add_cluster_entities(entry, async_add_entities, Platform.SENSOR, CLUSTER_SENSORS,
+                               PrimaClusterSensor, lambda d, doc: d.exists_fn(doc))
+    async_track_nodes(entry, async_add_entities, Platform.SENSOR, NODE_SENSORS, PrimaNodeSensor,
+                      lambda d, node: d.exists_fn(node))
     # nodes gone for long lose their devices (checked whenever the status changes)
     entry.async_on_unload(coordinator.async_add_listener(coordinator.remove_stale_devices))
 

@@ -62,6 +62,19 @@ def entity_id_of(hass: HomeAssistant, platform: str, unique_id: str) -> str:
     return entity_id
 
 
+#: the cluster's figures that only a ring has (its plan)
+RING_SENSORS = ("predicted_token_time", "measured_token_time", "rounds")
+#: a node's figures of the window it holds in a ring, by the field they show
+WINDOW_SENSORS = {"window": "window", "compute_time": "measured_compute_ms"}
+
+
+def registered(hass: HomeAssistant, platform: str, owner: str, keys: Any) -> set[str]:
+    """Which of ``keys`` the registry holds for ``owner`` (a cluster or node id)."""
+    registry = er.async_get(hass)
+    return {k for k in keys
+            if registry.async_get_entity_id(platform, DOMAIN, f"{owner}-{k}") is not None}
+
+
 def state_of(hass: HomeAssistant, entity_id: str) -> str:
     state = hass.states.get(entity_id)
     assert state is not None, entity_id
@@ -141,8 +154,11 @@ async def test_single_node(hass: HomeAssistant, head: ServerProcess,
     assert cluster_state("state") == "ready"
     assert cluster_state("model") == doc["model"]["id"]
     assert cluster_state("queue_waiting") == str(doc["queue"]["waiting"])
-    for key in ("predicted_token_time", "measured_token_time"):
-        assert cluster_state(key) == STATE_UNAVAILABLE
+    # no ring, no plan: its figures and the re-plan button are not there at all (an entity that
+    # could never have a value is not one), nor the node's window figures
+    assert not registered(hass, "sensor", cluster, RING_SENSORS)
+    assert not registered(hass, "button", cluster, ("replan",))
+    assert not registered(hass, "sensor", node, WINDOW_SENSORS)
     assert node_state("binary_sensor", "online") == STATE_ON
     assert node_state("sensor", "role") == "head"
     assert node_state("sensor", "layers") == str(doc["model"]["n_layers"])
@@ -157,13 +173,58 @@ async def test_single_node(hass: HomeAssistant, head: ServerProcess,
     else:
         assert float(node_state("sensor", "memory_pressure")) == pytest.approx(pressure)
 
-    button_id = entity_id_of(hass, "button", f"{cluster}-replan")
-    assert state_of(hass, button_id) == STATE_UNAVAILABLE
-    button = hass.data[DATA_INSTANCES]["button"].get_entity(button_id)
-    assert button is not None
-    with pytest.raises(HomeAssistantError) as err:  # what a press would meet: no ring to plan
-        await button.async_press()
-    assert err.value.translation_key == "replan_failed"
+
+async def test_plan_figures_come_with_a_ring_and_stay_when_it_is_gone(
+        hass: HomeAssistant, tiny_model: Path, tmp_path: Path,
+        freezer: FrozenDateTimeFactory) -> None:
+    """One head restarted on the same state and port: alone (no plan figures), as the head of
+    a ring (they are added while the entry runs), alone again (they stay, unavailable, rather
+    than being left in the registry with nothing providing them)."""
+    port = str(free_port())
+    head = start_head(tiny_model, tmp_path / "head", extra=("--port", port))
+    try:
+        entry = await set_up(hass, head)
+        coordinator = entry.runtime_data.coordinator
+        cluster = node = head.status()["node_id"]
+        assert not registered(hass, "sensor", cluster, RING_SENSORS)
+
+        head.stop()
+        head = start_head(tiny_model, tmp_path / "head",
+                          extra=("--port", port, "--cluster-secret", SECRET, "--head",
+                                 "--peer", f"127.0.0.1:{free_port()}"))
+        await wait_until(hass, lambda: registered(hass, "sensor", cluster, RING_SENSORS)
+                         == set(RING_SENSORS), "the plan's sensors", freezer)
+        assert registered(hass, "button", cluster, ("replan",)) == {"replan"}
+        plan = coordinator.data["cluster"]["plan"]
+        await wait_until(hass, lambda: state_of(hass, entity_id_of(
+            hass, "sensor", f"{cluster}-predicted_token_time")) != STATE_UNAVAILABLE,
+            "the predicted time", freezer)
+        assert float(state_of(hass, entity_id_of(
+            hass, "sensor", f"{cluster}-predicted_token_time"))) == pytest.approx(
+                plan["predicted_ms_per_token"])
+        listed = coordinator.data["cluster"]["nodes"][0]
+        assert all(field in listed for field in WINDOW_SENSORS.values())  # a ring's node
+        assert registered(hass, "sensor", node, WINDOW_SENSORS) == set(WINDOW_SENSORS)
+
+        head.stop()
+        head = start_head(tiny_model, tmp_path / "head", extra=("--port", port))
+        assert await hass.config_entries.async_reload(entry.entry_id)
+        await hass.async_block_till_done()
+        assert registered(hass, "sensor", cluster, RING_SENSORS) == set(RING_SENSORS)
+        for key in ("predicted_token_time", "measured_token_time"):  # rounds: disabled
+            assert state_of(hass, entity_id_of(hass, "sensor", f"{cluster}-{key}")
+                            ) == STATE_UNAVAILABLE
+        button_id = entity_id_of(hass, "button", f"{cluster}-replan")
+        assert state_of(hass, button_id) == STATE_UNAVAILABLE
+        button = hass.data[DATA_INSTANCES]["button"].get_entity(button_id)
+        assert button is not None
+        with pytest.raises(HomeAssistantError) as err:  # what a press would meet: no ring
+            await button.async_press()
+        assert err.value.translation_key == "replan_failed"
+        assert await hass.config_entries.async_unload(entry.entry_id)
+        await hass.async_block_till_done()
+    finally:
+        head.stop()
 
 
 async def test_ring(hass: HomeAssistant, tiny_model: Path, tmp_path: Path,
