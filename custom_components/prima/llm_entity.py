@@ -23,6 +23,7 @@ from homeassistant.helpers.entity import Entity
 from homeassistant.helpers.json import json_dumps
 
 from .api import PrimaAuthError, PrimaConnectionError, PrimaError
+from .attachments import read_attachments
 from .const import (
     CONF_MAX_HISTORY,
     CONF_MAX_TOKENS,
@@ -85,15 +86,16 @@ def response_format(name: str, structure: probatio.Schema,
             "json_schema": {"name": name, "strict": True, "schema": schema}}
 
 
-def convert_content(content: conversation.Content) -> dict[str, Any]:
-    """One chat log entry as an OpenAI chat message."""
+def convert_content(content: conversation.Content, attached: str = "") -> dict[str, Any]:
+    """One chat log entry as an OpenAI chat message; ``attached``: a user message's attachments
+    as text (``read_attachments``), which must be read before."""
     if isinstance(content, conversation.SystemContent):
         return {"role": "system", "content": content.content}
     if isinstance(content, conversation.UserContent):
-        if content.attachments:
-            raise HomeAssistantError(translation_domain=DOMAIN,
-                                     translation_key="attachments_unsupported")
-        return {"role": "user", "content": content.content}
+        if content.attachments and not attached:
+            raise ValueError("a message with attachments needs them read (read_attachments)")
+        text = f"{content.content}\n\n{attached}" if attached else content.content
+        return {"role": "user", "content": text}
     if isinstance(content, conversation.AssistantContent):
         message: dict[str, Any] = {"role": "assistant", "content": content.content}
         calls = [c for c in content.tool_calls or () if not c.external]
@@ -379,8 +381,14 @@ class PrimaLLMBaseEntity(Entity):
         """Whether the subentry asks the model to think first."""
         return bool(self.subentry.data.get(CONF_THINK, DEFAULT_THINK))
 
-    def _messages(self, chat_log: conversation.ChatLog) -> list[dict[str, Any]]:
-        messages = [convert_content(content) for content in chat_log.content]
+    async def _messages(self, chat_log: conversation.ChatLog) -> list[dict[str, Any]]:
+        messages = []
+        for content in chat_log.content:
+            attached = ""
+            if isinstance(content, conversation.UserContent) and content.attachments:
+                attached = await self.hass.async_add_executor_job(read_attachments,
+                                                                  content.attachments)
+            messages.append(convert_content(content, attached))
         max_history = int(self.subentry.data.get(CONF_MAX_HISTORY, DEFAULT_MAX_HISTORY))
         return trim_history(messages, max(max_history, 0))
 
@@ -407,7 +415,7 @@ class PrimaLLMBaseEntity(Entity):
                            if chat_log.llm_api else "the selected APIs")
         stats = RoundStats()
         for _iteration in range(MAX_TOOL_ITERATIONS):
-            payload = self._payload(self._messages(chat_log))
+            payload = self._payload(await self._messages(chat_log))
             if tools:
                 payload["tools"] = tools
             if fmt is not None:

@@ -520,11 +520,14 @@ def test_chat_log_entries_as_messages() -> None:
         result=llm.ToolResult(data={"ok": 1}))) == {
         "role": "tool", "tool_call_id": "call_1", "name": "set_light",
         "content": '{"data":{"ok":1},"error":false}'}
-    with pytest.raises(HomeAssistantError) as err:
-        convert_content(conversation.UserContent(content="look", attachments=[
-            conversation.Attachment(media_content_id="media-source://x", mime_type="image/png",
-                                    path=Path("x.png"))]))
-    assert err.value.translation_key == "attachments_unsupported"
+    # attachments are read first (off the event loop) and follow the user's words
+    with_file = conversation.UserContent(content="sum up", attachments=[
+        conversation.Attachment(media_content_id="media-source://x", mime_type="text/plain",
+                                path=Path("x.txt"))])
+    with pytest.raises(ValueError, match="read_attachments"):
+        convert_content(with_file)
+    assert convert_content(with_file, '<file name="x.txt">\nhi\n</file>') == {
+        "role": "user", "content": 'sum up\n\n<file name="x.txt">\nhi\n</file>'}
 
 
 def test_trim_keeps_whole_turns() -> None:
