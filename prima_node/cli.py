@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model file, or its profile from prima-node model-profile --json")
     pl.add_argument("--ctx", type=int, default=4096, help="context length the KV cache holds")
     pl.add_argument("--k", type=int, default=None,
-                    help="force the number of rounds (a divisor of the layer count)")
+                    help="force the number of rounds (1 to the layer count; windows may differ "
+                    "by a layer)")
     pl.add_argument("--head", default=None, help="the head device's name (default: the file's)")
     pl.add_argument("--position", type=int, default=None,
                     help="positions a token attends to, for the latency (default: half of --ctx)")

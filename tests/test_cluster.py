@@ -56,11 +56,13 @@ def _node(model: Path, state: Path, cache: Path, *extra: str) -> ServerProcess:
     return srv
 
 
-@pytest.fixture(scope="module", params=[("llama", "Q8_0"), ("qwen2", "F16")],
-                ids=["llama-small-Q8_0", "qwen2-small-F16"])
+@pytest.fixture(scope="module", params=[("llama", "Q8_0", 8), ("qwen2", "F16", None)],
+                ids=["llama-small-Q8_0-8-layers", "qwen2-small-F16"])
 def cluster_model(request: pytest.FixtureRequest, make_model: ModelFactory) -> Path:
-    arch, quant = request.param
-    return make_model(arch, "small", quant)
+    """Two models; the first has 8 layers, so two rounds over three nodes give ragged
+    windows (3 + 3 + 2 layers: two nodes' windows differ by a layer)."""
+    arch, quant, layers = request.param
+    return make_model(arch, "small", quant, layers=layers)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,8 @@ def test_ring_logits_equal_one_node(cluster_model: Path, workers: list[ServerPro
         held = sorted(i for d in p.devices for a, b in d.ranges for i in range(a, b))
         with Model.open(cluster_model, threads=1, n_ctx=CTX) as alone:
             assert held == list(range(alone.config.n_layer))
+            sizes = {len({b - a for a, b in d.ranges}) for d in p.devices}
+            assert (sizes == {1, 2}) == (alone.config.n_layer % (3 * k) != 0 and k > 1)
             rng = np.random.default_rng(k)
             prompt = rng.integers(0, alone.n_vocab, 40).tolist()
             want = alone.forward(prompt, session="s")

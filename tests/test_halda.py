@@ -8,7 +8,15 @@ from dataclasses import replace
 
 import pytest
 
-from prima_node.planner.halda import Device, Link, Options, PlanError, brute_force, plan
+from prima_node.planner.halda import (
+    Device,
+    Link,
+    Options,
+    Plan,
+    PlanError,
+    brute_force,
+    plan,
+)
 from prima_node.planner.model_profile import ModelProfile, PublishedModel, from_shapes
 
 GB = 1e9
@@ -37,6 +45,19 @@ def _device(rng: random.Random, i: int, model_bytes: float) -> Device:
         swap_out=rng.uniform(0, 0.2) * model_bytes if os_ == "Android" else 0.0)
 
 
+def check_layout(p: Plan) -> None:
+    """Every layer once, in order around the ring round after round; each device's windows
+    as even as can be; GPU layers in every window."""
+    order = [r for rnd in range(p.k) for d in p.devices for r in [d.ranges[rnd]]]
+    assert [a for a, _ in order] == [0, *(b for _, b in order[:-1])]
+    assert order[-1][1] == p.n_layer == sum(d.layers for d in p.devices)
+    for d in p.devices:
+        sizes = [b - a for a, b in d.ranges]
+        assert len(sizes) == p.k and sum(sizes) == d.layers and min(sizes) >= 1
+        assert max(sizes) - min(sizes) <= 1 and d.window == max(sizes)
+        assert 0 <= d.gpu_layers <= min(sizes)
+
+
 def test_halda_finds_the_exhaustive_optimum_on_200_random_clusters() -> None:
     rng = random.Random(20261121)
     checked = infeasible = 0
@@ -46,10 +67,9 @@ def test_halda_finds_the_exhaustive_optimum_on_200_random_clusters() -> None:
         devices = [_device(rng, i, size) for i in range(rng.randint(2, 4))]
         links = {(a.name, b.name): Link(rng.uniform(0.0002, 0.01), rng.uniform(5e6, 1e9))
                  for a in devices for b in devices if a is not b}
-        divisors = [k for k in range(1, model.n_layer + 1) if model.n_layer % k == 0]
-        # a random head, and now and then a forced number of rounds
+        # a random head, and now and then a forced number of rounds (any: windows may be ragged)
         opts = Options(n_ctx=rng.choice([512, 2048]), head=rng.randrange(len(devices)),
-                       k=rng.choice(divisors) if rng.random() < 0.25 else None)
+                       k=rng.randint(1, model.n_layer // 2) if rng.random() < 0.25 else None)
         best = brute_force(devices, model, opts, links)
         try:
             p = plan(devices, model, opts, links)
@@ -58,9 +78,8 @@ def test_halda_finds_the_exhaustive_optimum_on_200_random_clusters() -> None:
             infeasible += 1
             continue
         assert p.latency_s == pytest.approx(best, rel=1e-6), (devices, model.n_layer)
-        assert sum(d.window for d in p.devices) * p.k == model.n_layer
+        check_layout(p)
         assert p.ring[0] == devices[opts.head].name and (opts.k is None or p.k == opts.k)
-        assert all(0 <= d.gpu_layers <= d.window for d in p.devices)
         checked += 1
     # both outcomes are exercised, and most instances compare a plan, not just an error
     assert checked >= 140 and infeasible >= 10
@@ -83,8 +102,9 @@ def test_forcing_k_and_infeasible_requests_are_explained() -> None:
     model = _model(16)
     dev = Device("a", mem_available=1e12, disk_bytes_per_s=1 * GB,
                  cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
-    with pytest.raises(PlanError, match="does not divide"):
-        plan([dev], model, Options(k=3))
+    with pytest.raises(PlanError, match="k is between 1 and 16"):
+        plan([dev], model, Options(k=17))
+    assert plan([dev], model, Options(k=3)).devices[0].layers == 16  # ragged: 6 + 5 + 5
     tiny = Device("t", mem_available=1e6, disk_bytes_per_s=0.01 * GB,
                   cpu_flops={"Q4_K": 10 * GB, "Q6_K": 8 * GB, "F32": 5 * GB})
     with pytest.raises(PlanError, match="the head t cannot hold the embedding row"):

@@ -2,7 +2,13 @@
 
 The cost model starts from prima.cpp's (shared/prima-digest.md §2): a device computes its layers
 at its measured speed per weight type; GPU layers run at GPU speed within free VRAM; a token goes
-k times around the ring, L = k * sum(w). Three things differ from the paper's code:
+k times around the ring. Four things differ from the paper's code:
+
+- Windows may be ragged. The paper gives every device w layers in each of k rounds, so
+  L = k * sum(w) and k must divide L: a 16-layer model with three devices and k = 4 can only be
+  split 8 + 4 + 4, and a memory-poor head then streams what a 7 + 5 + 4 split would keep.
+  Here a device holds l layers in k windows of floor(l / k) or ceil(l / k) layers (the larger
+  ones first), every device at least one layer a round, sum(l) = L, any k.
 
 - Each ring hop costs the measured link latency plus the activation bytes over the link's
   throughput, k hops per device per token, so more rounds are no longer free.
@@ -12,9 +18,9 @@ k times around the ring, L = k * sum(w). Three things differ from the paper's co
   fit streams part of each window, loading it while the token is elsewhere in the ring. It
   costs latency only where streaming is slower than the rest of the token's path, and a device
   reads only while it is not computing: latency = max(compute path + hops + output, each
-  device's compute + its streaming). With k windows of r bytes and a budget B for weights (the
-  room less the share the node's pager keeps free, ``STREAM_HEADROOM``), the device keeps a
-  resident head of every window and streams a tail t = (k r - B) / (k - 1), k t bytes a token
+  device's compute + its streaming). With k windows of R bytes in all and a budget B for weights
+  (the room less the share the node's pager keeps free, ``STREAM_HEADROOM``), the device keeps a
+  resident head of every window and streams a tail t = (R - B) / (k - 1), k t bytes a token
   (see ``_device_cost``); one round, or a window bigger than B, would thrash the page cache and
   is not planned. Large k makes streaming cheap on memory-poor devices; hops make large k
   expensive.
@@ -112,9 +118,9 @@ class Options:
 @dataclass
 class DevicePlan:
     name: str
-    window: int  # w_m: layers per round
-    gpu_layers: int  # n_m: of those, on the GPU
-    layers: int  # k * w_m
+    window: int  # layers per round: its largest window (ragged windows differ by one layer)
+    gpu_layers: int  # n_m: of each window's layers, on the GPU
+    layers: int  # l_m, in all (k windows)
     regime: str  # M1..M4 (M4: everything fits in memory)
     compute_s: float
     disk_s: float
@@ -229,33 +235,40 @@ def _ram_layers(c: _Coef, w: float, n: float) -> float:
     return w if c.metal else w - n
 
 
-def _device_cost(c: _Coef, k: int, w: int, n: int) -> tuple[float, float, float] | None:
-    """(compute s, disk streaming s, bytes streamed) per token for a window of w layers with n
-    on the GPU; None if the device cannot run it.
+def window_sizes(layers: int, k: int) -> list[int]:
+    """The layers of each of k windows holding ``layers`` in all: as even as can be, the larger
+    ones first."""
+    return [layers // k + (r < layers % k) for r in range(k)]
+
+
+def _device_cost(c: _Coef, k: int, held: int, n: int) -> tuple[float, float, float] | None:
+    """(compute s, disk streaming s, bytes streamed) per token for ``held`` layers in k windows
+    with n of each window's layers on the GPU; None if the device cannot run it.
 
     Either everything it holds fits in memory, or it streams part of every window from disk
     while the token is elsewhere in the ring (prima.cpp's prefetch-release, spread evenly): each
     of its k windows keeps a resident head and streams a tail of t bytes, released right after
     use and prefetched again before the next use. The pager reads the next tail only once it
-    released the last one, so memory holds the k heads and one tail: k (r - t) + t <= B, so
-    t = (k r - B) / (k - 1), k t bytes a token, where B is the room for weights less the
-    pager's headroom. Streaming needs one whole window to fit B (t <= r) and two rounds at
-    least: with one, the window released is the one needed next. The KV cache is anonymous
-    memory and stays resident either way (the paper's M3 counts it as re-read from disk, which
-    it never is).
+    released the last one, so memory holds the k heads and one tail: R - k t + t <= B for
+    windows of R bytes in all, so t = (R - B) / (k - 1), k t bytes a token, where B is the room
+    for weights less the pager's headroom. Streaming needs the largest window to fit B and two
+    rounds at least: with one, the window released is the one needed next. (Where a ragged
+    window is shorter than t the pager streams it whole, a little less than priced.) The KV
+    cache is anonymous memory and stays resident either way (the paper's M3 counts it as
+    re-read from disk, which it never is).
     """
-    if n > w or k * n * c.layer_mem > c.gpu_cap_bytes + TOL_BYTES:
+    if held < k or k * n > held or k * n * c.layer_mem > c.gpu_cap_bytes + TOL_BYTES:
         return None
-    compute = k * (c.alpha * w + c.beta * n)
-    ram = _ram_layers(c, w, n)
+    compute = c.alpha * held + c.beta * k * n
+    ram = _ram_layers(c, held, k * n)
     room = c.avail - c.fixed_mem
-    if k * ram * c.layer_mem <= room + TOL_BYTES:
+    if ram * c.layer_mem <= room + TOL_BYTES:
         return compute, 0.0, 0.0
-    budget = (1 - STREAM_HEADROOM) * (room - k * ram * c.kv_mem)  # for weights
-    window = ram * c.weight_mem
+    budget = (1 - STREAM_HEADROOM) * (room - ram * c.kv_mem)  # for weights
+    window = _ram_layers(c, -(-held // k), n) * c.weight_mem  # the largest
     if k < 2 or not c.can_overflow or window > budget + TOL_BYTES:
         return None
-    streamed = k * (k * window - budget) / (k - 1)
+    streamed = k * (ram * c.weight_mem - budget) / (k - 1)
     return compute, streamed / c.disk, streamed
 
 
@@ -266,12 +279,12 @@ class _Program:
     """A mixed-integer program's variables and rows, added one constraint at a time."""
 
     def __init__(self, M: int) -> None:
-        # per device: w_m, n_m (integer layers, GPU layers), s_m >= 0 (streaming seconds),
-        # z_m (binary: streams); then T and P
+        # per device: l_m, n_m, u_m (integer: layers, GPU layers per window, largest window),
+        # z_m (binary: streams), s_m >= 0 (streaming seconds); then T and P
         self.M = M
-        self.iw, self.i_n, self.i_s, self.iz = 0, M, 2 * M, 3 * M
-        self.iT, self.iP = 4 * M, 4 * M + 1
-        self.nvar = 4 * M + 2
+        self.iw, self.i_n, self.iu, self.iz, self.i_s = 0, M, 2 * M, 3 * M, 4 * M
+        self.iT, self.iP = 5 * M, 5 * M + 1
+        self.nvar = 5 * M + 2
         self.lo = np.zeros(self.nvar)
         self.hi = np.full(self.nvar, np.inf)
         self.hi[self.iz:self.iz + M] = 0.0  # no device streams unless allowed to
@@ -288,8 +301,7 @@ class _Program:
         self.rhi.append(high)
 
     def solve(self, objective: int) -> np.ndarray | None:
-        integrality = np.concatenate([np.ones(2 * self.M), np.zeros(self.M),
-                                      np.ones(self.M), np.zeros(2)])
+        integrality = np.concatenate([np.ones(4 * self.M), np.zeros(self.M + 2)])
         res = milp(np.eye(self.nvar)[objective], integrality=integrality,
                    bounds=Bounds(self.lo, self.hi),
                    constraints=LinearConstraint(np.array(self.rows), self.rlo, self.rhi),
@@ -297,40 +309,48 @@ class _Program:
         return res.x if res.status == 0 and res.x is not None else None
 
 
-def _device_rows(p: _Program, m: int, cf: _Coef, k: int, W: int) -> None:
-    """Device m's rows: its layers, its compute within T and P, and its memory: everything
-    fits (z = 0) or it streams (z = 1; see ``_device_cost``), T >= its compute + streaming."""
-    iw, i_n, i_s, iz = p.iw + m, p.i_n + m, p.i_s + m, p.iz + m
-    p.lo[iw], p.hi[iw] = 1, W
+def _device_rows(p: _Program, m: int, cf: _Coef, k: int, L: int) -> None:
+    """Device m's rows: its layers (at least one a round; u its largest window), its compute
+    within T and P, and its memory: everything fits (z = 0) or it streams (z = 1; see
+    ``_device_cost``), T >= its compute + streaming."""
+    iw, i_n, iu, i_s, iz = p.iw + m, p.i_n + m, p.iu + m, p.i_s + m, p.iz + m
+    p.lo[iw], p.hi[iw] = k, L
+    p.lo[iu], p.hi[iu] = 1, L
     p.hi[i_n] = math.floor((cf.gpu_cap_bytes + TOL_BYTES / 2) / (k * cf.layer_mem)) \
         if cf.gpu_cap_bytes else 0
-    p.row({i_n: 1.0, iw: -1.0}, -np.inf, 0.0)  # n <= w
-    p.row({p.iP: 1.0, iw: -k * cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
-    p.row({p.iT: 1.0, i_s: -1.0, iw: -k * cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
-    ram = {iw: 1.0} if cf.metal else {iw: 1.0, i_n: -1.0}
+    p.row({i_n: k, iw: -1.0}, -np.inf, 0.0)  # n in every window: k n <= l
+    p.row({iu: k, iw: -1.0}, 0.0, np.inf)  # the largest window: k u >= l
+    p.row({p.iP: 1.0, iw: -cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
+    p.row({p.iT: 1.0, i_s: -1.0, iw: -cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
+    # layers counted against RAM: all of them, or k n fewer off unified memory
+    ram = {iw: 1.0} if cf.metal else {iw: 1.0, i_n: -float(k)}
+    window = {iu: 1.0} if cf.metal else {iu: 1.0, i_n: -1.0}
 
-    def scaled(per_layer: float) -> dict[int, float]:  # GB, to keep the program well scaled
-        return {i: v * per_layer / 1e9 for i, v in ram.items()}
+    def scaled(layers: dict[int, float], per_layer: float) -> dict[int, float]:
+        return {i: v * per_layer / 1e9 for i, v in layers.items()}  # GB: well scaled
 
     room = (cf.avail - cf.fixed_mem + TOL_BYTES / 2) / 1e9
-    big = k * cf.layer_mem * W / 1e9 + abs(room)  # exceeds every memory row's left side
+    big = 2 * cf.layer_mem * L / 1e9 + abs(room)  # exceeds every memory row's left side
     if k < 2 or not cf.can_overflow:  # everything fits
-        p.row(scaled(k * cf.layer_mem), -np.inf, room)
+        p.row(scaled(ram, cf.layer_mem), -np.inf, room)
         p.hi[i_s] = 0.0
         return
     p.hi[iz] = 1.0
     keep = 1 - STREAM_HEADROOM
     # everything fits unless it streams
-    p.row({**scaled(k * cf.layer_mem), iz: -big}, -np.inf, room)
-    # streaming: one window's weights within the budget B = keep * (room - KV)
-    p.row({**scaled(cf.weight_mem + keep * k * cf.kv_mem), iz: big}, -np.inf, keep * room + big)
-    # streaming: s >= k / (k - 1) * (k * window - B) / disk
+    p.row({**scaled(ram, cf.layer_mem), iz: -big}, -np.inf, room)
+    # streaming: the largest window's weights within the budget B = keep * (room - KV)
+    budget_row = scaled(ram, keep * cf.kv_mem)
+    for i, v in scaled(window, cf.weight_mem).items():
+        budget_row[i] = budget_row.get(i, 0.0) + v
+    p.row({**budget_row, iz: big}, -np.inf, keep * room + big)
+    # streaming: s >= k / (k - 1) * (R - B) / disk, R the windows' weight bytes
     f = k / (k - 1) * 1e9 / cf.disk
-    p.row({**{i: v * f for i, v in scaled(k * (cf.weight_mem + keep * cf.kv_mem)).items()},
+    p.row({**{i: v * f for i, v in scaled(ram, cf.weight_mem + keep * cf.kv_mem).items()},
            i_s: -1.0, iz: f * big}, -np.inf, f * (keep * room + big))
 
 
-def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
+def _solve_k(coefs: Sequence[_Coef], k: int, L: int, base: float
              ) -> tuple[float, list[int], list[int]] | None:
     """Exact min of T = max(compute + base, each device's compute + streaming time) for fixed
     k, and among the plans that reach it, the most even pipeline.
@@ -346,11 +366,11 @@ def _solve_k(coefs: Sequence[_Coef], k: int, W: int, base: float
     """
     M = len(coefs)
     p = _Program(M)
-    p.row(dict.fromkeys(range(M), 1.0), W, W)
+    p.row(dict.fromkeys(range(M), 1.0), L, L)
     compute: dict[int, float] = {p.iT: 1.0}
     for m, cf in enumerate(coefs):
-        _device_rows(p, m, cf, k, W)
-        compute[p.iw + m] = -k * cf.alpha
+        _device_rows(p, m, cf, k, L)
+        compute[p.iw + m] = -cf.alpha
         compute[p.i_n + m] = -k * cf.beta
     p.row(compute, base, np.inf)  # T >= compute + hops + output
     x = p.solve(p.iT)
@@ -437,8 +457,9 @@ def _problem(devices: Sequence[Device], model: ModelProfile, opts: Options,
         raise PlanError(f"the context must hold at least one position, not {opts.n_ctx}")
     if opts.n_kv is not None and opts.n_kv < 0:
         raise PlanError(f"the attended positions cannot be negative ({opts.n_kv})")
-    if opts.k is not None and (opts.k < 1 or L % opts.k):
-        raise PlanError(f"k={opts.k} does not divide the model's {L} layers")
+    if opts.k is not None and not 1 <= opts.k <= L:
+        raise PlanError(f"k={opts.k} rounds cannot split the model's {L} layers: every device "
+                        f"holds at least one layer a round, so k is between 1 and {L}")
     nbytes = model.activation_bytes(opts.activation_bytes)
     if opts.hop_overhead_s < 0:
         raise PlanError(f"a hop cannot cost negative time ({opts.hop_overhead_s} s)")
@@ -459,7 +480,7 @@ def _problem(devices: Sequence[Device], model: ModelProfile, opts: Options,
         variants.append(_Variant(
             [on_gpu if i == opts.head else c for i, c in enumerate(coefs)],
             _seconds(model.output_flops_by_type, head.gpu_flops, f"{head.name}'s GPU"), True))
-    ks = [opts.k] if opts.k else [k for k in range(1, L + 1) if L % k == 0]
+    ks = [opts.k] if opts.k else list(range(1, L + 1))
     return hop, variants, ks
 
 
@@ -516,7 +537,7 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
     # a device that cannot run one layer in any round count (even with the head's share of
     # the work elsewhere) can only be left out; keep it out of the search
     hopeless = {m for m in range(len(devices)) if m != opts.head and all(
-        _device_cost(v.coefs[m], k, 1, n) is None
+        _device_cost(v.coefs[m], k, k, n) is None
         for v in variants for k in ks for n in (0, 1))}
     others = [i for i in range(len(devices)) if i != opts.head and i not in hopeless]
     if opts.use_all:
@@ -541,15 +562,14 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
         for variant in variants:
             sub = [variant.coefs[m] for m in ring]
             for bound, k in sorted((_lower_bound(sub, k, L, k * ring_s + variant.output_s), k)
-                                   for k in ks if len(ring) <= L // k):
-                W = L // k
+                                   for k in ks if len(ring) * k <= L):
                 base = k * ring_s + variant.output_s
                 if bound == math.inf:
                     continue
                 if any(b is not None and bound > b[0] * (1 + 1e-9) for b in (best, found)):
                     pruned = min(pruned, bound)
                     continue
-                res = _solve_k(sub, k, W, base)
+                res = _solve_k(sub, k, L, base)
                 if res is not None and (found is None or res[0] < found[0]):
                     found = (res[0], k, ring, res[1], res[2], variant)
         tried[tuple(sorted(members))] = ((found[0], True) if found and found[0] <= pruned
@@ -562,8 +582,8 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
         if selecting and len(members) > 1:
             if found is not None:
                 # the paper's selection: drop devices that hold a single layer, solve again
-                weak = [ring[i] for i, w in enumerate(found[3])
-                        if w == 1 and ring[i] != opts.head]
+                weak = [ring[i] for i, layers in enumerate(found[3])
+                        if layers == found[1] and ring[i] != opts.head]
             else:  # no plan with all of them (e.g. more devices than layers per round)
                 weak = [min((m for m in members if m != opts.head),
                             key=lambda m: devices[m].mem_available + devices[m].vram_free)]
@@ -574,7 +594,7 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
     total, k, ring, w, n, variant = best
     coefs = variant.coefs
     plans = []
-    W = sum(w)
+    starts = _window_starts(w, k)
     for pos, m in enumerate(ring):
         cf, dev = coefs[m], devices[m]
         comp, disk, over = _device_cost(cf, k, w[pos], n[pos]) or (0.0, 0.0, 0.0)
@@ -588,11 +608,11 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
             regime = "M2" if dev.metal else "M1"
         else:
             regime = "M3"
-        held = (k * _ram_layers(cf, w[pos], n[pos]) * cf.layer_mem + cf.fixed_mem
+        held = (_ram_layers(cf, w[pos], k * n[pos]) * cf.layer_mem + cf.fixed_mem
                 if over <= 0 else cf.avail)
-        start = sum(w[:pos])
-        ranges = [(r * W + start, r * W + start + w[pos]) for r in range(k)]
-        plans.append(DevicePlan(dev.name, w[pos], n[pos], k * w[pos], regime, comp, disk, net,
+        sizes = window_sizes(w[pos], k)
+        ranges = [(starts[r][pos], starts[r][pos] + sizes[r]) for r in range(k)]
+        plans.append(DevicePlan(dev.name, max(sizes), n[pos], w[pos], regime, comp, disk, net,
                                 held, over, ranges,
                                 0.0 if cf.metal else k * n[pos] * cf.layer_mem))
     dropped = {}
@@ -605,8 +625,7 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
         if m in hopeless or (with_it == math.inf and opts.k is None):
             why = "cannot hold even one layer per round"
         elif with_it == math.inf and opts.k is not None:
-            why = (f"k={opts.k} leaves {L // opts.k} layers per round, and it could not take one "
-                   "of them in any plan that fits")
+            why = (f"with k={opts.k} it could not take one layer a round in any plan that fits")
         elif with_it <= total * (1 + 1e-9):
             why = (f"the plan is no faster with it ({1e3 * with_it:.1f} ms/token either way): "
                    "fewer devices, fewer hops to fail")
@@ -623,6 +642,20 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
     return Plan(k=k, ring=[devices[m].name for m in ring], devices=plans, latency_s=total,
                 output_s=variant.output_s, dropped=dropped, n_layer=L, bound=limit,
                 output_on_gpu=variant.output_on_gpu)
+
+
+def _window_starts(layers: Sequence[int], k: int) -> list[list[int]]:
+    """Per round, per device in ring order: the first layer of its window. Round r runs every
+    device's r-th window in ring order, so the layers run in order around and around."""
+    sizes = [window_sizes(n, k) for n in layers]
+    starts, at = [], 0
+    for r in range(k):
+        row = []
+        for dev_sizes in sizes:
+            row.append(at)
+            at += dev_sizes[r]
+        starts.append(row)
+    return starts
 
 
 def brute_force(devices: Sequence[Device], model: ModelProfile, options: Options | None = None,
@@ -648,38 +681,37 @@ def _brute_force(coefs: Sequence[_Coef], head_out: float, hop: Mapping[tuple[int
                  for s in ([opts.head, *p] for p in itertools.permutations(extra))),
                 default=0.0) if extra else 0.0
             for k in ks:
-                W = L // k
-                if len(members) > W:
+                if len(members) * k > L:
                     continue
                 base = k * ring_s + head_out
-                # options per device and window: (compute, compute + streaming), over every n
+                # options per device and layer count: (compute, compute + streaming), over n
                 opts_m = []
                 for m in members:
-                    per_w: list[list[tuple[float, float]]] = [[] for _ in range(W + 1)]
-                    for w in range(1, W + 1):
-                        for n in range(0, w + 1):
-                            cost = _device_cost(coefs[m], k, w, n)
+                    per_l: list[list[tuple[float, float]]] = [[] for _ in range(L + 1)]
+                    for layers in range(k, L + 1):
+                        for n in range(0, layers // k + 1):
+                            cost = _device_cost(coefs[m], k, layers, n)
                             if cost is not None:
-                                per_w[w].append((cost[0], cost[0] + cost[1]))
-                    opts_m.append(per_w)
+                                per_l[layers].append((cost[0], cost[0] + cost[1]))
+                    opts_m.append(per_l)
                 # latency = max(sum of compute + base, slowest compute + streaming): for each
                 # bound D on the latter, minimise the compute sum by DP over devices
-                bounds = sorted({o[1] for per_w in opts_m for opts in per_w for o in opts})
+                bounds = sorted({o[1] for per_l in opts_m for opts in per_l for o in opts})
                 for D in bounds:
-                    dp = [math.inf] * (W + 1)
+                    dp = [math.inf] * (L + 1)
                     dp[0] = 0.0
-                    for per_w in opts_m:
-                        best_w = [min((o[0] for o in opts if o[1] <= D), default=math.inf)
-                                  for opts in per_w]
-                        nxt = [math.inf] * (W + 1)
-                        for used in range(W + 1):
+                    for per_l in opts_m:
+                        best_l = [min((o[0] for o in opts if o[1] <= D), default=math.inf)
+                                  for opts in per_l]
+                        nxt = [math.inf] * (L + 1)
+                        for used in range(L + 1):
                             if dp[used] == math.inf:
                                 continue
-                            for w in range(1, W - used + 1):
-                                v = dp[used] + best_w[w]
-                                if v < nxt[used + w]:
-                                    nxt[used + w] = v
+                            for layers in range(k, L - used + 1):
+                                v = dp[used] + best_l[layers]
+                                if v < nxt[used + layers]:
+                                    nxt[used + layers] = v
                         dp = nxt
-                    if dp[W] < math.inf:
-                        best = min(best, max(dp[W] + base, D))
+                    if dp[L] < math.inf:
+                        best = min(best, max(dp[L] + base, D))
     return best

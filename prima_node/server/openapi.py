@@ -482,7 +482,8 @@ def _status_document() -> Schema:
                              items=_t("array", items={"type": "integer"}, minItems=2,
                                       maxItems=2)),
                 "layer_count": _t("integer", "Ring: layers it holds in all rounds."),
-                "window": _t("integer", "Ring: layers per round (w)."),
+                "window": _t("integer", "Ring: layers per round (its largest window; a node's "
+                                            "windows may differ by a layer)."),
                 "gpu_layers": _t("integer", "Ring: of those, on its GPU."),
                 "regime": _t(["string", "null"], "Ring: M4 (all in memory) or M1-M3 "
                              "(streams part of each window from disk)."),
@@ -767,8 +768,8 @@ def _paths() -> dict[str, Any]:
             "Optional body {\"k\": rounds} forces the number of rounds for this plan. "
             "Answers the status document's cluster part.",
             "requestBody": {"required": False, "content": {"application/json": {"schema": _obj(
-                {"k": _opt("integer", "Force the number of rounds (a divisor of the layer "
-                           "count).", minimum=1)}, required=[])}}},
+                {"k": _opt("integer", "Force the number of rounds (1 to the layer count; "
+                           "a node's windows may differ by a layer).", minimum=1)}, required=[])}}},
             "responses": {"200": _json("ClusterView", "The new plan."),
                           "404": _error("Not a cluster's head (code not_a_cluster_node)."),
                           "409": _error("No plan fits (code no_plan; the message says why)."),
