@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from ..planner.cluster_file import device_from_profile
@@ -101,12 +102,15 @@ class Planning:
             self.links = await self._links(members)
         devices = [_calibrated(device_from_profile(p), self.calibration.get(m.node_id, 1.0))
                    for m, p in zip(members, profiles, strict=True)]
-        model = ModelProfile.load(self.node.config.model_path)
         options = Options(n_ctx=self.node.config.n_ctx,
                           k=k if k is not None else self.force_k, head=0, use_all=self.use_all,
                           hop_overhead_s=self.hop_overhead_s or 0.0,
                           activation_bytes=self.wire_bytes())
-        result = plan(devices, model, options, self.links)
+        # reading the file's shapes and solving the programs take from a tenth of a second to
+        # seconds (80 layers on four devices: about 2 s here): off the event loop, which keeps
+        # answering requests, pings and handshakes meanwhile
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, _plan, self.node.config.model_path, devices, options, dict(self.links))
         names = {m.node_id: m.name for m in members}
         _LOG.info("plan: k=%d, ring %s, predicted %.1f ms/token", result.k,
                   " -> ".join(names.get(d, d) for d in result.ring), 1e3 * result.latency_s)
@@ -284,6 +288,11 @@ class Planning:
                          "%.1f ms: its figures are scaled by what the ring measured%s, and the "
                          "ring is planned again once the cluster is idle", member.name, ms,
                          predicted, " (it is measured again then)" if measure else "")
+
+
+def _plan(model_path: Path, devices: list[Device], options: Options,
+          links: dict[tuple[str, str], Link]) -> Plan:
+    return plan(devices, ModelProfile.load(model_path), options, links)
 
 
 def _windows(p: Plan) -> tuple[Any, ...]:

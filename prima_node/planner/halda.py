@@ -230,9 +230,9 @@ def _coefficients(dev: Device, model: ModelProfile, opts: Options, is_head: bool
                  dev.os == "macOS" and dev.metal)
 
 
-def _ram_layers(c: _Coef, w: float, n: float) -> float:
+def _ram_layers(c: _Coef, layers: float, gpu: float) -> float:
     """Layers counted against RAM: CPU layers, or all of them on unified memory (Metal)."""
-    return w if c.metal else w - n
+    return layers if c.metal else layers - gpu
 
 
 def window_sizes(layers: int, k: int) -> list[int]:
@@ -282,7 +282,7 @@ class _Program:
         # per device: l_m, n_m, u_m (integer: layers, GPU layers per window, largest window),
         # z_m (binary: streams), s_m >= 0 (streaming seconds); then T and P
         self.M = M
-        self.iw, self.i_n, self.iu, self.iz, self.i_s = 0, M, 2 * M, 3 * M, 4 * M
+        self.il, self.i_n, self.iu, self.iz, self.i_s = 0, M, 2 * M, 3 * M, 4 * M
         self.iT, self.iP = 5 * M, 5 * M + 1
         self.nvar = 5 * M + 2
         self.lo = np.zeros(self.nvar)
@@ -313,17 +313,17 @@ def _device_rows(p: _Program, m: int, cf: _Coef, k: int, L: int) -> None:
     """Device m's rows: its layers (at least one a round; u its largest window), its compute
     within T and P, and its memory: everything fits (z = 0) or it streams (z = 1; see
     ``_device_cost``), T >= its compute + streaming."""
-    iw, i_n, iu, i_s, iz = p.iw + m, p.i_n + m, p.iu + m, p.i_s + m, p.iz + m
-    p.lo[iw], p.hi[iw] = k, L
+    il, i_n, iu, i_s, iz = p.il + m, p.i_n + m, p.iu + m, p.i_s + m, p.iz + m
+    p.lo[il], p.hi[il] = k, L
     p.lo[iu], p.hi[iu] = 1, L
     p.hi[i_n] = math.floor((cf.gpu_cap_bytes + TOL_BYTES / 2) / (k * cf.layer_mem)) \
         if cf.gpu_cap_bytes else 0
-    p.row({i_n: k, iw: -1.0}, -np.inf, 0.0)  # n in every window: k n <= l
-    p.row({iu: k, iw: -1.0}, 0.0, np.inf)  # the largest window: k u >= l
-    p.row({p.iP: 1.0, iw: -cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
-    p.row({p.iT: 1.0, i_s: -1.0, iw: -cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
+    p.row({i_n: k, il: -1.0}, -np.inf, 0.0)  # n in every window: k n <= l
+    p.row({iu: k, il: -1.0}, 0.0, np.inf)  # the largest window: k u >= l
+    p.row({p.iP: 1.0, il: -cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
+    p.row({p.iT: 1.0, i_s: -1.0, il: -cf.alpha, i_n: -k * cf.beta}, 0.0, np.inf)
     # layers counted against RAM: all of them, or k n fewer off unified memory
-    ram = {iw: 1.0} if cf.metal else {iw: 1.0, i_n: -float(k)}
+    ram = {il: 1.0} if cf.metal else {il: 1.0, i_n: -float(k)}
     window = {iu: 1.0} if cf.metal else {iu: 1.0, i_n: -1.0}
 
     def scaled(layers: dict[int, float], per_layer: float) -> dict[int, float]:
@@ -370,7 +370,7 @@ def _solve_k(coefs: Sequence[_Coef], k: int, L: int, base: float
     compute: dict[int, float] = {p.iT: 1.0}
     for m, cf in enumerate(coefs):
         _device_rows(p, m, cf, k, L)
-        compute[p.iw + m] = -cf.alpha
+        compute[p.il + m] = -cf.alpha
         compute[p.i_n + m] = -k * cf.beta
     p.row(compute, base, np.inf)  # T >= compute + hops + output
     x = p.solve(p.iT)
@@ -381,17 +381,17 @@ def _solve_k(coefs: Sequence[_Coef], k: int, L: int, base: float
         even = p.solve(p.iP)
         if even is not None:
             x = even
-    w = [round(v) for v in x[p.iw:p.iw + M]]
+    layers = [round(v) for v in x[p.il:p.il + M]]
     n = [round(v) for v in x[p.i_n:p.i_n + M]]
-    total = _latency(coefs, k, w, n, base)  # re-evaluated on the integers
-    return None if total is None else (total, w, n)
+    total = _latency(coefs, k, layers, n, base)  # re-evaluated on the integers
+    return None if total is None else (total, layers, n)
 
 
-def _latency(coefs: Sequence[_Coef], k: int, w: Sequence[int], n: Sequence[int],
+def _latency(coefs: Sequence[_Coef], k: int, layers: Sequence[int], n: Sequence[int],
              base: float) -> float | None:
     comp, slowest = base, 0.0
     for m, cf in enumerate(coefs):
-        cost = _device_cost(cf, k, w[m], n[m])
+        cost = _device_cost(cf, k, layers[m], n[m])
         if cost is None:
             return None
         comp += cost[0]
@@ -591,13 +591,13 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
                 subsets.append([m for m in members if m not in weak])
     if best is None:
         raise PlanError(_why_infeasible(devices, model, opts, variants[0].coefs))
-    total, k, ring, w, n, variant = best
+    total, k, ring, layers, n, variant = best
     coefs = variant.coefs
     plans = []
-    starts = _window_starts(w, k)
+    starts = _window_starts(layers, k)
     for pos, m in enumerate(ring):
         cf, dev = coefs[m], devices[m]
-        comp, disk, over = _device_cost(cf, k, w[pos], n[pos]) or (0.0, 0.0, 0.0)
+        comp, disk, over = _device_cost(cf, k, layers[pos], n[pos]) or (0.0, 0.0, 0.0)
         # disk streaming runs while the token is elsewhere; it only costs latency where it is
         # the slowest part of the ring (latency = max(compute path, slowest streaming device))
         nxt = ring[(pos + 1) % len(ring)]
@@ -608,12 +608,12 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
             regime = "M2" if dev.metal else "M1"
         else:
             regime = "M3"
-        held = (_ram_layers(cf, w[pos], k * n[pos]) * cf.layer_mem + cf.fixed_mem
+        held = (_ram_layers(cf, layers[pos], k * n[pos]) * cf.layer_mem + cf.fixed_mem
                 if over <= 0 else cf.avail)
-        sizes = window_sizes(w[pos], k)
+        sizes = window_sizes(layers[pos], k)
         ranges = [(starts[r][pos], starts[r][pos] + sizes[r]) for r in range(k)]
-        plans.append(DevicePlan(dev.name, max(sizes), n[pos], w[pos], regime, comp, disk, net,
-                                held, over, ranges,
+        plans.append(DevicePlan(dev.name, max(sizes), n[pos], layers[pos], regime, comp, disk,
+                                net, held, over, ranges,
                                 0.0 if cf.metal else k * n[pos] * cf.layer_mem))
     dropped = {}
     used = set(ring)
