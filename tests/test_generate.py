@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -14,6 +15,7 @@ from conftest import ModelFactory
 
 from prima_node.errors import ContextOverflowError, SessionBusyError
 from prima_node.generate import Finished, GenerationOptions, Generator, TextDelta, ToolCall
+from prima_node.text.constraint import CLOSING_MARGIN
 from prima_node.text.sampler import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -343,16 +345,24 @@ def test_a_forced_tool_call_streams_as_one_structured_call(make_model: ModelFact
         opts = GenerationOptions(sampling=SamplingParams(temperature=0.9, seed=5),
                                  max_tokens=200, grammar=grammar, tool_format=fmt)
         events = list(g.generate(ids, opts))
+    one_valid_call(events, LIGHT_TOOLS[0])
+
+
+def one_valid_call(events: list[TextDelta | ToolCall | Finished], tool: dict[str, Any]
+                   ) -> Finished:
+    """The generation's end, once it is checked to be exactly one call of ``tool``, no text
+    beside it, with arguments valid against the tool's schema."""
     calls = [e for e in events if isinstance(e, ToolCall)]
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     fin = events[-1]
     assert isinstance(fin, Finished) and fin.finish_reason == "tool_calls", (text, events)
-    assert len(calls) == 1 and calls[0].name == "HassTurnOn" and text.strip() == ""
-    params = LIGHT_TOOLS[0]["function"]["parameters"]  # type: ignore[index]
-    jsonschema.validate(json.loads(calls[0].arguments), params)
+    assert len(calls) == 1 and calls[0].name == tool["function"]["name"], calls
+    assert text.strip() == "", text
+    jsonschema.validate(json.loads(calls[0].arguments), tool["function"]["parameters"])
+    return fin
 
 
-NOTE_TOOL = {"type": "function", "function": {
+NOTE_TOOL: dict[str, Any] = {"type": "function", "function": {
     "name": "add_note", "description": "Adds a note to the shopping list",
     "parameters": {"type": "object", "properties": {"text": {"type": "string"},
                                                     "items": {"type": "array",
@@ -377,16 +387,9 @@ def test_a_forced_call_is_closed_validly_within_a_small_budget(make_model: Model
         for seed, budget in [(0, 64), (1, 64), (2, 64), (3, 40), (4, 100)]:
             opts = GenerationOptions(sampling=SamplingParams(temperature=1.0, seed=seed),
                                      max_tokens=budget, grammar=grammar, tool_format=fmt)
-            events = list(g.generate(ids, opts))
-            calls = [e for e in events if isinstance(e, ToolCall)]
-            text = "".join(e.text for e in events if isinstance(e, TextDelta))
-            fin = events[-1]
-            assert isinstance(fin, Finished) and fin.finish_reason == "tool_calls", (text, fin)
-            assert len(calls) == 1 and calls[0].name == "add_note" and text.strip() == ""
+            fin = one_valid_call(list(g.generate(ids, opts)), NOTE_TOOL)
             assert len(fin.tokens) <= budget
-            jsonschema.validate(json.loads(calls[0].arguments),
-                                NOTE_TOOL["function"]["parameters"])  # type: ignore[index]
-            closed += len(fin.tokens) >= budget - 2 * 16
+            closed += len(fin.tokens) >= budget - 2 * CLOSING_MARGIN
         assert closed, "random weights should have run into the budget at least once"
 
 
