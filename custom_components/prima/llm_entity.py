@@ -381,14 +381,20 @@ class PrimaLLMBaseEntity(Entity):
         """Whether the subentry asks the model to think first."""
         return bool(self.subentry.data.get(CONF_THINK, DEFAULT_THINK))
 
-    async def _messages(self, chat_log: conversation.ChatLog) -> list[dict[str, Any]]:
-        messages = []
+    async def _attachments(self, chat_log: conversation.ChatLog) -> dict[int, str]:
+        """The chat log's attachments as text, by the id of the message that carries them:
+        read once per answer (in the executor), not again in every round of tool calls."""
+        attached = {}
         for content in chat_log.content:
-            attached = ""
             if isinstance(content, conversation.UserContent) and content.attachments:
-                attached = await self.hass.async_add_executor_job(read_attachments,
-                                                                  content.attachments)
-            messages.append(convert_content(content, attached))
+                attached[id(content)] = await self.hass.async_add_executor_job(
+                    read_attachments, content.attachments)
+        return attached
+
+    def _messages(self, chat_log: conversation.ChatLog, attached: dict[int, str]
+                  ) -> list[dict[str, Any]]:
+        messages = [convert_content(content, attached.get(id(content), ""))
+                    for content in chat_log.content]
         max_history = int(self.subentry.data.get(CONF_MAX_HISTORY, DEFAULT_MAX_HISTORY))
         return trim_history(messages, max(max_history, 0))
 
@@ -414,8 +420,9 @@ class PrimaLLMBaseEntity(Entity):
                            "model with tool calls", self.entity_id, chat_log.llm_api.api.name
                            if chat_log.llm_api else "the selected APIs")
         stats = RoundStats()
+        attached = await self._attachments(chat_log)
         for _iteration in range(MAX_TOOL_ITERATIONS):
-            payload = self._payload(await self._messages(chat_log))
+            payload = self._payload(self._messages(chat_log, attached))
             if tools:
                 payload["tools"] = tools
             if fmt is not None:
