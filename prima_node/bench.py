@@ -125,12 +125,12 @@ def _llama_run(llm: Any, prompt: list[int], gen: list[int]) -> _Run:
     return _timed(lambda: llm.eval(prompt), lambda tok: llm.eval([tok]), gen)
 
 
-def _open_llama(path: Path, threads: int, n_ctx: int) -> Any:
+def _open_llama(path: Path, threads: int, n_ctx: int, gpu_layers: int) -> Any:
     try:
         from .reference import LlamaCpp
     except ImportError:
         return None
-    return LlamaCpp.defaults(path, n_ctx=n_ctx, threads=threads)
+    return LlamaCpp.defaults(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
 
 
 def run_bench(
@@ -141,20 +141,28 @@ def run_bench(
     repeats: int = 6,
     with_llama: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    gpu: str | None = None,
+    gpu_layers: int | str = 0,
 ) -> BenchResult:
-    """Measure both engines taking turns for ``repeats`` rounds."""
+    """Measure both engines taking turns for ``repeats`` rounds; with ``gpu_layers``, the same
+    layers on the GPU in both (llama.cpp's output layer too when every layer is there)."""
     from .device.compute import memory_read_bandwidth
 
     path = Path(model_path)
     n_ctx = prompt_tokens + gen_tokens + 16
     log(f"warming the page cache with {path.name}")
     _warm_page_cache(path)
-    model = Model.open(path, threads=threads, n_ctx=n_ctx)
+    model = Model.open(path, threads=threads, n_ctx=n_ctx, gpu=gpu, gpu_layers=gpu_layers)
+    if model.accel is not None:
+        log(f"{model.gpu_layers} of {model.config.n_layer} layers on {model.accel.info.name} "
+            f"({model.accel.info.description})")
     rng = np.random.default_rng(0)
     vocab = model.config.n_vocab
     prompt = [int(t) for t in rng.integers(1, vocab, prompt_tokens)]
     gen = [int(t) for t in rng.integers(1, vocab, gen_tokens)]
-    llm = _open_llama(path, threads, n_ctx) if with_llama else None
+    # llama.cpp offloads its output layer as the one after the last block
+    llama_gpu = model.gpu_layers + (model.gpu_layers == model.config.n_layer)
+    llm = _open_llama(path, threads, n_ctx, llama_gpu) if with_llama else None
     log("warm-up")
     _engine_run(model, prompt[:8], gen[:2])
     if llm is not None:

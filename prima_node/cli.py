@@ -54,7 +54,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(args.model, threads=args.threads, prompt_tokens=args.prompt_tokens,
                        gen_tokens=args.gen_tokens, repeats=args.repeats,
-                       with_llama=not args.no_llama, log=log)
+                       with_llama=not args.no_llama, log=log, gpu=args.gpu,
+                       gpu_layers=args.gpu_layers)
     print(result.to_json() if args.json else format_table(result))
     return 0
 
@@ -118,11 +119,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
     from .device.profile import profile_device
+    from .engine.gpu import find_gpus
 
+    gpus = find_gpus()
+    gpu = args.gpu if args.gpu is not None else gpus[0].name if gpus else None
     prof = profile_device(args.model, threads=args.threads, refresh=args.refresh,
                           cache_dir=Path(os.environ.get("PRIMA_PROFILE_CACHE") or
                                          Path.home() / ".cache" / "prima" / "profiles"),
-                          progress=_progress("profiling this device"))
+                          progress=_progress("profiling this device"),
+                          gpu=None if gpu == "none" else gpu)
     if args.json:
         print(json.dumps(prof.to_json(), indent=1))
         return 0
@@ -141,8 +146,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for t, k in prof.kernels.items():
         print(f"  {t:6s} decode {k['decode_flops'] / gb:6.1f} GFLOP/s   prefill "
               f"{k['prefill_flops'] / gb:6.1f} GFLOP/s")
-    print("  GPU: none (no GPU backend installed)" if not prof.gpu.get("devices")
-          else f"  GPU: {prof.gpu}")
+    for d in prof.gpu.get("devices") or []:
+        print(f"  GPU {d['name']} ({d['backend']}): {d['description']}, "
+              f"{d['vram_free'] / gb:.2f} GB free of {d['vram_total'] / gb:.2f} GB"
+              f"{', unified with the host' if d['unified'] else ''}; a token's hidden state "
+              f"to it and back {d['copy_s_per_token'] * 1e6:.0f} us")
+        for t, k in d["kernels"].items():
+            print(f"    {t:6s} decode {k['decode_flops'] / gb:6.1f} GFLOP/s   prefill "
+                  f"{k['prefill_flops'] / gb:6.1f} GFLOP/s")
+    if not prof.gpu.get("devices"):
+        print("  GPU: none" + ("" if gpus else " (this build has no GPU backend: "
+                                               "docs/install.md, PRIMA_GPU)"))
     return 0
 
 
@@ -287,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeats", type=int, default=6,
                     help="rounds in which the engines take turns (ratios: their median)")
     bn.add_argument("--no-llama", action="store_true", help="skip the llama.cpp reference")
+    from .cli_text import add_gpu_args
+
+    add_gpu_args(bn)
     bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.set_defaults(func=cmd_bench)
 
@@ -330,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--threads", type=int, default=None, help="default: every CPU allowed")
     pf.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
     pf.add_argument("--json", action="store_true", help="print the exchange format")
+    pf.add_argument("--gpu", default=None, metavar="NAME",
+                    help="the GPU to measure, by ggml's name (default: the first; none: skip)")
     pf.set_defaults(func=cmd_profile)
 
     mp = sub.add_parser(

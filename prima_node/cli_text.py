@@ -24,6 +24,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                     "scripts/setup)")
     p.add_argument("--threads", type=int, default=None, help="default: every CPU allowed")
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+    add_gpu_args(p)
+
+
+def add_gpu_args(p: argparse.ArgumentParser) -> None:
+    from .engine.gpu import parse_gpu_layers
+
+    def layers(text: str) -> int | str:
+        try:
+            return parse_gpu_layers(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    p.add_argument("--gpu-layers", type=layers, default=0, metavar="N|all|auto",
+                   help="the first N layers on the GPU (all: every layer and the output; "
+                   "auto: as many as fit in its free memory); needs a GPU build "
+                   "(docs/install.md)")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="which GPU, by ggml's name (CUDA0, Metal, Vulkan0; default: the first)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +109,8 @@ def open_generator(args: argparse.Namespace, demo: Callable[[], Path]) -> Genera
     from .generate import Generator
 
     path = Path(args.model) if args.model else demo()
-    gen = Generator.open(path, threads=args.threads, n_ctx=args.ctx)
+    gen = Generator.open(path, threads=args.threads, n_ctx=args.ctx, gpu=args.gpu,
+                         gpu_layers=args.gpu_layers)
     gen.executor.warm_up()
     return gen
 

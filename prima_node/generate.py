@@ -150,11 +150,13 @@ class Generator:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, threads: int | None = None,
-             n_ctx: int = 4096) -> Generator:
-        """Load a GGUF for local generation (the model, its tokenizer and its chat template)."""
+             n_ctx: int = 4096, gpu: str | None = None, gpu_layers: int | str = 0
+             ) -> Generator:
+        """Load a GGUF for local generation (the model, its tokenizer and its chat template);
+        ``gpu_layers`` of it on ``gpu`` (see ``Model.open``)."""
         from .engine.model import Model
 
-        model = Model.open(path, threads=threads, n_ctx=n_ctx)
+        model = Model.open(path, threads=threads, n_ctx=n_ctx, gpu=gpu, gpu_layers=gpu_layers)
         try:
             return cls(model, Tokenizer.from_model_file(model.file),
                        load_chat_template(model.file))

@@ -58,7 +58,7 @@ GGML_MAX_OP_PARAMS = 64
 TYPE_F32, TYPE_F16, TYPE_I32, TYPE_I64 = 0, 1, 26, 27
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 PREC_F32 = 10
-DEVICE_CPU = 0
+DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2  # enum ggml_backend_dev_type
 STATUS_SUCCESS = 0
 LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 LOG_CONT = 5
@@ -168,6 +168,16 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_dev_backend_reg": (_P, [_P]),
     "ggml_backend_reg_get_proc_address": (c_void_p, [_P, c_char_p]),
     "ggml_backend_load_all_from_path": (None, [c_char_p]),
+    # ggml-backend.h: every device a build has (GPUs for windows' GPU layers)
+    "ggml_backend_dev_count": (c_size_t, []),
+    "ggml_backend_dev_get": (_P, [c_size_t]),
+    "ggml_backend_dev_name": (c_char_p, [_P]),
+    "ggml_backend_dev_type": (c_int, [_P]),
+    "ggml_backend_dev_memory": (None, [_P, POINTER(c_size_t), POINTER(c_size_t)]),
+    "ggml_backend_reg_name": (c_char_p, [_P]),
+    "ggml_backend_buffer_clear": (None, [_P, ctypes.c_uint8]),
+    "ggml_backend_buffer_is_host": (c_bool, [_P]),
+    "ggml_backend_synchronize": (None, [_P]),
 }
 
 #: CPU-backend functions reached through the registry: name -> ctypes prototype.
@@ -265,6 +275,16 @@ class Ggml:
     def shape(self, ptr: int) -> tuple[int, ...]:
         """ggml's ne[] (fastest-varying first), all four dimensions."""
         return tuple(self.tensor(ptr).ne)
+
+    def devices(self) -> list[int]:
+        """Every device the build registered (the CPU, and any GPU its backends found)."""
+        return [int(self.ggml_backend_dev_get(i)) for i in range(self.ggml_backend_dev_count())]
+
+    def memory(self, device: int) -> tuple[int, int]:
+        """A device's (free, total) memory in bytes, as its backend reports them now."""
+        free, total = c_size_t(0), c_size_t(0)
+        self.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        return int(free.value), int(total.value)
 
     def extra_buffer_types(self) -> dict[str, int]:
         """The CPU device's extra buffer types by name (``CPU_REPACK``, ...)."""

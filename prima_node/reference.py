@@ -33,9 +33,10 @@ class LlamaCpp:
 
     def __init__(self, path: Path | str, *, n_ctx: int, threads: int = 2,
                  repack: bool = False, flash_attn: bool | None = True,
-                 batch: int = 512, ubatch: int = 512) -> None:
+                 batch: int = 512, ubatch: int = 512, gpu_layers: int = 0) -> None:
         mp = lc.llama_model_default_params()
         mp.use_extra_bufts = repack
+        mp.n_gpu_layers = gpu_layers  # explicit: llama.cpp's own default offloads everything
         self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -58,10 +59,12 @@ class LlamaCpp:
         self._batch = lc.llama_batch_init(batch, 0, 1)
 
     @classmethod
-    def defaults(cls, path: Path | str, *, n_ctx: int, threads: int) -> LlamaCpp:
-        """llama.cpp at its own default settings (the speed reference)."""
+    def defaults(cls, path: Path | str, *, n_ctx: int, threads: int,
+                 gpu_layers: int = 0) -> LlamaCpp:
+        """llama.cpp at its own default settings (the speed reference), ``gpu_layers`` of
+        the model offloaded (n_layer + 1: the output layer too)."""
         lp = lc.llama_context_default_params()
-        return cls(path, n_ctx=n_ctx, threads=threads,
+        return cls(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
                    repack=bool(lc.llama_model_default_params().use_extra_bufts),
                    flash_attn=None, batch=int(lp.n_batch), ubatch=int(lp.n_ubatch))
 

@@ -51,6 +51,8 @@ def test_help_explains_every_option() -> None:
     (["--tls-ca", "/etc/hostname"], "--tls-ca needs --tls-cert and --tls-key"),
     (["--name", " "], "--name must be 1 to 64 printable characters"),
     (["--name", "a\nb"], "--name must be 1 to 64 printable characters"),
+    (["--gpu-layers", "most"], "--gpu-layers takes a number, all or auto"),
+    (["--gpu-layers", "-1"], "--gpu-layers cannot be negative"),
 ])
 def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
                                             make_model: ModelFactory) -> None:

@@ -33,9 +33,10 @@ from .. import __version__
 from ..device.link import measure_over, serve_probe
 from ..device.profile import profile_device
 from ..device.vitals import vitals
+from ..engine.gpu import find_gpus
 from ..engine.model import DEFAULT_BATCH, Model
 from ..engine.paging import WindowPages
-from ..engine.window import LayerWindow
+from ..engine.window import Window
 from .admission import Admission, AdmissionBusyError
 from .auth import CLOSE_AUTH, HANDSHAKE_TIMEOUT_S, AuthError, NonceLog, accept, connect
 from .fingerprint import fingerprint
@@ -63,6 +64,10 @@ class NodeConfig:
     link_dtype: str = "f32"
     prefetch: bool = True  # release/prefetch windows when they do not all fit in memory
     pipeline: bool = True  # head: prompts cross the ring as pipelined micro-batches
+    #: the GPU for the plan's GPU layers (ggml's name); None: the first the build has, if any;
+    #: "none": the CPU only
+    gpu: str | None = None
+    gpu_layers: int | str = 0  # a lone node's layers on the GPU: a number, "all" or "auto"
     tls_client: ssl.SSLContext | None = None  # set: the cluster runs on TLS (wss://)
 
     @property
@@ -79,7 +84,8 @@ class Assignment:
     ranges: list[tuple[int, int]]  # [start, end) of its window in each round
     successor_url: str | None  # None: a ring of one
     k: int = 1
-    windows: list[LayerWindow] = field(default_factory=list)  # one per round
+    windows: list[Window] = field(default_factory=list)  # one per round
+    gpu_layers: int = 0  # of each window, the first ones on the node's GPU
 
 
 class ClusterNode:
@@ -110,8 +116,13 @@ class ClusterNode:
     def open_model(self) -> None:
         """Map the model file (on the model thread): validates it, reads no layer."""
         if self.model is None:
+            gpu = self.config.gpu
+            if gpu is None and find_gpus():
+                gpu = find_gpus()[0].name
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
-                                    n_ctx=self.config.n_ctx)
+                                    n_ctx=self.config.n_ctx,
+                                    gpu=None if gpu == "none" else gpu,
+                                    gpu_layers=self.config.gpu_layers)
             self.max_frame = max(CONTROL_BYTES,
                                  max_frame_bytes(self.model.config.n_embd, DEFAULT_BATCH))
 
@@ -149,7 +160,9 @@ class ClusterNode:
                           "fingerprint": fingerprint(path)},
                 "assignment": None if self.assignment is None else {
                     "index": self.assignment.index, "epoch": self.assignment.epoch,
-                    "ranges": self.assignment.ranges, "k": self.assignment.k},
+                    "ranges": self.assignment.ranges, "k": self.assignment.k,
+                    "gpu_layers": self.assignment.gpu_layers},
+                "gpu": None if self.model is None else self.model.gpu_status(),
                 "frames": self.frames_in, "compute_s": round(self.compute_s, 6),
                 "paging": None if self.pager is None else self.pager.as_dict(),
                 "busy": None if self.busy is None else {
@@ -207,8 +220,10 @@ class ClusterNode:
 
     def profile(self, refresh: bool = False) -> dict[str, Any]:
         """This node's profile: cached speeds (``refresh``: measured again) and its memory now."""
+        accel = self.model.accel if self.model is not None else None
         prof = profile_device(self.config.model_path, threads=self.config.threads,
-                              cache_dir=self.config.profile_cache, refresh=refresh)
+                              cache_dir=self.config.profile_cache, refresh=refresh,
+                              gpu=accel.info.name if accel is not None else None)
         doc = prof.to_json()
         doc["name"] = self.config.node_id  # unique within the cluster; hostnames may repeat
         doc["host"] = self.config.name
@@ -223,18 +238,19 @@ class ClusterNode:
         return {"latency_s": prof.latency_s, "bytes_per_s": prof.bytes_per_s}
 
     async def load(self, index: int, ranges: list[tuple[int, int]], successor: str | None,
-                   k: int, epoch: int, stream: bool = False) -> None:
+                   k: int, epoch: int, stream: bool = False, gpu_layers: int = 0) -> None:
         """Hold the plan's windows (``stream``: Halda planned this node to stream them from
-        disk), and open the ring link to the successor."""
+        disk; ``gpu_layers``: the first ones of each on its GPU, their weights copied there),
+        and open the ring link to the successor."""
         loop = asyncio.get_running_loop()
 
         replaced = self.assignment.windows if self.assignment is not None else []
 
-        def build() -> tuple[list[LayerWindow], Pager]:
+        def build() -> tuple[list[Window], Pager]:
             assert self.model is not None
             for w in replaced:  # their caches, graphs and weight descriptions
                 w.close()
-            windows = [self.model.window(a, b) for a, b in ranges]
+            windows = [self.model.window(a, b, gpu_layers) for a, b in ranges]
             n_embd = self.model.config.n_embd
             for w in windows:  # first touch of the weights and graphs now, not on a token
                 for n in (5, 1):
@@ -243,7 +259,9 @@ class ClusterNode:
                 w.drop("warm-up")
             mf = self.model.file
             pages = [WindowPages.of_window(mf, w) for w in windows]
-            parts = [WindowPages.parts_in_use_order(mf, range(a, b)) for a, b in ranges]
+            # GPU layers compute from their copies: only the CPU layers are paged
+            parts = [WindowPages.parts_in_use_order(mf, range(a + gpu_layers, b))
+                     for a, b in ranges]
             return windows, Pager(pages, enabled=self.config.prefetch, planned_stream=stream,
                                   part_pages=parts)
 
@@ -264,7 +282,7 @@ class ClusterNode:
             # end's pings and notices its close
             self._out_reader = asyncio.create_task(self._watch_out(self.out_ws, peer))
             _LOG.info("ring link to %s open", peer)
-        self.assignment = Assignment(index, epoch, ranges, successor, k, windows)
+        self.assignment = Assignment(index, epoch, ranges, successor, k, windows, gpu_layers)
         _LOG.info("holding layers %s (%d round%s)", " ".join(f"{a}-{b - 1}" for a, b in ranges),
                   k, "s" if k > 1 else "")
 

@@ -94,7 +94,7 @@ async def _op(node: ClusterNode, op: str, req: dict[str, Any]) -> dict[str, Any]
     if op == "load":
         await node.load(int(req["index"]), [tuple(r) for r in req["ranges"]],
                         req.get("successor"), int(req["k"]), int(req["epoch"]),
-                        bool(req.get("stream", False)))
+                        bool(req.get("stream", False)), int(req.get("gpu_layers", 0)))
         return node.info()
     if op == "kv":
         cache_op = CacheOp(req["action"])  # an unknown action is a ValueError, answered

@@ -193,12 +193,14 @@ class Planning:
             successor = ring[(i + 1) % len(ring)].url if len(ring) > 1 else None
             stream = dp.streamed_bytes > 0
             if member.control is None:
-                await self.node.load(i, dp.ranges, successor, p.k, self.epoch, stream)
+                await self.node.load(i, dp.ranges, successor, p.k, self.epoch, stream,
+                                     dp.gpu_layers)
                 continue
             try:
                 await member.control.call("load", timeout=LOAD_TIMEOUT_S, index=i,
                                           ranges=dp.ranges, successor=successor, k=p.k,
-                                          epoch=self.epoch, stream=stream)
+                                          epoch=self.epoch, stream=stream,
+                                          gpu_layers=dp.gpu_layers)
             except NodeError as exc:
                 raise WindowLoadError(member, exc) from None
 

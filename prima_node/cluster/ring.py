@@ -45,7 +45,7 @@ from .frames import Frame
 
 if TYPE_CHECKING:
     from ..engine.model import Model
-    from ..engine.window import LayerWindow
+    from ..engine.window import Window
 
 _LOG = logging.getLogger("prima.cluster")
 _T = TypeVar("_T")
@@ -70,7 +70,7 @@ class CacheOp(Enum):
     DROP = "drop"  # release a session's memory
 
 
-def apply_cache_op(windows: Sequence[LayerWindow], op: CacheOp, session: str, n: int = 0
+def apply_cache_op(windows: Sequence[Window], op: CacheOp, session: str, n: int = 0
                    ) -> None:
     for w in windows:
         if op is CacheOp.CLEAR:
@@ -86,7 +86,7 @@ class RingSlot:
     """This node's part of the current plan, as the executor uses it."""
 
     epoch: int  # the plan's number, carried by every frame
-    windows: Sequence[LayerWindow]  # one per round
+    windows: Sequence[Window]  # one per round
     alone: bool  # a ring of one: no frame leaves this node
     nodes: int  # in the ring
     before_use: Callable[[int], None]  # the pager: round r's window is about to run

@@ -43,6 +43,7 @@ def _node(m: Member, membership: Membership, planning: Planning) -> dict[str, An
         "version": info.get("version"), "memory": info.get("memory"),
         "disk_read_bytes_per_s": planning.disk_speed.get(m.node_id),
         "paging": {key: paging.get(key) for key in PAGING_FIELDS} if paging else None,
+        "gpu": info.get("gpu"),
     }
 
 

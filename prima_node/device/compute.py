@@ -16,7 +16,15 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .. import ggml
-from ..engine.backend import Backend, Compute, FileBuffer, aligned_bytes, set_input
+from ..engine.backend import (
+    Backend,
+    Compute,
+    DeviceBuffer,
+    FileBuffer,
+    aligned_bytes,
+    get_output,
+    set_input,
+)
 from ..engine.graph import Builder
 from ..quant_types import SUPPORTED_TYPES
 
@@ -42,18 +50,29 @@ def quantized_rows(qtype: GGMLQuantizationType, rows: int, cols: int) -> np.ndar
 
 class MatmulProbe:
     """One weight matrix and the graphs multiplying it by each of ``batches`` tokens (each
-    graph with its own compute buffer, so that its input stays set between runs)."""
+    graph with its own compute buffer, so that its input stays set between runs). On a GPU
+    backend the matrix is copied into the GPU's memory first, as GPU layers are."""
 
     def __init__(self, backend: Backend, weight: np.ndarray, qtype: int, rows: int, cols: int,
                  batches: Iterable[int]) -> None:
         self.backend = backend
         self.buffer = FileBuffer(weight)
         self.graphs: dict[int, tuple[Builder, Compute, np.ndarray]] = {}
+        self._held = Builder(2)  # the GPU's copy of the matrix, shared by the graphs
+        self._device: DeviceBuffer | None = None
+        shared = 0
+        if not backend.is_cpu:
+            shared = self._held.g.ggml_new_tensor_2d(self._held.ctx, qtype, cols, rows)
+            self._device = DeviceBuffer(self._held.ctx, backend.buffer_type)
+            self._held.g.ggml_backend_tensor_set(shared, self.buffer.base, 0, weight.nbytes)
         rng = np.random.default_rng(1)
         for t in batches:
             b = Builder(8)
-            w = b.g.ggml_new_tensor_2d(b.ctx, qtype, cols, rows)
-            self.buffer.place(w, 0)
+            if shared:
+                w = shared
+            else:
+                w = b.g.ggml_new_tensor_2d(b.ctx, qtype, cols, rows)
+                self.buffer.place(w, 0)
             x = b.input("x", ggml.TYPE_F32, cols, t)
             y = b.g.ggml_mul_mat(b.ctx, w, x)
             b.g.ggml_set_output(y)
@@ -71,6 +90,9 @@ class MatmulProbe:
         for b, compute, _ in self.graphs.values():
             b.free()
             compute.close()
+        if self._device is not None:
+            self._device.close()
+        self._held.free()
         self.buffer.close()
 
 
@@ -89,15 +111,16 @@ def best_time(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> f
 
 
 def kernel_flops(types: Iterable[str], *, threads: int, weight_mib: int = 256, cols: int = 4096,
-                 budget_s: float = 0.4) -> dict[str, dict[str, float]]:
+                 budget_s: float = 0.4, device: int | None = None
+                 ) -> dict[str, dict[str, float]]:
     """FLOP/s of ggml's decode and prefill matrix products for each weight type name.
 
     The matrix holds ``weight_mib`` of weights, far beyond the last-level cache (as the memory
     bandwidth probe's buffer): ggml's decode products run at memory speed, so a cache-resident
     matrix priced the 1b preset's layers 1.8x too fast (2048 x 4096) and 64 MiB still 1.4x
     (two cores of this VM can share 64 MiB of cache). The profile passes less on a device
-    that cannot spare it."""
-    backend = Backend(threads)
+    that cannot spare it. ``device``: measure that GPU's kernels instead of the CPU's."""
+    backend = Backend(threads, device)
     out: dict[str, dict[str, float]] = {}
     try:
         for name in types:
@@ -137,3 +160,27 @@ def memory_read_bandwidth(size_mib: int = 256, repeats: int = 5, threads: int = 
         probe.close()
         backend.close()
     return weight.nbytes / best / 1e9
+
+
+def copy_seconds(device: int, n_embd: int, repeats: int = 20) -> float:
+    """A token's hidden state (``n_embd`` float32) to a device and back: what a window's GPU
+    part adds to each token on top of its kernels (best of ``repeats``)."""
+    backend = Backend(1, device)
+    b = Builder(2)
+    try:
+        t = b.g.ggml_new_tensor_1d(b.ctx, ggml.TYPE_F32, n_embd)
+        buf = DeviceBuffer(b.ctx, backend.buffer_type)
+        try:
+            x = np.ones(n_embd, np.float32)
+            out = np.empty_like(x)
+
+            def once() -> None:
+                set_input(b.g, t, x)
+                get_output(b.g, t, out)
+
+            return best_time(once, 0.0, min_runs=repeats)
+        finally:
+            buf.close()
+    finally:
+        b.free()
+        backend.close()

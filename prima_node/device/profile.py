@@ -71,9 +71,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_path(cache_dir: Path, model: Path | None, threads: int) -> Path:
+def _cache_path(cache_dir: Path, model: Path | None, threads: int, gpu: str | None) -> Path:
     # the engine's version is part of the key: a new ggml measures differently
-    key = [socket.gethostname(), str(threads), __version__, f"ggml-{PINNED_VERSION}"]
+    key = [socket.gethostname(), str(threads), __version__, f"ggml-{PINNED_VERSION}",
+           f"gpu-{gpu}"]
     if model is not None:
         st = model.stat()
         key += [str(model.resolve()), str(st.st_size), str(st.st_mtime_ns)]
@@ -88,15 +89,49 @@ def bandwidth_buffer_mib(available: int) -> int:
     return max(16, min(256, available // 8 >> 20))
 
 
+def _gpu_vram_now(gpu: dict[str, Any]) -> None:
+    """Read each profiled GPU's free memory afresh (it changes as processes come and go)."""
+    from .. import ggml
+    from ..engine.gpu import GpuUnavailableError, gpu_device
+
+    for d in gpu.get("devices") or []:
+        try:
+            d["vram_free"], d["vram_total"] = ggml.load().memory(gpu_device(d["name"]))
+        except GpuUnavailableError:  # a GPU gone since: keep the cached figure
+            continue
+
+
+def measure_gpu(name: str, types: list[str], n_embd: int) -> dict[str, Any]:
+    """One GPU's figures for the planner: its memory, its kernels' FLOP/s per weight type
+    (decode and prefill products, weights in its memory) and the host round trip of a
+    token's hidden state."""
+    from .. import ggml
+    from ..engine.gpu import describe, gpu_device
+    from .compute import copy_seconds, kernel_flops
+
+    device = gpu_device(name)
+    info = describe(device)
+    kernels: dict[str, dict[str, float]] = {}
+    for t in types:
+        kernels.update(kernel_flops([t], threads=1, device=device,
+                                    weight_mib=max(16, min(256, info.memory_free // 8 >> 20))))
+    free, total = ggml.load().memory(device)
+    return {"name": info.name, "description": info.description, "backend": info.backend,
+            "unified": info.unified, "vram_free": free, "vram_total": total,
+            "kernels": kernels, "copy_s_per_token": copy_seconds(device, n_embd)}
+
+
 def profile_device(model: str | Path | None = None, *, threads: int | None = None,
                    cache_dir: Path | None = None, refresh: bool = False,
-                   progress: Progress | None = None) -> DeviceProfile:
-    """Measure this device (or reuse its cached measurements, with memory read afresh)."""
+                   progress: Progress | None = None, gpu: str | None = None) -> DeviceProfile:
+    """Measure this device (or reuse its cached measurements, with memory read afresh).
+
+    ``gpu``: also measure that GPU (ggml's name; "CPU" stands one in, for tests)."""
     from ..engine.model import default_threads
 
     threads = threads or default_threads()
     path = Path(model) if model is not None else None
-    cache = _cache_path(cache_dir, path, threads) if cache_dir is not None else None
+    cache = _cache_path(cache_dir, path, threads, gpu) if cache_dir is not None else None
     if cache is not None and cache.exists() and not refresh:
         try:
             prof = DeviceProfile.from_json(json.loads(cache.read_text()))
@@ -104,6 +139,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
             prof = None  # unreadable or from another version: measure again
         if prof is not None:
             prof.memory = memory_info().as_dict()
+            _gpu_vram_now(prof.gpu)
             return prof
 
     from .compute import kernel_flops, memory_read_bandwidth
@@ -117,7 +153,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         used = {t for layer in mp.layers for t in layer.flops_by_type}
         used |= set(mp.output_flops_by_type)
         types = sorted(used)
-    steps = 2 + (path is not None and path.suffix == ".gguf") + len(types)
+    steps = 2 + (path is not None and path.suffix == ".gguf") + len(types) + (gpu is not None)
     done = 0
 
     def step() -> None:
@@ -141,11 +177,21 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         kernels.update(kernel_flops([t], threads=threads,
                                     weight_mib=bandwidth_buffer_mib(mem["available"])))
         step()
+    gpus: dict[str, Any] = {"backend": None, "devices": []}
+    if gpu is not None:
+        n_embd = 4096
+        if path is not None:
+            from ..planner.model_profile import ModelProfile
+
+            n_embd = ModelProfile.load(path).n_embd
+        measured = measure_gpu(gpu, types, n_embd)
+        gpus = {"backend": measured["backend"], "devices": [measured]}
+        step()
     prof = DeviceProfile(
         name=socket.gethostname(), os=platform.system(), os_release=platform.release(),
         machine=platform.machine(), cpu=_cpu_name(), cores=os.cpu_count() or 1,
         threads=threads, memory=mem, memory_read_gbps=round(bandwidth, 2), disk=disk,
-        kernels=kernels, model_file=str(path) if path is not None else None,
+        kernels=kernels, gpu=gpus, model_file=str(path) if path is not None else None,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         measure_s=round(time.perf_counter() - t0, 2))
     if cache is not None:

@@ -68,22 +68,27 @@ class ComputeError(PrimaError):
 
 
 class Backend:
-    """ggml's CPU backend with a fixed number of threads."""
+    """A ggml backend: the CPU with a fixed number of threads (the default), or another device
+    of the build (a GPU, for a window's GPU layers; ``device`` is its ggml handle)."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, device: int | None = None) -> None:
         self.g = ggml.load()
         keep_large_allocations_returnable()
         self.threads = max(1, threads)
-        self.handle = self.g.ggml_backend_dev_init(self.g.cpu_device, None)
+        self.device = device or self.g.cpu_device
+        self.is_cpu = self.device == self.g.cpu_device
+        self.name = (self.g.ggml_backend_dev_name(self.device) or b"?").decode()
+        self.handle = self.g.ggml_backend_dev_init(self.device, None)
         if not self.handle:
-            raise ComputeError("ggml could not start its CPU backend")
-        self.g.ggml_backend_set_n_threads(self.handle, self.threads)
-        self.buffer_type = self.g.ggml_backend_dev_buffer_type(self.g.cpu_device)
+            raise ComputeError(f"ggml could not start its {self.name} backend")
+        if self.is_cpu:
+            self.g.ggml_backend_set_n_threads(self.handle, self.threads)
+        self.buffer_type = self.g.ggml_backend_dev_buffer_type(self.device)
 
     def compute(self, graph: int) -> None:
         status = self.g.ggml_backend_graph_compute(self.handle, graph)
         if status != ggml.STATUS_SUCCESS:
-            raise ComputeError(f"ggml failed to compute a graph (status {status})")
+            raise ComputeError(f"ggml failed to compute a graph on {self.name} (status {status})")
 
     def close(self) -> None:
         if self.handle:
@@ -120,6 +125,27 @@ class FileBuffer:
             self.g.ggml_backend_buffer_free(self.handle)
             self.handle = 0
         self._mapping = np.empty(0, np.uint8)
+
+
+class DeviceBuffer:
+    """Tensors of one ggml context allocated together in a backend's own memory (a GPU's
+    VRAM): for the copies of GPU layers' weights and their KV caches. ``zero``: clear it
+    first (a cache's unwritten rows are masked out of attention, but 0 x NaN is NaN)."""
+
+    def __init__(self, ctx: int, buffer_type: int, *, zero: bool = False) -> None:
+        self.g = ggml.load()
+        self.handle = self.g.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buffer_type)
+        if not self.handle:
+            name = (self.g.ggml_backend_buft_name(buffer_type) or b"?").decode()
+            raise ComputeError(f"not enough {name} memory for the GPU layers' tensors")
+        self.size = int(self.g.ggml_backend_buffer_get_size(self.handle))
+        if zero:
+            self.g.ggml_backend_buffer_clear(self.handle, 0)
+
+    def close(self) -> None:
+        if self.handle:
+            self.g.ggml_backend_buffer_free(self.handle)
+            self.handle = 0
 
 
 class AnonymousBuffer:
@@ -169,11 +195,13 @@ class Compute:
     keep that memory from the page cache its weights live in.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, lock: threading.RLock | None = None) -> None:
         self.g = backend.g
         self.backend = backend
         self.allocator = self.g.ggml_gallocr_new(backend.buffer_type)
-        self.lock = threading.RLock()  # graphs share activation memory: never two at once
+        #: graphs share activation memory: never two at once (a model's GPU layers share the
+        #: model's lock: a step runs its CPU and GPU parts one after the other anyway)
+        self.lock = lock or threading.RLock()
         #: bumped whenever the persistent buffer moved; graphs allocated before are rebuilt
         self.generation = 0
 

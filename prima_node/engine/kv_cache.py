@@ -14,13 +14,15 @@ import numpy as np
 
 from .. import ggml
 from ..errors import ContextOverflowError
-from .backend import AnonymousBuffer
+from .backend import AnonymousBuffer, DeviceBuffer
 
 
 class KVCache:
-    """Keys and values of ``n_layers`` layers for up to ``n_ctx`` positions."""
+    """Keys and values of ``n_layers`` layers for up to ``n_ctx`` positions; in a GPU's memory
+    (``buffer_type``) for GPU layers, allocated whole there (VRAM is not committed lazily)."""
 
-    def __init__(self, n_layers: int, n_embd_kv: int, n_ctx: int) -> None:
+    def __init__(self, n_layers: int, n_embd_kv: int, n_ctx: int,
+                 buffer_type: int | None = None) -> None:
         g = ggml.load()
         self.g = g
         self.n_ctx = n_ctx
@@ -32,12 +34,20 @@ class KVCache:
         tensors = [int(g.ggml_new_tensor_2d(self.ctx, ggml.TYPE_F16, n_embd_kv, n_ctx))
                    for _ in range(2 * n_layers)]
         per_tensor = -(-int(g.ggml_nbytes(tensors[0])) // 64) * 64
-        self.buffer = AnonymousBuffer(per_tensor * len(tensors))
-        for t in tensors:
-            self.buffer.place(t)
+        self.buffer: AnonymousBuffer | DeviceBuffer
+        try:
+            if buffer_type is None:
+                self.buffer = AnonymousBuffer(per_tensor * len(tensors))
+                for t in tensors:
+                    self.buffer.place(t)
+            else:
+                self.buffer = DeviceBuffer(self.ctx, buffer_type, zero=True)
+        except BaseException:
+            g.ggml_free(self.ctx)
+            raise
         #: (K, V) tensor pair per layer of the window
         self.layers = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n_layers)]
-        self.nbytes = per_tensor * len(tensors)
+        self.nbytes = self.buffer.size if buffer_type is not None else per_tensor * len(tensors)
 
     def check_positions(self, positions: np.ndarray) -> None:
         """Positions must continue (or rewrite the tail of) what is cached, without gaps."""

@@ -21,6 +21,14 @@ from ..arch.config import ModelConfig, load_config
 from ..model_file import ModelFile
 from ..quant_types import type_name
 from .backend import Backend, Compute, FileBuffer
+from .gpu import (
+    Accelerator,
+    GpuUnavailableError,
+    SplitWindow,
+    find_gpus,
+    gpu_device,
+    resolve_gpu_layers,
+)
 from .graph import (
     EndTensors,
     StepGraph,
@@ -33,7 +41,7 @@ from .graph import (
 from .kv_cache import KVCache
 from .tensors import check_all_tensors_used, end_tensor_infos, output_name
 from .weights import WeightSet
-from .window import LayerWindow, Shared
+from .window import LayerWindow, Shared, Window
 
 #: Prompt tokens the generation loop evaluates per step (a chunk): bounds the activations and
 #: a ring frame. 256 and 512 gave the same prefill throughput; 256 needs half the memory.
@@ -71,7 +79,8 @@ class Model:
     prefill_chunk: int = DEFAULT_BATCH
 
     def __init__(self, mf: ModelFile, cfg: ModelConfig, n_ctx: int, threads: int,
-                 repack: bool | None = None) -> None:
+                 repack: bool | None = None, *, gpu: int | None = None,
+                 gpu_layers: int = 0) -> None:
         self.file = mf
         self.config = cfg
         self.n_ctx = n_ctx
@@ -90,19 +99,34 @@ class Model:
             raise
         self._weights.append(ends)
         self.shared = Shared(mf, cfg, self.buffer, self.compute, _end_tensors(ends, cfg), n_ctx)
-        self._windows: weakref.WeakSet[LayerWindow] = weakref.WeakSet()
+        self._windows: weakref.WeakSet[Window] = weakref.WeakSet()
         self._ends_graphs: dict[tuple[str, int], StepGraph] = {}
-        self._full: LayerWindow | None = None
+        self._full: Window | None = None
         self._full_lock = threading.Lock()
+        #: layers ``forward`` runs on the GPU (the first ones); ring windows say their own
+        self.gpu_layers = gpu_layers
+        self.accel: Accelerator | None = None
+        if gpu is not None:
+            try:
+                self.accel = Accelerator(self.shared, gpu, output=gpu_layers == cfg.n_layer)
+            except BaseException:
+                self.close()
+                raise
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None,
-             n_ctx: int = 4096, repack: bool | None = None) -> Model:
+             n_ctx: int = 4096, repack: bool | None = None, *, gpu: str | None = None,
+             gpu_layers: int | str = 0) -> Model:
         """Open a GGUF file; raises ModelLoadError (naming file and cause) if it is unusable.
 
         ``repack``: whether ``forward`` (this machine running every layer) uses repacked
         matrices; None decides by the memory available when it first runs (``should_repack``).
         Windows for a ring are never repacked here (``window``).
+        ``gpu``: the GPU to use (ggml's name; None: the first, if GPU layers are asked for;
+        "none": no GPU);
+        ``gpu_layers``: how many of the first layers ``forward`` runs there (a number, ``all``
+        or ``auto``: as many as fit in its free memory). A GPU named with no layers is there
+        for ring windows' GPU layers; ``auto`` without a GPU is every layer on the CPU.
         """
         if n_ctx < 1:
             raise ValueError("n_ctx must be at least 1")
@@ -111,7 +135,16 @@ class Model:
         try:
             cfg = load_config(mf)
             check_all_tensors_used(mf, cfg)  # every tensor checked before anything runs
-            model = cls(mf, cfg, n_ctx, threads or default_threads(), repack)
+            if gpu == "none":  # --gpu none: the CPU only, whatever the build has
+                if gpu_layers not in (0, "auto"):
+                    raise ValueError("--gpu none keeps every layer on the CPU: leave "
+                                     "--gpu-layers out")
+                gpu, gpu_layers = None, 0
+            wants = gpu is not None or (gpu_layers != 0 and (gpu_layers != "auto" or find_gpus()))
+            device = gpu_device(gpu) if wants else None
+            n_gpu = resolve_gpu_layers(gpu_layers, mf, cfg, n_ctx, device)
+            model = cls(mf, cfg, n_ctx, threads or default_threads(), repack, gpu=device,
+                        gpu_layers=n_gpu)
             model._reserve()
         except BaseException:
             if model is not None:
@@ -141,7 +174,7 @@ class Model:
             kv.close()
             layer.close()
 
-    def _local(self) -> LayerWindow:
+    def _local(self) -> Window:
         """Every layer as one window, for ``forward``: built on first use, with repacked
         matrices if ``repack`` says so (None: if they fit, see ``should_repack``)."""
         with self._full_lock, self.compute.lock:
@@ -159,8 +192,8 @@ class Model:
                                     repack=[output_name(self.config)])
                     self._weights.append(out)
                     ends = _end_tensors(out, self.config, packed=True)
-                self._full = LayerWindow(self.shared, 0, self.config.n_layer, repack=repack,
-                                         packed_ends=ends)
+                self._full = self._make_window(0, self.config.n_layer, self.gpu_layers,
+                                               repack=repack, packed_ends=ends)
                 self._windows.add(self._full)
             return self._full
 
@@ -204,7 +237,18 @@ class Model:
             "quant": max(by_type, key=lambda k: by_type[k]) if by_type else None,
             "tensor_bytes_by_type": by_type,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "gpu": self.gpu_status(),
+            "gpu_layers": self.gpu_layers,
         }
+
+    def gpu_status(self) -> dict[str, Any] | None:
+        """The GPU this model uses (None: none), its memory now and what the model holds
+        there (GPU layers' weights and caches, the end tensors' copies)."""
+        if self.accel is None:
+            return None
+        free, total = self.accel.memory()
+        return {**self.accel.info.as_dict(), "memory_free": free, "memory_total": total,
+                "used_by_model": self.device_bytes}
 
     # -- the three steps of a forward pass --------------------------------------------------
 
@@ -213,13 +257,32 @@ class Model:
         ids = self._check_ids(token_ids)
         return self._run_end("embed", ids.astype(np.int32))
 
-    def window(self, start: int, end: int) -> LayerWindow:
-        """A new window over layers [start, end) with its own KV caches."""
+    def window(self, start: int, end: int, gpu_layers: int = 0) -> Window:
+        """A new window over layers [start, end) with its own KV caches, its first
+        ``gpu_layers`` on the model's GPU."""
         with self.compute.lock:
             self._require_open()
-            w = LayerWindow(self.shared, start, end)
+            w = self._make_window(start, end, gpu_layers)
             self._windows.add(w)
             return w
+
+    def _make_window(self, start: int, end: int, gpu_layers: int, *, repack: bool = False,
+                     packed_ends: EndTensors | None = None) -> Window:
+        if gpu_layers == 0:
+            return LayerWindow(self.shared, start, end, repack=repack, packed_ends=packed_ends)
+        if self.accel is None:
+            raise GpuUnavailableError(
+                f"{gpu_layers} GPU layers were asked for, but this model was opened without a "
+                "GPU")
+        return SplitWindow(self.shared, start, end, gpu_layers, self.accel, embed=self.embed,
+                           output=self.output, repack=repack, packed_ends=packed_ends)
+
+    @property
+    def device_bytes(self) -> int:
+        """GPU memory the model holds: its windows' GPU layers and caches, the end tensors."""
+        if self.accel is None:
+            return 0
+        return self.accel.device_bytes + sum(w.device_bytes for w in list(self._windows))
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Final norm and output projection: logits (tokens, n_vocab) for hidden states."""
@@ -318,6 +381,8 @@ class Model:
             self._ends_graphs.clear()
             for ws in self._weights:
                 ws.close()
+            if self.accel is not None:
+                self.accel.close()
             self.compute.close()
             self.buffer.close()
             self.backend.close()

@@ -34,7 +34,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..model_file import ModelFile
-from .window import LayerWindow
+from .window import Window
 
 PAGE = mmap.PAGESIZE
 #: A use is a hit when at least this share of the window was in memory before it ran.
@@ -149,7 +149,7 @@ class WindowPages:
         self.n_bytes = sum(b - a for a, b in self.ranges)
 
     @classmethod
-    def of_window(cls, mf: ModelFile, window: LayerWindow) -> WindowPages:
+    def of_window(cls, mf: ModelFile, window: Window) -> WindowPages:
         """The pages of a window built on ``mf``."""
         return cls(mf, window.byte_ranges())
 

@@ -11,6 +11,9 @@ memory, as llama.cpp does by default: 10-25 % faster decoding, at the price of h
 weights outside the page cache. Only for weights a device keeps resident: a repacked copy
 cannot be prefetched or released, so a window streamed from disk never asks for it.
 
+GPU layers (``copy_to``, a device's buffer type) are the exception: their bytes are copied once
+into the device's memory, where ggml's GPU kernels read them.
+
 Every tensor was validated by ``ModelFile`` (type, shape against its block size, bytes inside the
 data section, no overlaps) before it gets here: ggml aborts the process on a bad one.
 """
@@ -22,7 +25,7 @@ from collections.abc import Iterable
 from .. import ggml
 from ..errors import ModelLoadError
 from ..model_file import ModelFile, TensorInfo
-from .backend import ComputeError, FileBuffer
+from .backend import ComputeError, DeviceBuffer, FileBuffer
 
 #: The CPU backend's extra buffer type that repacks weights (llama.cpp's CPU_REPACK).
 REPACK_BUFFER = "CPU_REPACK"
@@ -78,7 +81,7 @@ class WeightSet:
     """
 
     def __init__(self, mf: ModelFile, buffer: FileBuffer, infos: Iterable[TensorInfo], *,
-                 repack: Iterable[str] = ()) -> None:
+                 repack: Iterable[str] = (), copy_to: int | None = None) -> None:
         self.g = g = ggml.load()
         infos = list(infos)
         self.ctx = g.ggml_init(ggml.InitParams(g.ggml_tensor_overhead() * (len(infos) + 1),
@@ -89,9 +92,15 @@ class WeightSet:
         self.repacked: dict[str, int] = {}
         self.repacked_bytes = 0
         self._repack_ctx = self._repack_buffer = 0
+        self.device: DeviceBuffer | None = None
         try:
             for info in infos:
-                self.tensors[info.name] = self._place(mf, buffer, info)
+                self.tensors[info.name] = self._describe(mf, info)
+            if copy_to is None:
+                for info in infos:
+                    buffer.place(self.tensors[info.name], info.offset)
+            else:
+                self._copy(buffer, infos, copy_to)
             wanted = set(repack)
             if wanted:
                 self._repack(buffer, [i for i in infos if i.name in wanted])
@@ -99,7 +108,7 @@ class WeightSet:
             self.close()
             raise
 
-    def _place(self, mf: ModelFile, buffer: FileBuffer, info: TensorInfo) -> int:
+    def _describe(self, mf: ModelFile, info: TensorInfo) -> int:
         g = self.g
         if not 1 <= len(info.shape) <= 3:
             raise ModelLoadError(mf.path, f"tensor {info.name!r} has {len(info.shape)} "
@@ -110,8 +119,20 @@ class WeightSet:
                 mf.path, f"tensor {info.name!r} holds {info.n_bytes} bytes, but ggml computes "
                 f"{g.ggml_nbytes(t)} for its type and shape: the file is corrupt")
         g.ggml_set_name(t, info.name.encode()[:63])
-        buffer.place(t, info.offset)
         return t
+
+    def _copy(self, buffer: FileBuffer, infos: list[TensorInfo], buffer_type: int) -> None:
+        """Give every tensor a copy of its bytes in a device's memory (a GPU's VRAM, where
+        the file cannot be mapped): read once from the mapping, then the pages may go."""
+        self.device = DeviceBuffer(self.ctx, buffer_type)
+        for info in infos:
+            self.g.ggml_backend_tensor_set(self.tensors[info.name], buffer.base + info.offset, 0,
+                                           info.n_bytes)
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory the copies take (0 for weights read from the file mapping)."""
+        return self.device.size if self.device is not None else 0
 
     def _repack(self, buffer: FileBuffer, infos: list[TensorInfo]) -> None:
         repacker = Repacker()
@@ -147,6 +168,9 @@ class WeightSet:
 
     def close(self) -> None:
         g = self.g
+        if self.device is not None:
+            self.device.close()
+            self.device = None
         if self._repack_buffer:
             g.ggml_backend_buffer_free(self._repack_buffer)
             self._repack_buffer = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from .graph import step_inputs as _step_inputs
 from .kv_cache import KVCache
 from .tensors import MATMUL_ROLES, layer_tensor_infos
 from .weights import WeightSet
+
+if TYPE_CHECKING:
+    from .gpu import Accelerator
 
 #: Decode graphs kept per window (each is a few hundred kB of ggml tensor descriptions).
 CACHED_GRAPHS = 8
@@ -44,6 +48,34 @@ class Shared:
     closed: bool = False
 
 
+class Window(Protocol):
+    """What a node and the generation loop use of a window: layers on one device
+    (``LayerWindow``) or a window whose first layers run on a GPU (``gpu.SplitWindow``)."""
+
+    start: int
+    end: int
+
+    def forward(self, h: np.ndarray, positions: np.ndarray, session: str = "default", *,
+                last_only: bool = False) -> np.ndarray: ...
+    def run(self, positions: np.ndarray, session: str, *, hidden: np.ndarray | None = None,
+            tokens: np.ndarray | None = None, logits: bool = False,
+            last_only: bool = False) -> np.ndarray: ...
+    def n_cached(self, session: str) -> int: ...
+    def clear(self, session: str) -> None: ...
+    def truncate(self, session: str, n: int) -> None: ...
+    def drop(self, session: str) -> None: ...
+    def byte_ranges(self) -> list[tuple[int, int]]: ...
+    @property
+    def sessions(self) -> list[str]: ...
+    @property
+    def weight_bytes(self) -> int: ...
+    @property
+    def repacked_bytes(self) -> int: ...
+    @property
+    def device_bytes(self) -> int: ...
+    def close(self) -> None: ...
+
+
 class LayerWindow:
     """Layers [start, end) with per-session KV caches of ``n_ctx`` positions.
 
@@ -51,10 +83,14 @@ class LayerWindow:
     faster one-token products) for decode steps: only for a window held in memory for good,
     never one that is streamed. ``packed_ends`` are the model's embedding and output tensors
     with a repacked output projection, for decode steps that end with the logits.
+    ``device``: the layers live and compute on a GPU instead (weights and caches copied into
+    its memory); such a window takes hidden states, never token ids (the embedding table stays
+    in the file mapping).
     """
 
     def __init__(self, shared: Shared, start: int, end: int, *, repack: bool = False,
-                 packed_ends: EndTensors | None = None) -> None:
+                 packed_ends: EndTensors | None = None,
+                 device: Accelerator | None = None) -> None:
         cfg = shared.config
         if not 0 <= start < end <= cfg.n_layer:
             raise ValueError(f"window [{start}, {end}) is outside the model's {cfg.n_layer} layers")
@@ -62,14 +98,19 @@ class LayerWindow:
         self.cfg = cfg
         self.start, self.end = start, end
         self.n_ctx = shared.n_ctx
+        self.device = device
+        self.compute = device.compute if device is not None else shared.compute
+        ends = device.ends if device is not None else shared.ends
+        self.ends = ends
         roles = [layer_tensor_infos(shared.file, cfg, i) for i in range(start, end)]
         # every tensor of the layers (including any the graph does not use) belongs to them
         prefixes = tuple(f"blk.{i}." for i in range(start, end))
         self._tensors = tuple(t for n, t in shared.file.tensors.items() if n.startswith(prefixes))
-        self.packed_ends = packed_ends or shared.ends
+        self.packed_ends = packed_ends or ends
         self.weights = WeightSet(
             shared.file, shared.buffer, [t for r in roles for t in r.values()],
-            repack=[r[k].name for r in roles for k in MATMUL_ROLES] if repack else ())
+            repack=[r[k].name for r in roles for k in MATMUL_ROLES] if repack else (),
+            copy_to=device.buffer_type if device is not None else None)
         self.layers = [LayerTensors(**{k: self.weights[t.name] for k, t in r.items()})
                        for r in roles]
         #: the same, with repacked matrices where there are any (for decode steps)
@@ -85,7 +126,8 @@ class LayerWindow:
         with self.shared.compute.lock:
             kv = self._sessions.get(session)
             if kv is None:
-                kv = KVCache(self.end - self.start, self.cfg.n_embd_kv, self.n_ctx)
+                kv = KVCache(self.end - self.start, self.cfg.n_embd_kv, self.n_ctx,
+                             self.device.buffer_type if self.device is not None else None)
                 self._sessions[session] = kv
             return kv
 
@@ -119,7 +161,10 @@ class LayerWindow:
     # -- layout -------------------------------------------------------------------------------
 
     def byte_ranges(self) -> list[tuple[int, int]]:
-        """File byte ranges of this window's tensors, sorted (for prefetch / release)."""
+        """File byte ranges of this window's tensors, sorted (for prefetch / release); none
+        for GPU layers, which compute from their copies."""
+        if self.device is not None:
+            return []
         return sorted(t.byte_range for t in self._tensors)
 
     @property
@@ -130,6 +175,14 @@ class LayerWindow:
     def repacked_bytes(self) -> int:
         """Anonymous memory holding repacked copies of this window's matrices."""
         return self.weights.repacked_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """GPU memory this window holds: its weights' copies and its sessions' caches."""
+        if self.device is None:
+            return 0
+        # a copy: the model thread may add a session while a status page asks
+        return self.weights.device_bytes + sum(kv.nbytes for kv in list(self._sessions.values()))
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -149,6 +202,9 @@ class LayerWindow:
         states or (the last window, ``logits``) the last token's logits. Every input is checked
         here: ggml aborts the process on a mismatched one."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if logits and self.device is not None and not self.device.has_output:
+            raise ValueError("the output projection is not on this GPU: compute the logits "
+                             "on the CPU")
         values = self._inputs(positions, hidden, tokens)
         with self.shared.compute.lock:  # also keeps close() from freeing what this step uses
             if self.closed or self.shared.closed:
@@ -164,7 +220,7 @@ class LayerWindow:
             graph = self._graph(session, shape, kv)
             kv.n = int(positions[0])  # rewriting the tail, if any, starts here
             try:
-                out = graph.run(self.shared.compute, values, once=once)
+                out = graph.run(self.compute, values, once=once)
             finally:
                 if once:
                     graph.free()
@@ -177,6 +233,8 @@ class LayerWindow:
         if (hidden is None) == (tokens is None):
             raise ValueError("a step takes either hidden states or token ids")
         if tokens is not None:
+            if self.device is not None:
+                raise ValueError("GPU layers take hidden states: embed the tokens first")
             ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
             if ids.size != positions.size:
                 raise ValueError(f"{ids.size} tokens do not match {positions.size} positions")
@@ -196,7 +254,7 @@ class LayerWindow:
         allocated), or a new graph."""
         key = (session, shape)
         graph = self._graphs.get(key)
-        if graph is not None and graph.generation == self.shared.compute.generation:
+        if graph is not None and graph.generation == self.compute.generation:
             self._graphs.move_to_end(key)
             return graph
         if graph is not None:
@@ -204,7 +262,7 @@ class LayerWindow:
         decode = shape.n_tokens == 1
         graph = build_step(self.cfg, shape, self.packed_layers if decode else self.layers,
                            kv.layers, self.n_ctx,
-                           self.packed_ends if decode else self.shared.ends)
+                           self.packed_ends if decode else self.ends)
         if shape.n_tokens == 1:
             self._graphs[key] = graph
             while len(self._graphs) > CACHED_GRAPHS:

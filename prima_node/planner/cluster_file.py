@@ -143,6 +143,11 @@ def device_from_entry(entry: Mapping[str, Any], where: str = "device") -> Device
         swap_out=GIB * _number(entry, "swap_out_gib", where, default=0))
 
 
+#: VRAM a measured GPU keeps for its backend and compute buffers (``--gpu-layers auto`` keeps
+#: the same)
+GPU_RESERVE_BYTES = float(700 << 20)
+
+
 def device_from_profile(doc: Mapping[str, Any]) -> Device:
     """A measured profile (``prima-node profile --json``) as the planner sees it.
 
@@ -171,10 +176,25 @@ def device_from_profile(doc: Mapping[str, Any]) -> Device:
             raise ValueError(f"{where}: kernel entry {t!r} is not a weight type's speeds")
         cpu[t] = _number(k, "decode_flops", f"{where}, kernel {t}", positive=True)
     disk_key = "sequential_bytes_per_s" if os_ == "Linux" else "random_bytes_per_s"
+    gpu_flops, vram, unified = _profiled_gpu(doc.get("gpu"), where)
     return Device(name=name, os=os_,
                   mem_available=_number(memory, "available", f"{where}, memory"),
                   disk_bytes_per_s=_number(disk, disk_key, f"{where}, disk", positive=True),
-                  cpu_flops=cpu)
+                  cpu_flops=cpu, gpu_flops=gpu_flops, vram_free=vram,
+                  metal=os_ == "macOS" and unified,
+                  gpu_compute_buffer=GPU_RESERVE_BYTES if gpu_flops else 0.0)
+
+
+def _profiled_gpu(gpu: Any, where: str) -> tuple[dict[str, float] | None, float, bool]:
+    """The first measured GPU of a profile: decode FLOP/s by type, free VRAM, unified."""
+    if gpu is None or not isinstance(gpu, dict) or not gpu.get("devices"):
+        return None, 0.0, False
+    d = gpu["devices"][0]
+    if not isinstance(d, dict) or not isinstance(d.get("kernels"), dict):
+        raise ValueError(f"{where}: its GPU entry has no kernel speeds")
+    flops = {t: _number(k, "decode_flops", f"{where}, GPU kernel {t}", positive=True)
+             for t, k in d["kernels"].items() if isinstance(k, dict)}
+    return flops or None, float(_number(d, "vram_free", f"{where}, GPU")), bool(d.get("unified"))
 
 
 def _link(entry: Mapping[str, Any], where: str) -> Link:

@@ -45,7 +45,8 @@ class HeadOptions:
 
 def open_local(config: ServerConfig, threads: int | None) -> Generator:
     """The whole model on this machine (model thread)."""
-    gen = Generator.open(config.model_path, threads=threads, n_ctx=config.n_ctx)
+    gen = Generator.open(config.model_path, threads=threads, n_ctx=config.n_ctx,
+                         gpu=config.gpu, gpu_layers=config.gpu_layers)
     _LOG.info("warming up (first reads of the weights, the compute buffer)")
     gen.executor.warm_up()
     return gen

@@ -31,6 +31,8 @@ class ServerConfig:
     node_id: str = "local"
     tls: ssl.SSLContext | None = None  # set: the listener speaks HTTPS (and wss)
     name: str = "node"  # what people see: Home Assistant's device, the plan, the logs
+    gpu: str | None = None  # the GPU by ggml's name (None: the first, where layers go to one)
+    gpu_layers: int | str = 0  # a lone node's first layers on the GPU: a number, all, auto
 
 
 MAX_NAME = 64

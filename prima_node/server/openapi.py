@@ -407,6 +407,10 @@ def _model_info(extra: dict[str, Schema], required: list[str]) -> Schema:
         "quant": _t(["string", "null"], "The quantisation holding most of the bytes."),
         "tensor_bytes_by_type": _t("object", additionalProperties={"type": "integer"}),
         "kv_bytes_per_token": _t("integer"),
+        "gpu": _gpu_schema("The GPU the model uses; null: none (a CPU-only build, or no "
+                           "layer asked for one)."),
+        "gpu_layers": _t("integer", "Of its layers, how many the node runs on the GPU when "
+                         "it serves alone (--gpu-layers); a ring's plan says its own."),
         "chat_template": _t("string"),
         "tool_format": _t(["string", "null"], "The tool-call syntax of the chat template "
                           "(null: tool calls cannot be recognised or forced)."),
@@ -417,6 +421,20 @@ def _model_info(extra: dict[str, Schema], required: list[str]) -> Schema:
     }
     return _obj(props, required=required, description="Most fields appear once the model "
                 "is loaded.")
+
+
+def _gpu_schema(description: str) -> Schema:
+    return _obj({
+        "name": _t("string", "ggml's name for it: CUDA0, Metal, Vulkan0."),
+        "description": _t("string", "The card, as its driver names it."),
+        "backend": _t("string", "CUDA, Metal or Vulkan."),
+        "unified": _t("boolean", "An integrated GPU sharing the host's memory (Apple "
+                      "silicon)."),
+        "memory_free": _t("integer", "Free GPU memory now, bytes."),
+        "memory_total": _t("integer"),
+        "used_by_model": _t("integer", "What the node holds there: its GPU layers' weights "
+                            "and KV caches and the end tensors' copies, bytes."),
+    }, nullable=True, description=description)
 
 
 def _status_document() -> Schema:
@@ -518,6 +536,8 @@ def _status_document() -> Schema:
                     "bytes_prefetched": count, "bytes_released": count,
                 }, nullable=True, description="Ring: prefetch and release of its windows; "
                    "null before it holds a plan."),
+                "gpu": _gpu_schema("Its GPU and the memory its GPU layers hold there, read "
+                                   "afresh; null without one (or before it reports)."),
             }, required=["node_id", "name", "role", "online", "address", "layers"])),
             "plan": _obj({
                 "k": _t("integer", "Rounds a token makes around the ring."),

@@ -274,6 +274,12 @@ class Runtime:
         gen = self.generator
         return sum(gen.cached_tokens(s) for s in self.slots) if gen is not None else 0
 
+    def gpu_status(self) -> dict[str, Any] | None:
+        """The local model's GPU and its memory there now (None: no GPU, or no model)."""
+        gen = self.generator
+        status = getattr(gen.executor, "gpu_status", None) if gen is not None else None
+        return status() if status is not None else None
+
     def kv_capacity(self) -> int:
         gen = self.generator
         return gen.executor.n_ctx * len(self.slots) if gen is not None else 0

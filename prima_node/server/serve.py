@@ -17,6 +17,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from ..cli_text import add_gpu_args
 from ..cluster.auth import cluster_id
 from ..cluster.node import NodeConfig
 from ..cluster.tls import client_context, server_context
@@ -41,6 +42,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     key.add_argument("--api-key-file", help="read the API key from this file (first line)")
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     p.add_argument("--threads", type=int, default=None, help="default: every CPU allowed")
+    add_gpu_args(p)
     p.add_argument("--queue-limit", type=int, default=32,
                    help="requests that may wait for the model; more are answered 429")
     p.add_argument("--cache-slots", type=int, default=2,
@@ -206,7 +208,8 @@ def _server_config(args: argparse.Namespace, model_path: Path, tls: ssl.SSLConte
     config = ServerConfig(model_path=model_path, n_ctx=args.ctx, host=args.host,
                           port=args.port, api_key=_api_key(args), queue_limit=args.queue_limit,
                           cache_slots=args.cache_slots, node_id=node_id,
-                          tls=tls, name=node_name(args.name, socket.gethostname()))
+                          tls=tls, name=node_name(args.name, socket.gethostname()),
+                          gpu=args.gpu, gpu_layers=args.gpu_layers)
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _LOG.warning("listening on %s without an API key: anyone on the network can use the "
                      "model (set --api-key or --api-key-file)", args.host)
@@ -221,4 +224,4 @@ def _node_config(args: argparse.Namespace, model_path: Path, config: ServerConfi
                                          or Path.home() / ".cache" / "prima" / "profiles"),
                       link_dtype=args.link_dtype, prefetch=args.prefetch == "on",
                       pipeline=args.prefill_pipeline == "on",
-                      tls_client=tls)
+                      tls_client=tls, gpu=args.gpu)

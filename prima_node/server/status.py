@@ -85,7 +85,7 @@ class Status:
                            "address": f"{self.host}:{self.port}",
                            "layers": [0, n_layers] if n_layers else None,
                            "version": __version__, "memory": vitals(),
-                           "disk_read_bytes_per_s": None}],
+                           "disk_read_bytes_per_s": None, "gpu": rt.gpu_status()}],
                 "plan": None,
             },
         }

@@ -1,0 +1,283 @@
+"""GPU layers: the GPUs a build can use, and windows whose first layers run on one.
+
+A node runs the first ``gpu_layers`` layers of each of its windows on a GPU (the plan's n_m)
+and the rest on the CPU from the file mapping, as two graphs one after the other ("our own
+split" rather than ggml's scheduler: each part keeps its decode graphs from token to token, as
+CPU windows do). The GPU part's weights are copied into the GPU's memory once per plan (a GPU
+cannot read the page cache), its KV caches live there, and the hidden states cross to the host
+once per window, where the CPU part or the ring takes them. The embedding table stays in the
+file mapping (a lookup of one row per token is not worth its VRAM); the output projection goes
+to the GPU only when every layer does (a single node offloading the whole model), as
+llama.cpp's full offload does.
+
+Any device of the build can stand in for the GPU, the CPU included (``gpu_device("CPU")``):
+the weights are then copied into ggml's own CPU buffers, which is how the split is tested on
+machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import ggml
+from ..arch.config import ModelConfig
+from ..errors import PrimaError
+from ..model_file import ModelFile
+from .backend import Backend, Compute
+from .graph import EndTensors
+from .tensors import end_tensor_infos, layer_tensor_infos, output_name
+from .weights import WeightSet
+from .window import LayerWindow, Shared
+
+#: VRAM ``--gpu-layers auto`` leaves free: the backend's own context and its compute buffer
+#: (the paper reserves 700 MiB for CUDA, 300 MiB for Metal; one figure for all, the larger).
+AUTO_RESERVE_BYTES = 700 << 20
+
+
+class GpuUnavailableError(PrimaError):
+    """GPU layers were asked for, but this build or machine has no such device."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as ggml's backend reports it."""
+
+    name: str  # ggml's device name: CUDA0, Metal, Vulkan0
+    description: str  # the card: "NVIDIA GeForce RTX 3070"
+    backend: str  # the backend that drives it: CUDA, Metal, Vulkan
+    unified: bool  # an integrated GPU sharing the host's memory (Apple silicon, iGPUs)
+    memory_free: int
+    memory_total: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe(device: int) -> GpuInfo:
+    g = ggml.load()
+    free, total = g.memory(device)
+    reg = g.ggml_backend_dev_backend_reg(device)
+    return GpuInfo(
+        name=(g.ggml_backend_dev_name(device) or b"?").decode(),
+        description=(g.ggml_backend_dev_description(device) or b"").decode(),
+        backend=(g.ggml_backend_reg_name(reg) or b"?").decode() if reg else "?",
+        unified=g.ggml_backend_dev_type(device) == ggml.DEVICE_IGPU
+        or g.ggml_backend_dev_type(device) == ggml.DEVICE_CPU,
+        memory_free=free, memory_total=total)
+
+
+def find_gpus() -> list[GpuInfo]:
+    """The GPUs of this build (none on a CPU-only build: ``PRIMA_GPU`` in scripts/setup)."""
+    g = ggml.load()
+    return [describe(d) for d in g.devices()
+            if g.ggml_backend_dev_type(d) in (ggml.DEVICE_GPU, ggml.DEVICE_IGPU)]
+
+
+def gpu_device(name: str | None = None) -> int:
+    """The ggml handle of the GPU named ``name`` (ggml's name: CUDA0, Metal...; "CPU" makes
+    the CPU stand in for one), or of the first GPU. GpuUnavailableError says why not."""
+    g = ggml.load()
+    gpus = find_gpus()
+    if name is None:
+        if not gpus:
+            raise GpuUnavailableError(
+                "this build of ggml has no GPU backend, so no layer can run on a GPU: install "
+                "with PRIMA_GPU=cuda, metal or vulkan (docs/install.md), or leave --gpu-layers "
+                "at 0")
+        name = gpus[0].name
+    for d in g.devices():
+        if (g.ggml_backend_dev_name(d) or b"").decode() == name:
+            return d
+    known = ", ".join(x.name for x in gpus) or "none"
+    raise GpuUnavailableError(f"no GPU named {name!r} in this build (its GPUs: {known})")
+
+
+def auto_gpu_layers(mf: ModelFile, cfg: ModelConfig, n_ctx: int, free_bytes: int,
+                    reserve: int = AUTO_RESERVE_BYTES) -> int:
+    """``--gpu-layers auto``: as many leading layers as fit, with their KV caches, in the
+    GPU's free memory less ``reserve``; the output projection must fit too for all of them."""
+    room = free_bytes - reserve
+    kv_layer = 2 * cfg.n_embd_kv * n_ctx * 2  # K and V, float16
+    n = 0
+    for i in range(cfg.n_layer):
+        need = sum(t.n_bytes for t in layer_tensor_infos(mf, cfg, i).values()) + kv_layer
+        if need > room:
+            return n
+        room -= need
+        n += 1
+    if mf.tensor(output_name(cfg)).n_bytes > room:
+        return n - 1  # the last layer's place goes to the output projection
+    return n
+
+
+def parse_gpu_layers(text: str) -> int | str:
+    """``--gpu-layers`` on a command line: a count, ``all`` or ``auto`` (argparse type)."""
+    if text in ("all", "auto"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--gpu-layers takes a number, all or auto, not {text!r}") from None
+    if n < 0:
+        raise ValueError("--gpu-layers cannot be negative")
+    return n
+
+
+def resolve_gpu_layers(value: int | str, mf: ModelFile, cfg: ModelConfig, n_ctx: int,
+                       device: int | None) -> int:
+    """``--gpu-layers``: a number from 0 to the model's layers, ``all`` or ``auto``."""
+    if value == "all":
+        return cfg.n_layer
+    if value == "auto":
+        if device is None:
+            return 0
+        return max(0, auto_gpu_layers(mf, cfg, n_ctx, ggml.load().memory(device)[0]))
+    if isinstance(value, str) or not 0 <= value <= cfg.n_layer:
+        raise ValueError(f"--gpu-layers is a number from 0 to {cfg.n_layer} (this model's "
+                         f"layers), all or auto, not {value!r}")
+    return value
+
+
+class Accelerator:
+    """A GPU as one model uses it: its backend, a compute buffer in its memory (under the
+    model's lock: a step runs its GPU and CPU parts one after the other), and copies of the
+    small end tensors the layers' graphs read (the RoPE factors, the output norm), with the
+    output projection itself when ``output`` (every layer on the GPU).
+
+    The compute buffer is not reserved ahead as the CPU's is: the first decode graph sizes
+    it, and a larger one later bumps ``compute.generation`` so kept graphs are rebuilt."""
+
+    def __init__(self, shared: Shared, device: int, *, output: bool) -> None:
+        self.info = describe(device)
+        self.backend = Backend(1, device)
+        self.compute = Compute(self.backend, lock=shared.compute.lock)
+        self.buffer_type = int(self.backend.buffer_type)
+        self.has_output = output
+        cfg, mf = shared.config, shared.file
+        wanted = {"output_norm.weight", "rope_freqs.weight", "output.bias"}
+        if output:
+            wanted.add(output_name(cfg))
+        try:
+            infos = [t for t in end_tensor_infos(mf, cfg) if t.name in wanted]
+            self._weights = WeightSet(mf, shared.buffer, infos, copy_to=self.buffer_type)
+        except BaseException:
+            self.compute.close()
+            self.backend.close()
+            raise
+        ws = self._weights
+        self.ends = EndTensors(
+            token_embd=shared.ends.token_embd,  # never read on the GPU (LayerWindow refuses ids)
+            output_norm=ws["output_norm.weight"],
+            output=ws[output_name(cfg)] if output else shared.ends.output,
+            rope_freqs=ws.get("rope_freqs.weight"), output_bias=ws.get("output.bias"))
+
+    def memory(self) -> tuple[int, int]:
+        """The GPU's (free, total) memory now."""
+        return ggml.load().memory(self.backend.device)
+
+    @property
+    def device_bytes(self) -> int:
+        """GPU memory the end tensors' copies take."""
+        return self._weights.device_bytes
+
+    def close(self) -> None:
+        self._weights.close()
+        self.compute.close()
+        self.backend.close()
+
+
+class SplitWindow:
+    """Layers [start, end) whose first ``gpu_layers`` run on ``accel`` and the rest on the
+    CPU: one window to the node and the generation loop (the ``Window`` protocol).
+
+    ``embed`` and ``output`` are the model's CPU steps, for token ids (the GPU part takes
+    hidden states) and for logits when the output projection is not on the GPU."""
+
+    def __init__(self, shared: Shared, start: int, end: int, gpu_layers: int,
+                 accel: Accelerator, *, embed: Callable[[np.ndarray], np.ndarray],
+                 output: Callable[[np.ndarray], np.ndarray], repack: bool = False,
+                 packed_ends: EndTensors | None = None) -> None:
+        if not 0 < gpu_layers <= end - start:
+            raise ValueError(f"{gpu_layers} GPU layers do not fit a window of {end - start}")
+        self.start, self.end = start, end
+        self.gpu_layers = gpu_layers
+        self.accel = accel
+        self._embed, self._output = embed, output
+        self.gpu = LayerWindow(shared, start, start + gpu_layers, device=accel)
+        self.cpu: LayerWindow | None = None
+        if start + gpu_layers < end:
+            try:
+                self.cpu = LayerWindow(shared, start + gpu_layers, end, repack=repack,
+                                       packed_ends=packed_ends)
+            except BaseException:
+                self.gpu.close()
+                raise
+        self._parts = [p for p in (self.gpu, self.cpu) if p is not None]
+
+    def forward(self, h: np.ndarray, positions: np.ndarray, session: str = "default", *,
+                last_only: bool = False) -> np.ndarray:
+        return self.run(positions, session, hidden=h, last_only=last_only)
+
+    def run(self, positions: np.ndarray, session: str, *, hidden: np.ndarray | None = None,
+            tokens: np.ndarray | None = None, logits: bool = False,
+            last_only: bool = False) -> np.ndarray:
+        """The GPU part, then the CPU part (or the output) on its hidden states."""
+        if (hidden is None) == (tokens is None):
+            raise ValueError("a step takes either hidden states or token ids")
+        if tokens is not None:
+            hidden = self._embed(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        if self.cpu is not None:
+            h = self.gpu.run(positions, session, hidden=hidden)
+            return self.cpu.run(positions, session, hidden=h, logits=logits,
+                                last_only=last_only)
+        if logits and self.accel.has_output:
+            return self.gpu.run(positions, session, hidden=hidden, logits=True)
+        h = self.gpu.run(positions, session, hidden=hidden, last_only=last_only or logits)
+        return self._output(h) if logits else h
+
+    def n_cached(self, session: str) -> int:
+        return self.gpu.n_cached(session)
+
+    def clear(self, session: str) -> None:
+        for p in self._parts:
+            p.clear(session)
+
+    def truncate(self, session: str, n: int) -> None:
+        for p in self._parts:
+            p.truncate(session, n)
+
+    def drop(self, session: str) -> None:
+        for p in self._parts:
+            p.drop(session)
+
+    @property
+    def sessions(self) -> list[str]:
+        return self.gpu.sessions
+
+    def byte_ranges(self) -> list[tuple[int, int]]:
+        """What the CPU part reads from the file (the GPU part reads its copies)."""
+        return self.cpu.byte_ranges() if self.cpu is not None else []
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.cpu.weight_bytes if self.cpu is not None else 0
+
+    @property
+    def repacked_bytes(self) -> int:
+        return self.cpu.repacked_bytes if self.cpu is not None else 0
+
+    @property
+    def device_bytes(self) -> int:
+        return self.gpu.device_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self.gpu.closed
+
+    def close(self) -> None:
+        for p in self._parts:
+            p.close()
