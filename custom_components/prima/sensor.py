@@ -118,6 +118,9 @@ class PrimaNodeSensorDescription(SensorEntityDescription):
     #: whether the node reports the figure (a lone node has no window, older nodes lack
     #: newer fields)
     exists_fn: Callable[[dict[str, Any]], bool] = lambda _node: True
+    #: whether the entity starts enabled, by what the node reported when it was first seen
+    #: (None: ``entity_registry_enabled_default``)
+    enabled_fn: Callable[[dict[str, Any]], bool] | None = None
 
 
 CLUSTER_SENSORS: tuple[PrimaClusterSensorDescription, ...] = (
@@ -249,6 +252,26 @@ NODE_SENSORS: tuple[PrimaNodeSensorDescription, ...] = (
         exists_fn=lambda n: "memory" in n,
     ),
     PrimaNodeSensorDescription(
+        key="gpu_memory_used",
+        device_class=SensorDeviceClass.DATA_SIZE,
+        native_unit_of_measurement=UnitOfInformation.BYTES,
+        suggested_unit_of_measurement=UnitOfInformation.GIGABYTES,
+        suggested_display_precision=2,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda n: _number(_part(n, "gpu").get("used_by_model")),
+        exists_fn=lambda n: "gpu" in n,
+        # a node without a GPU says so (the sensor is unknown), but does not clutter the device
+        enabled_fn=lambda n: bool(_part(n, "gpu")),
+    ),
+    PrimaNodeSensorDescription(
+        key="gpu_layers",
+        state_class=SensorStateClass.MEASUREMENT,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda n: _number(n.get("gpu_layers")),
+        exists_fn=lambda n: "gpu_layers" in n,
+        enabled_fn=lambda n: bool(_part(n, "gpu")),
+    ),
+    PrimaNodeSensorDescription(
         key="disk_read_speed",
         device_class=SensorDeviceClass.DATA_RATE,
         native_unit_of_measurement=UnitOfDataRate.BYTES_PER_SECOND,
@@ -301,6 +324,8 @@ class PrimaNodeSensor(PrimaTrackedNodeEntity, SensorEntity):
                  description: PrimaNodeSensorDescription) -> None:
         super().__init__(coordinator, node, description.key)
         self.entity_description = description
+        if description.enabled_fn is not None:
+            self._attr_entity_registry_enabled_default = description.enabled_fn(node)
 
     @property
     def available(self) -> bool:

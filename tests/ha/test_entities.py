@@ -411,3 +411,35 @@ async def test_reload_keeps_a_lone_head_ready(
     assert device_ids(hass, entry) == devices
     assert await hass.config_entries.async_unload(entry.entry_id)
     await hass.async_block_till_done()
+
+
+async def test_gpu_sensors_are_enabled_where_a_node_has_a_gpu(
+        hass: HomeAssistant, head: ServerProcess, tiny_model: Path, tmp_path: Path) -> None:
+    """A node without a GPU has the GPU memory sensor, disabled (it could only say
+    "unknown"); a node with one (here the CPU standing in: ``--gpu CPU``) has it enabled,
+    showing what its layers hold there."""
+    registry = er.async_get(hass)
+    entry = await set_up(hass, head)
+    node = head.status()["node_id"]
+    plain = registry.async_get(entity_id_of(hass, "sensor", f"{node}-gpu_memory_used"))
+    assert plain is not None and plain.disabled_by is er.RegistryEntryDisabler.INTEGRATION
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    await hass.async_block_till_done()
+
+    gpu_head = start_head(tiny_model, tmp_path / "gpu", extra=("--gpu", "CPU",
+                                                               "--gpu-layers", "all"))
+    try:
+        entry = await set_up(hass, gpu_head)
+        doc = gpu_head.status()
+        used = doc["cluster"]["nodes"][0]["gpu"]["used_by_model"]
+        assert used > 0
+        entity_id = entity_id_of(hass, "sensor", f"{doc['node_id']}-gpu_memory_used")
+        entity = registry.async_get(entity_id)
+        assert entity is not None and entity.disabled_by is None
+        shown = entry.runtime_data.coordinator.data["cluster"]["nodes"][0]["gpu"]
+        assert float(state_of(hass, entity_id)) == pytest.approx(
+            shown["used_by_model"] / 1e9, abs=0.005)  # bytes, shown in GB to 2 places
+        assert await hass.config_entries.async_unload(entry.entry_id)
+        await hass.async_block_till_done()
+    finally:
+        gpu_head.stop()
