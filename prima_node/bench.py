@@ -79,9 +79,15 @@ class BenchResult:
 
 
 def weight_bytes_per_token(model: Model) -> int:
-    """Bytes a decode step reads: every layer, the output head, one embedding row."""
-    mf = model.file
-    total = sum(t.n_bytes for n, t in mf.tensors.items() if n.startswith("blk."))
+    """Bytes a decode step reads: every layer (of a mixture of experts, the experts a token
+    uses: ``n_expert_used / n_expert`` of each expert tensor), the output head, one embedding
+    row."""
+    mf, cfg = model.file, model.config
+    total = 0
+    for n, t in mf.tensors.items():
+        if n.startswith("blk."):
+            experts = len(t.shape) == 3 and cfg.n_expert and t.shape[0] == cfg.n_expert
+            total += t.n_bytes // cfg.n_expert * cfg.n_expert_used if experts else t.n_bytes
     output = "token_embd.weight" if model.config.tied_embeddings else "output.weight"
     total += mf.tensor(output).n_bytes + mf.tensor("output_norm.weight").n_bytes
     total += mf.tensor("token_embd.weight").n_bytes // model.config.n_vocab

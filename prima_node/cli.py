@@ -265,6 +265,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .arch.spec import ARCHITECTURES
     from .bench import JSON_FIELDS
     from .synth.presets import PRESETS
     from .synth.writer import MAKE_TYPES
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mk = sub.add_parser("make-model", help="write a synthetic GGUF model (random weights)")
     mk.add_argument("out", help="output .gguf path")
-    mk.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
+    mk.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama")
     mk.add_argument("--preset", choices=list(PRESETS), default="tiny",
                     help="tiny: a few MB; small: tens of MB; 1b: Llama-3.2-1B shapes")
     mk.add_argument("--quant", choices=list(MAKE_TYPES), default="F16",

@@ -56,11 +56,13 @@ def _node(model: Path, state: Path, cache: Path, *extra: str) -> ServerProcess:
     return srv
 
 
-@pytest.fixture(scope="module", params=[("llama", "Q8_0", 8), ("qwen2", "F16", None)],
-                ids=["llama-small-Q8_0-8-layers", "qwen2-small-F16"])
+@pytest.fixture(scope="module", params=[("llama", "Q8_0", 8), ("qwen2", "F16", None),
+                                        ("qwen3moe", "F16", None)],
+                ids=["llama-small-Q8_0-8-layers", "qwen2-small-F16", "qwen3moe-small-F16"])
 def cluster_model(request: pytest.FixtureRequest, make_model: ModelFactory) -> Path:
-    """Two models; the first has 8 layers, so two rounds over three nodes give ragged
-    windows (3 + 3 + 2 layers: two nodes' windows differ by a layer)."""
+    """Three models; the first has 8 layers, so two rounds over three nodes give ragged
+    windows (3 + 3 + 2 layers: two nodes' windows differ by a layer); the last is a mixture
+    of experts (windows of expert layers)."""
     arch, quant, layers = request.param
     return make_model(arch, "small", quant, layers=layers)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from prima_node.arch.spec import ARCHITECTURES
 from prima_node.model_file import ModelFile
 from prima_node.planner.model_profile import (
     PUBLISHED,
@@ -18,20 +19,24 @@ from prima_node.planner.model_profile import (
     from_published,
     from_shapes,
 )
-from prima_node.synth.presets import PRESETS
+from prima_node.synth.presets import PRESETS, with_experts
 from tests.conftest import ModelFactory
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 
-#: Sizes of the Q4_K_M files as published on Hugging Face (bartowski / Qwen), in bytes / 1e9;
-#: the file adds its metadata and vocabulary (a few MB) to the weights.
-PUBLISHED_FILE_GB = {"llama3-8b": 4.92, "llama3-70b": 42.52, "qwen2.5-32b": 19.85,
-                     "qwen2.5-72b": 47.42}
+#: Sizes of files as published on Hugging Face (bartowski / Qwen), in bytes / 1e9; the file
+#: adds its metadata and vocabulary (a few MB) to the weights.
+PUBLISHED_FILE_GB = {("llama3-8b", "Q4_K_M"): 4.92, ("llama3-70b", "Q4_K_M"): 42.52,
+                     ("qwen2.5-32b", "Q4_K_M"): 19.85, ("qwen2.5-72b", "Q4_K_M"): 47.42,
+                     # bartowski's Qwen3-30B-A3B files (a mixture of experts: every expert is
+                     # held, 8 of 128 read per token)
+                     ("qwen3-30b-a3b", "Q8_0"): 32.48, ("qwen3-30b-a3b", "Q6_K"): 25.10,
+                     ("qwen3-30b-a3b", "Q5_K_M"): 21.74}
 
 
 @pytest.mark.parametrize(("arch", "preset", "quant"), [
     ("llama", "small", "Q4_K_M"), ("qwen2", "small", "Q8_0"), ("qwen3", "tiny", "Q6_K"),
-    ("llama", "tiny", "F16"),
+    ("llama", "tiny", "F16"), ("qwen3moe", "small", "Q4_K_M"),
 ])
 def test_a_files_profile_is_its_tensor_table(make_model: ModelFactory, arch: str, preset: str,
                                              quant: str) -> None:
@@ -48,10 +53,13 @@ def test_a_files_profile_is_its_tensor_table(make_model: ModelFactory, arch: str
     finally:
         mf.close()
     p = PRESETS[preset]
+    if ARCHITECTURES[arch].moe:
+        p = with_experts(p, preset)
     assert (profile.n_layer, profile.n_embd, profile.n_vocab) == (p.n_layer, p.n_embd, p.n_vocab)
     # the same shapes computed without the file give the same layers (the published path)
     shapes = PublishedModel("x", arch, p.n_layer, p.n_embd, p.n_head, p.n_head_kv, p.n_ff,
-                            p.n_vocab, p.n_ctx_train, tied=p.tied)
+                            p.n_vocab, p.n_ctx_train, tied=p.tied,
+                            experts=(p.n_expert, p.n_expert_used, p.n_ff_exp))
     computed = from_shapes(shapes, quant)
     assert computed.layers == profile.layers
     assert computed.output_bytes == profile.output_bytes
@@ -68,10 +76,10 @@ def test_flops_count_every_matmul_twice_per_weight(make_model: ModelFactory) -> 
     assert profile.activation_bytes() == 4 * p.n_embd
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_FILE_GB))
-def test_published_profiles_match_the_published_file_sizes(name: str) -> None:
-    weights = from_published(name).to_json()["summary"]["weights_bytes"]
-    published = PUBLISHED_FILE_GB[name] * 1e9
+@pytest.mark.parametrize(("name", "quant"), sorted(PUBLISHED_FILE_GB))
+def test_published_profiles_match_the_published_file_sizes(name: str, quant: str) -> None:
+    weights = from_published(name, quant).to_json()["summary"]["weights_bytes"]
+    published = PUBLISHED_FILE_GB[name, quant] * 1e9
     assert published - 0.03e9 < weights <= published + 0.005e9, weights / 1e9
 
 
@@ -157,3 +165,24 @@ def test_the_scratch_figure_covers_what_the_engine_allocates_for_a_prefill_chunk
     chunk = json.loads(run.stdout)["chunk"]
     figure = ModelProfile.load(path).scratch_bytes(DEFAULT_BATCH, DEFAULT_BATCH)
     assert chunk <= figure <= 2 * chunk, (chunk, figure)
+
+
+def test_a_mixture_of_experts_holds_every_expert_and_a_token_reads_its_own(
+        make_model: ModelFactory) -> None:
+    """Memory is priced by what a layer holds, compute and bandwidth by what a token reads:
+    attention, the router and ``used`` of the ``n`` experts."""
+    profile = from_gguf(make_model("qwen3moe", "small", "F16"))
+    p = with_experts(PRESETS["small"], "small")
+    e, hd = p.n_embd, p.head_size
+    attention = 2 * e * p.n_head * hd + 2 * e * p.n_head_kv * hd
+    router = p.n_expert * e
+    expert = 3 * e * p.n_ff_exp
+    layer = profile.layers[0]
+    norms = 4 * (2 * e + 2 * hd)  # float32: two block norms, the q and k norms
+    assert layer.bytes == 2 * (attention + p.n_expert * expert) + 4 * router + norms
+    assert layer.touched_bytes == 2 * (attention + p.n_expert_used * expert) + 4 * router + norms
+    assert sum(layer.flops_by_type.values()) == 2 * (attention + router
+                                                     + p.n_expert_used * expert)
+    assert profile.mean_touched_layer_bytes < profile.mean_layer_bytes / 3
+    dense = from_gguf(make_model("qwen3", "small", "F16")).layers[0]
+    assert dense.touched_bytes == dense.bytes and dense.touched_bytes_by_type is None

@@ -30,6 +30,9 @@ class ModelConfig:
     rope_scale: float  # position multiplier (1 / linear scaling factor)
     rope_factors: np.ndarray | None  # llama3-style per-frequency divisors (rope_freqs.weight)
     tied_embeddings: bool
+    n_expert: int = 0  # mixture of experts: experts per layer (0: a dense feed-forward)
+    n_expert_used: int = 0  # experts each token is routed to
+    expert_weights_scale: float = 0.0  # the routing weights' scale after normalising (0: none)
 
     @property
     def n_embd_kv(self) -> int:
@@ -127,11 +130,12 @@ def load_config(mf: ModelFile) -> ModelConfig:
             mf.path, f"token_embd.weight has shape {emb.shape[::-1]} (GGUF order), expected "
             f"({n_embd}, vocabulary size)"
         )
+    n_ff, experts = _feed_forward(mf, spec, count, real)
     return ModelConfig(
         arch=spec,
         n_layer=count("block_count"),
         n_embd=n_embd,
-        n_ff=count("feed_forward_length"),
+        n_ff=n_ff,
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
@@ -143,4 +147,28 @@ def load_config(mf: ModelFile) -> ModelConfig:
         rope_scale=rope_scale,
         rope_factors=factors,
         tied_embeddings="output.weight" not in mf.tensors,
+        **experts,
     )
+
+
+#: llama.cpp's limit on experts per layer (LLAMA_MAX_EXPERTS)
+MAX_EXPERTS = 512
+
+
+def _feed_forward(mf: ModelFile, spec: ArchSpec, count: Any, real: Any
+                  ) -> tuple[int, dict[str, Any]]:
+    """The feed-forward width (an expert's, for a mixture of experts) and the experts' keys."""
+    if not spec.moe:
+        return count("feed_forward_length"), {}
+    a = spec.name
+    n_expert = count("expert_count")
+    used = count("expert_used_count")
+    if n_expert > MAX_EXPERTS or used > n_expert:
+        raise ModelLoadError(mf.path, f"{a}.expert_used_count is {used} of {n_expert} experts "
+                                      f"(at most {MAX_EXPERTS}): the file is corrupt")
+    if mf.get(f"{a}.expert_feed_forward_length") is not None:
+        n_ff = count("expert_feed_forward_length")
+    else:  # llama.cpp's fallback for files without the key
+        n_ff = max(1, count("feed_forward_length") // used)
+    return n_ff, {"n_expert": n_expert, "n_expert_used": used,
+                  "expert_weights_scale": real("expert_weights_scale", 0.0)}

@@ -18,7 +18,10 @@ class ArchSpec:
     may carry beyond the required ones (as llama.cpp's loader for it accepts them; any other
     tensor is refused): biases of the attention's projections (``bq``, ``bk``, ``bv``, ``bo``)
     and of the feed-forward's (``b_up``, ``b_gate``, ``b_down``), of the output
-    (``output_bias``), llama3's RoPE factors (``rope_freqs``).
+    (``output_bias``), llama3's RoPE factors (``rope_freqs``). ``moe``: the feed-forward is
+    a mixture of experts (a router, ``n_expert`` SwiGLU experts in 3-D tensors, the top
+    ``n_expert_used`` of them per token, their weights normalised to sum to one, as llama.cpp's
+    ``build_moe_ffn`` does for Qwen3-MoE).
     """
 
     name: str
@@ -26,6 +29,7 @@ class ArchSpec:
     qkv_bias: bool = False
     qk_norm: bool = False
     optional: frozenset[str] = frozenset({"bq", "bk", "bv"})
+    moe: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -37,5 +41,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("qwen2", rope_neox=True, qkv_bias=True,
                  optional=frozenset({"bq", "bk", "bv", "output_bias"})),
         ArchSpec("qwen3", rope_neox=True, qk_norm=True),
+        ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe=True),  # Qwen3-30B-A3B, 235B
     )
 }

@@ -46,6 +46,7 @@ class LayerTensors:
     b_down: int | None = None
     q_norm: int | None = None
     k_norm: int | None = None
+    gate_inp: int | None = None  # a mixture of experts' router (w_gate, w_up, w_down: 3-D)
 
 
 @dataclass
@@ -184,6 +185,42 @@ def feed_forward(b: Builder, w: LayerTensors, x: int) -> int:
                    w.b_down)
 
 
+def mixture_of_experts(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int) -> int:
+    """The routed feed-forward of a mixture of experts, as llama.cpp's ``build_moe_ffn`` for
+    softmax routing: the top ``n_expert_used`` experts by router probability, their weights
+    normalised to sum to one (the sum clamped to float16's smallest normal, as there), each a
+    SwiGLU on the token, summed by weight."""
+    assert w.gate_inp is not None
+    g, ctx = b.g, b.ctx
+    n, used = cfg.n_expert, cfg.n_expert_used
+    T = g.ggml_nelements(x) // cfg.n_embd
+    probs = g.ggml_soft_max(ctx, g.ggml_mul_mat(ctx, w.gate_inp, x))  # [n_expert, T]
+    chosen = g.ggml_argsort_top_k(ctx, probs, used)  # [used, T]
+    weights = g.ggml_get_rows(ctx, g.ggml_reshape_3d(ctx, probs, 1, n, T), chosen)
+    weights = g.ggml_reshape_2d(ctx, weights, used, T)
+    total = g.ggml_clamp(ctx, g.ggml_sum_rows(ctx, weights), 6.103515625e-5, math.inf)
+    weights = g.ggml_reshape_3d(ctx, g.ggml_div(ctx, weights, total), 1, used, T)
+    if cfg.expert_weights_scale not in (0.0, 1.0):
+        weights = g.ggml_scale(ctx, weights, cfg.expert_weights_scale)
+    b.expand(weights)
+    x3 = g.ggml_reshape_3d(ctx, x, cfg.n_embd, 1, T)
+    up = g.ggml_mul_mat_id(ctx, w.w_up, x3, chosen)  # [n_ff, used, T]
+    gate = g.ggml_mul_mat_id(ctx, w.w_gate, x3, chosen)
+    experts = g.ggml_mul_mat_id(ctx, w.w_down, g.ggml_swiglu_split(ctx, gate, up), chosen)
+    experts = g.ggml_mul(ctx, experts, weights)  # [n_embd, used, T]
+    b.expand(experts)
+    nb = g.tensor(experts).nb
+    views = [int(g.ggml_view_2d(ctx, experts, cfg.n_embd, T, nb[2], i * nb[1]))
+             for i in range(used)]
+    for v in views:
+        b.expand(v)
+    out = views[0]
+    for v in views[1:]:
+        out = int(g.ggml_add(ctx, out, v))
+        b.expand(out)
+    return int(g.ggml_cont(ctx, out)) if used == 1 else out
+
+
 def block(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[int, int],
           inp: AttentionInputs, freqs: int | None, out_ids: int | None) -> int:
     """One pre-norm transformer block; ``out_ids`` keeps only those rows (the last layer)."""
@@ -193,7 +230,9 @@ def block(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[in
         h = g.ggml_get_rows(ctx, h, out_ids)
         x = g.ggml_get_rows(ctx, x, out_ids)
     h = g.ggml_add(ctx, h, x)
-    y = feed_forward(b, w, rms_norm(b, h, w.ffn_norm, cfg.rms_eps))
+    normed = rms_norm(b, h, w.ffn_norm, cfg.rms_eps)
+    y = (mixture_of_experts(b, cfg, w, normed) if w.gate_inp is not None
+         else feed_forward(b, w, normed))
     return int(g.ggml_add(ctx, y, h))
 
 
@@ -233,16 +272,17 @@ class StepGraph:
         self.builder.free()
 
 
-def graph_nodes(n_layers: int) -> int:
-    """Room for the nodes of a step over ``n_layers`` layers (about 30 each, plus the ends)."""
-    return 48 * n_layers + 64
+def graph_nodes(n_layers: int, n_expert_used: int = 0) -> int:
+    """Room for the nodes of a step over ``n_layers`` layers (about 30 each, plus the ends;
+    a mixture of experts adds about 20, and two per expert a token uses)."""
+    return (48 + (24 + 2 * n_expert_used if n_expert_used else 0)) * n_layers + 64
 
 
 def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors],
                caches: Sequence[tuple[int, int]], cache_rows: int, ends: EndTensors
                ) -> StepGraph:
     """The graph of one step over ``layers`` with their caches, as ``shape`` says."""
-    b = Builder(graph_nodes(len(layers)))
+    b = Builder(graph_nodes(len(layers), cfg.n_expert_used))
     g, ctx = b.g, b.ctx
     T = shape.n_tokens
     inputs: dict[str, int] = {}

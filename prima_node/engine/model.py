@@ -67,7 +67,7 @@ def should_repack(mf: ModelFile, available: int) -> bool:
     """Repack (llama.cpp's default) when the copies fit easily: the weights they replace must
     take at most half of the memory available now. A model that must be paged from disk stays
     in the file mapping, where the page cache can do that."""
-    matrices = sum(t.n_bytes for t in mf.tensors.values() if len(t.shape) == 2)
+    matrices = sum(t.n_bytes for t in mf.tensors.values() if len(t.shape) >= 2)
     return matrices <= available // 2
 
 

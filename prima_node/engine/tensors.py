@@ -39,6 +39,16 @@ def check_matrix(mf: ModelFile, name: str, rows: int, cols: int) -> TensorInfo:
     return t
 
 
+def check_experts(mf: ModelFile, name: str, n_expert: int, rows: int, cols: int) -> TensorInfo:
+    """A mixture's expert matrices: ``n_expert`` matrices of (rows x cols) in one tensor."""
+    t = mf.tensor(name)
+    if t.shape != (n_expert, rows, cols):
+        raise ModelLoadError(
+            mf.path, f"tensor {name!r} has shape {t.shape[::-1]} (GGUF order), "
+            f"expected {(cols, rows, n_expert)}")
+    return t
+
+
 def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, TensorInfo]:
     """Layer ``i``'s tensors by role, each checked against the shapes the config implies."""
     p = f"blk.{i}."
@@ -51,10 +61,17 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
         "wv": check_matrix(mf, p + "attn_v.weight", nkv, e),
         "wo": check_matrix(mf, p + "attn_output.weight", e, nq),
         "ffn_norm": check_vector(mf, p + "ffn_norm.weight", e),
-        "w_gate": check_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e),
-        "w_up": check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e),
-        "w_down": check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff),
     }
+    if cfg.arch.moe:  # the router, and every expert's matrices in one 3-D tensor each
+        n = cfg.n_expert
+        out["gate_inp"] = check_matrix(mf, p + "ffn_gate_inp.weight", n, e)
+        out["w_gate"] = check_experts(mf, p + "ffn_gate_exps.weight", n, cfg.n_ff, e)
+        out["w_up"] = check_experts(mf, p + "ffn_up_exps.weight", n, cfg.n_ff, e)
+        out["w_down"] = check_experts(mf, p + "ffn_down_exps.weight", n, e, cfg.n_ff)
+    else:
+        out["w_gate"] = check_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e)
+        out["w_up"] = check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e)
+        out["w_down"] = check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff)
     # biases: used where a file of the architecture may have them (ArchSpec.optional), as in
     # llama.cpp, whose graph adds each one after its projection
     for role, name, size in (("bq", "attn_q.bias", nq), ("bk", "attn_k.bias", nkv),

@@ -53,7 +53,7 @@ class Repacker:
                               if self.buffer_type else 0)
 
     def can_repack(self, info: TensorInfo) -> bool:
-        if not self._probe_buffer or len(info.shape) != 2:
+        if not self._probe_buffer or len(info.shape) not in (2, 3):
             return False
         g = self.g
         ctx = g.ggml_init(ggml.InitParams(g.ggml_tensor_overhead() * 2, None, True))

@@ -31,15 +31,28 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """One transformer block: weight bytes and per-token matmul FLOPs by weight type."""
+    """One transformer block: weight bytes and per-token matmul FLOPs by weight type.
+
+    A mixture of experts holds every expert but a token reads only those it is routed to:
+    ``bytes_by_type`` is what the layer holds (memory), ``touched_bytes_by_type`` what one
+    token reads of it (the router, attention, and ``n_expert_used`` of the experts: memory
+    bandwidth, and the compute priced from it), and ``flops_by_type`` that token's work. For a
+    dense layer the two byte counts are the same (``touched_bytes_by_type`` is None)."""
 
     bytes_by_type: dict[str, int]
-    flops_by_type: dict[str, int]  # 2 * rows * cols per weight, for one token
+    flops_by_type: dict[str, int]  # 2 * rows * cols per weight a token uses, for one token
     other_flops: int  # norms, RoPE, SiLU, biases, softmax scaling (float32, per token)
+    touched_bytes_by_type: dict[str, int] | None = None
 
     @property
     def bytes(self) -> int:
         return sum(self.bytes_by_type.values())
+
+    @property
+    def touched_bytes(self) -> int:
+        """Bytes of weights one token reads in this layer."""
+        touched = self.touched_bytes_by_type
+        return self.bytes if touched is None else sum(touched.values())
 
     @property
     def flops(self) -> int:
@@ -78,6 +91,12 @@ class ModelProfile:
     @property
     def mean_layer_bytes(self) -> float:
         return sum(layer.bytes for layer in self.layers) / max(1, self.n_layer)
+
+    @property
+    def mean_touched_layer_bytes(self) -> float:
+        """Bytes of weights one token reads in a layer, on average (less than the layer holds
+        for a mixture of experts)."""
+        return sum(layer.touched_bytes for layer in self.layers) / max(1, self.n_layer)
 
     @property
     def embedding_row_bytes(self) -> int:
@@ -180,8 +199,13 @@ def _other_flops(n_embd: int, n_ff: int, n_head: int, head_dim: int, n_head_kv: 
 def _profile(tensors: Iterable[tuple[str, tuple[int, ...], GGMLQuantizationType]], *,
              name: str, arch: str, quant: str, n_layer: int, n_embd: int, n_head: int,
              n_head_kv: int, head_dim: int, n_ff: int, n_vocab: int, n_ctx_train: int,
-             tied: bool, file_bytes: int | None, source: str, bias: bool) -> ModelProfile:
+             tied: bool, file_bytes: int | None, source: str, bias: bool,
+             experts: tuple[int, int] = (0, 0)) -> ModelProfile:
+    """``experts``: (experts per layer, experts a token uses) of a mixture of experts, whose
+    3-D expert tensors a token reads ``used / n`` of."""
+    n_expert, used = experts
     layers_b: list[dict[str, int]] = [{} for _ in range(n_layer)]
+    layers_t: list[dict[str, int]] = [{} for _ in range(n_layer)]
     layers_f: list[dict[str, int]] = [{} for _ in range(n_layer)]
     emb_bytes, emb_type = 0, ""
     out_bytes = 0
@@ -195,8 +219,13 @@ def _profile(tensors: Iterable[tuple[str, tuple[int, ...], GGMLQuantizationType]
         if m is not None:
             i = int(m.group(1))
             layers_b[i][tn] = layers_b[i].get(tn, 0) + nb
+            touched = nb
             if len(shape) == 2:
                 layers_f[i][tn] = layers_f[i].get(tn, 0) + 2 * shape[0] * shape[1]
+            elif len(shape) == 3 and n_expert and shape[0] == n_expert:
+                touched = nb // n_expert * used
+                layers_f[i][tn] = layers_f[i].get(tn, 0) + 2 * shape[1] * shape[2] * used
+            layers_t[i][tn] = layers_t[i].get(tn, 0) + touched
         elif tname == "token_embd.weight":
             emb_bytes, emb_type = nb, tn
             if tied:
@@ -206,9 +235,13 @@ def _profile(tensors: Iterable[tuple[str, tuple[int, ...], GGMLQuantizationType]
             out_bytes += nb
             if len(shape) == 2:
                 out_flops[tn] = out_flops.get(tn, 0) + 2 * shape[0] * shape[1]
-    other = _other_flops(n_embd, n_ff, n_head, head_dim, n_head_kv, bias)
-    layers = [LayerProfile(dict(sorted(b.items())), dict(sorted(f.items())), other)
-              for b, f in zip(layers_b, layers_f, strict=True)]
+    # a token's element-wise feed-forward work spans the experts it uses (and the router's
+    # softmax over all of them)
+    other = _other_flops(n_embd, n_ff * max(1, used), n_head, head_dim, n_head_kv, bias) \
+        + 5 * n_expert
+    layers = [LayerProfile(dict(sorted(b.items())), dict(sorted(f.items())), other,
+                           dict(sorted(t.items())) if n_expert else None)
+              for b, t, f in zip(layers_b, layers_t, layers_f, strict=True)]
     return ModelProfile(
         name=name, architecture=arch, quant=quant, n_layer=n_layer, n_embd=n_embd,
         n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff, n_vocab=n_vocab,
@@ -237,7 +270,8 @@ def from_gguf(path: str | Path) -> ModelProfile:
             n_embd=cfg.n_embd, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv,
             head_dim=cfg.head_dim, n_ff=cfg.n_ff, n_vocab=cfg.n_vocab,
             n_ctx_train=cfg.n_ctx_train, tied=cfg.tied_embeddings, file_bytes=mf.size,
-            source=mf.path.name, bias=cfg.arch.qkv_bias)
+            source=mf.path.name, bias=cfg.arch.qkv_bias,
+            experts=(cfg.n_expert, cfg.n_expert_used))
     finally:
         mf.close()
 
@@ -262,6 +296,8 @@ class PublishedModel:
     n_vocab: int
     n_ctx_train: int
     tied: bool = False
+    head_dim: int = 0  # 0: n_embd / n_head
+    experts: tuple[int, int, int] = (0, 0, 0)  # a mixture: experts, used per token, width
 
 
 PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
@@ -272,6 +308,11 @@ PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
     PublishedModel("qwen2.5-32b", "qwen2", 64, 5120, 40, 8, 27648, 152064, 32768),
     PublishedModel("qwq-32b", "qwen2", 64, 5120, 40, 8, 27648, 152064, 131072),
     PublishedModel("qwen2.5-72b", "qwen2", 80, 8192, 64, 8, 29568, 152064, 32768),
+    PublishedModel("llama3.3-70b", "llama", 80, 8192, 64, 8, 28672, 128256, 131072),
+    PublishedModel("qwen3-32b", "qwen3", 64, 5120, 64, 8, 25600, 151936, 40960, head_dim=128),
+    # 30B weights, 3B of them read per token: 8 of 128 experts of width 768 in each layer
+    PublishedModel("qwen3-30b-a3b", "qwen3moe", 48, 2048, 32, 4, 6144, 151936, 40960,
+                   head_dim=128, experts=(128, 8, 768)),
 )}
 
 
@@ -285,15 +326,18 @@ def from_published(name: str, ftype: str = "Q4_K_M") -> ModelProfile:
 
 def from_shapes(m: PublishedModel, ftype: str) -> ModelProfile:
     """The profile of a model with these shapes quantised by llama.cpp to ``ftype``."""
+    n_expert, used, width = m.experts
     preset = Preset(n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
                     n_head_kv=m.n_head_kv, n_ff=m.n_ff, n_vocab=m.n_vocab, tied=m.tied,
-                    n_ctx_train=m.n_ctx_train)
+                    n_ctx_train=m.n_ctx_train, n_expert=n_expert, n_expert_used=used,
+                    n_ff_exp=width, head_dim=m.head_dim)
     n_gqa = m.n_head // m.n_head_kv
     tensors = [(t.name, t.shape, tensor_type(ftype, t.name, t.shape, n_layer=m.n_layer,
                                              has_output=not m.tied, n_gqa=n_gqa, arch=m.arch))
                for t in tensor_plan(m.arch, preset, m.n_vocab)]
     return _profile(tensors, name=f"{m.name}-{ftype.lower()}", arch=m.arch, quant=ftype,
                     n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
-                    n_head_kv=m.n_head_kv, head_dim=m.n_embd // m.n_head, n_ff=m.n_ff,
-                    n_vocab=m.n_vocab, n_ctx_train=m.n_ctx_train, tied=m.tied, file_bytes=None,
-                    source="published shapes", bias=ARCHITECTURES[m.arch].qkv_bias)
+                    n_head_kv=m.n_head_kv, head_dim=preset.head_size,
+                    n_ff=width or m.n_ff, n_vocab=m.n_vocab, n_ctx_train=m.n_ctx_train,
+                    tied=m.tied, file_bytes=None, source="published shapes",
+                    bias=ARCHITECTURES[m.arch].qkv_bias, experts=(n_expert, used))

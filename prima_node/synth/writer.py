@@ -24,14 +24,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..arch.spec import ARCHITECTURES
 from ..quant.ftypes import FTYPES, tensor_type
 from ..quant.quantize import quantize
-from .presets import PRESETS, Preset
+from .presets import PRESETS, Preset, with_experts
 from .vocab import SyntheticVocab, build_vocab
 
 #: ftypes offered by ``make-model`` (the files people download).
 MAKE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M",
               "Q6_K")
 
-ROPE_BASE = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0}
+ROPE_BASE = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0, "qwen3moe": 1000000.0}
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
     """Every tensor of a model with these shapes (names and numpy shapes as llama.cpp's
     converter writes them; rope_freqs aside), with the spread the synthetic writer draws."""
     spec = ARCHITECTURES[arch]
-    e, hd = p.n_embd, p.n_embd // p.n_head
+    e, hd = p.n_embd, p.head_size
     nq, nkv = p.n_head * hd, p.n_head_kv * hd
     # embeddings scaled so that logits have a std of about 2, as trained models do
     plans = [_TensorPlan("token_embd.weight", (n_vocab, e), 2.0 / math.sqrt(e))]
@@ -96,10 +96,21 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
         plans += [
             _TensorPlan(b + "attn_output.weight", (e, nq), s_q),
             _TensorPlan(b + "ffn_norm.weight", (e,), 0.1, 1.0),
-            _TensorPlan(b + "ffn_gate.weight", (p.n_ff, e), s_e),
-            _TensorPlan(b + "ffn_up.weight", (p.n_ff, e), s_e),
-            _TensorPlan(b + "ffn_down.weight", (e, p.n_ff), s_f),
         ]
+        if spec.moe:  # a router of unit-spread logits, and the experts' matrices stacked
+            n, f = p.n_expert, p.n_ff_exp
+            plans += [
+                _TensorPlan(b + "ffn_gate_inp.weight", (n, e), s_e),
+                _TensorPlan(b + "ffn_gate_exps.weight", (n, f, e), s_e),
+                _TensorPlan(b + "ffn_up_exps.weight", (n, f, e), s_e),
+                _TensorPlan(b + "ffn_down_exps.weight", (n, e, f), 1.0 / math.sqrt(f)),
+            ]
+        else:
+            plans += [
+                _TensorPlan(b + "ffn_gate.weight", (p.n_ff, e), s_e),
+                _TensorPlan(b + "ffn_up.weight", (p.n_ff, e), s_e),
+                _TensorPlan(b + "ffn_down.weight", (e, p.n_ff), s_f),
+            ]
     plans.append(_TensorPlan("output_norm.weight", (e,), 0.1, 1.0))
     if not p.tied:
         plans.append(_TensorPlan("output.weight", (n_vocab, e), 2.0 / math.sqrt(e)))
@@ -126,13 +137,15 @@ def write_model(
     if vocab not in ("bpe", "spm"):
         raise ValueError("vocab must be 'bpe' or 'spm'")
     p = PRESETS[preset]
+    if ARCHITECTURES[arch].moe:
+        p = with_experts(p, preset)
     if n_layer is not None:
         if n_layer < 1:
             raise ValueError("a model needs at least one layer")
         p = Preset(**{**p.__dict__, "n_layer": n_layer})
     voc = build_vocab(vocab, p.n_vocab, style=vocab_style(arch, vocab))
     n_vocab = voc.n_vocab
-    hd = p.n_embd // p.n_head
+    hd = p.head_size
     base = ROPE_BASE[arch] if vocab == "bpe" else 10000.0
     plans = tensor_plan(arch, p, n_vocab)
     rope_factors = None
@@ -178,7 +191,7 @@ def write_model(
 
 def _write_metadata(w: gguf.GGUFWriter, arch: str, preset: str, quant: str, seed: int, p: Preset,
                     voc: SyntheticVocab, rope_base: float) -> None:
-    hd = p.n_embd // p.n_head
+    hd = p.head_size
     w.add_name(f"Prima synthetic {arch} {preset} {quant} (random weights, seed {seed})")
     w.add_description("Random weights for tests and demos: it produces fluent-looking nonsense. "
                       "Use a real GGUF model for real answers.")
@@ -194,8 +207,12 @@ def _write_metadata(w: gguf.GGUFWriter, arch: str, preset: str, quant: str, seed
     w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(voc.n_vocab)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         w.add_key_length(hd)
         w.add_value_length(hd)
+    if p.n_expert:
+        w.add_expert_count(p.n_expert)
+        w.add_expert_used_count(p.n_expert_used)
+        w.add_expert_feed_forward_length(p.n_ff_exp)
     voc.write_to(w)
 

@@ -1,0 +1,62 @@
+"""Mixtures of experts: what a token reads is what the planner prices.
+
+A layer of Qwen3-MoE holds all its experts, but a decode step reads only the few its router
+picks. The planner's profile says how many bytes that is (``LayerProfile.touched_bytes``);
+here the engine runs one decode step on a cold file and the kernel's own page cache
+(``mincore``) says which pages it read. Readahead is off for the mapping (``MADV_RANDOM``), so
+a page in memory is a page ggml asked for. (Logits against llama.cpp: tests/test_conformance.py;
+a ring of them: tests/test_cluster.py.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import numpy as np
+import pytest
+from conftest import ModelFactory
+
+from prima_node import Model
+from prima_node.engine.paging import PAGE, WindowPages
+from prima_node.planner.model_profile import from_gguf
+
+MADV_RANDOM = 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and madvise: Linux")
+def test_a_decode_step_reads_the_experts_it_routes_to_and_no_others(
+        make_model: ModelFactory) -> None:
+    path = make_model("qwen3moe", "small", "F16")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be evicted: the file was written a moment ago
+    finally:
+        os.close(fd)
+    profile = from_gguf(path)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    with Model.open(path, threads=2, n_ctx=64, repack=False) as m:
+        cfg = m.config
+        prompt = [int(t) for t in np.random.default_rng(3).integers(3, m.n_vocab, 8)]
+        m.forward(prompt, session="s")  # a prefill reads most experts: evicted below
+        mapping = m.file._require_reader().data
+        base, size = int(mapping.ctypes.data), len(mapping)
+        assert libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(size), MADV_RANDOM) == 0
+        layers = [WindowPages.of_layers(m.file, [i]) for i in range(cfg.n_layer)]
+        for pages in layers:
+            pages.release()
+        assert sum(p.resident_bytes() or 0 for p in layers) == 0
+        m.forward([prompt[-1]], session="s")
+        read = [p.resident_bytes() for p in layers]
+    expert_share = cfg.n_expert_used / cfg.n_expert
+    assert expert_share <= 0.25  # a real test: most of each layer stays on disk
+    for i, (got, layer) in enumerate(zip(read, profile.layers, strict=True)):
+        assert got is not None
+        # each tensor, and each expert's slice of the three expert tensors, may share a page
+        # with its neighbour at either end
+        slack = 2 * PAGE * (len(layer.bytes_by_type) + 12 + 3 * cfg.n_expert_used)
+        assert layer.touched_bytes <= got + 2 * PAGE * 12, (i, got, layer.touched_bytes)
+        assert got <= layer.touched_bytes + slack, (i, got, layer.touched_bytes)
+        assert got < 0.5 * layer.bytes
