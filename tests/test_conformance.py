@@ -28,11 +28,12 @@ from conftest import ModelFactory
 
 from prima_node import Model, ggml
 from prima_node.default_model import default_model
+from prima_node.packaged_models import gemma3_270m
 from prima_node.quant_types import SUPPORTED_TYPES
 from prima_node.reference import LlamaCpp
 from prima_node.text.tokenizer import Tokenizer
 
-ARCHS = ["llama", "qwen2", "qwen3", "qwen3moe"]
+ARCHS = ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3"]
 QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M",
           "Q6_K"]
 PRESETS = ["tiny", "small"]
@@ -194,6 +195,22 @@ SMOLLM2_PROMPTS = {
     "chat": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "Turn on the kitchen lights, please.<|im_end|>\n<|im_start|>assistant\n",
 }
+
+
+#: the same for Gemma 3 (its own turn markers; the 270M file carries no template)
+GEMMA3_PROMPTS = {**{k: v for k, v in SMOLLM2_PROMPTS.items() if k != "chat"},
+                  "chat": "<start_of_turn>user\nYou are a helpful assistant.\n\nTurn on the "
+                          "kitchen lights, please.<end_of_turn>\n<start_of_turn>model\n"}
+
+
+@pytest.mark.parametrize("kind", list(GEMMA3_PROMPTS))
+def test_gemma3_270m_matches_llama_cpp(kind: str) -> None:
+    """The real Gemma 3 270M (sliding-window layers, GeGLU, post-norms, scaled embeddings)."""
+    path = gemma3_270m()
+    with Model.open(path, n_ctx=N_CTX) as m:
+        tok = Tokenizer.from_model_file(m.file)
+        ids = tok.encode(GEMMA3_PROMPTS[kind], add_special=True, parse_special=kind == "chat")
+    _compare(f"Gemma 3 270M {kind}", path, ids)
 
 
 @pytest.mark.parametrize("kind", list(SMOLLM2_PROMPTS))

@@ -271,3 +271,20 @@ def test_truncated_inside_vocabulary(tmp_path: Path) -> None:
         fh.truncate(30_000)
     with pytest.raises(ModelLoadError, match="truncated"):
         ModelFile.open(p)
+
+
+def test_a_phi3_file_with_longrope_factors_is_refused_naming_them(make_model: ModelFactory,
+                                                                   tmp_path: Path) -> None:
+    """Phi-3's 128k variants rotate with LongRoPE factors, which this engine does not apply:
+    such a file is refused by name rather than run with the wrong positions."""
+    path = make_model("phi3", "tiny", "F16")
+    mf = ModelFile.open(path)
+    try:
+        assert "blk.0.attn_qkv.weight" in mf.tensors  # the fused projection phi3 files have
+        hd = int(mf.get("phi3.rope.dimension_count"))
+    finally:
+        mf.close()
+    p = rewrite(path, tmp_path / "longrope.gguf",
+                add={"rope_factors_long.weight": np.ones(hd // 2, np.float32)})
+    msg = _open_error(p)
+    assert "rope_factors_long.weight" in msg and "phi3" in msg

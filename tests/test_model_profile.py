@@ -186,3 +186,16 @@ def test_a_mixture_of_experts_holds_every_expert_and_a_token_reads_its_own(
     assert profile.mean_touched_layer_bytes < profile.mean_layer_bytes / 3
     dense = from_gguf(make_model("qwen3", "small", "F16")).layers[0]
     assert dense.touched_bytes == dense.bytes and dense.touched_bytes_by_type is None
+
+
+def test_the_published_gemma3_shapes_give_the_real_file_s_profile() -> None:
+    """Gemma 3's 640-wide rows take llama.cpp's fallback types (Q5_0 for Q4_K, Q8_0 for
+    Q6_K): computed from the published shapes, every layer equals the real file's."""
+    from prima_node.packaged_models import gemma3_270m
+
+    real = from_gguf(gemma3_270m())
+    computed = from_published("gemma3-270m")
+    assert computed.layers == real.layers
+    assert (computed.embedding_bytes, computed.output_bytes) == (real.embedding_bytes,
+                                                                 real.output_bytes)
+    assert {"Q5_0", "Q8_0"} <= set(real.layers[0].bytes_by_type)

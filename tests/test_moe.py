@@ -14,22 +14,23 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ModelFactory
 
 from prima_node import Model
 from prima_node.engine.paging import PAGE, WindowPages
 from prima_node.planner.model_profile import from_gguf
+from prima_node.synth.writer import write_model
 
 MADV_RANDOM = 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and madvise: Linux")
-def test_a_decode_step_reads_the_experts_it_routes_to_and_no_others(
-        make_model: ModelFactory) -> None:
-    path = make_model("qwen3moe", "small", "F16")
+def test_a_decode_step_reads_the_experts_it_routes_to_and_no_others(tmp_path: Path) -> None:
+    # a file of its own: pages another process maps (a test ring's nodes) cannot be evicted
+    path = write_model(tmp_path / "moe.gguf", arch="qwen3moe", preset="small", quant="F16")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # only clean pages can be evicted: the file was written a moment ago

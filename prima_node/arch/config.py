@@ -33,7 +33,23 @@ class ModelConfig:
     n_expert: int = 0  # mixture of experts: experts per layer (0: a dense feed-forward)
     n_expert_used: int = 0  # experts each token is routed to
     expert_weights_scale: float = 0.0  # the routing weights' scale after normalising (0: none)
+    n_swa: int = 0  # sliding-window attention: positions a windowed layer sees (0: none)
+    rope_base_swa: float = 10000.0  # the RoPE base of the windowed layers
+    final_softcap: float = 0.0  # logits = c * tanh(logits / c) (0: none)
 
+    def sliding(self, layer: int) -> bool:
+        """Whether a layer attends within the sliding window (every layer but each
+        ``swa_pattern``-th, as llama.cpp's ``set_swa_pattern``)."""
+        n = self.arch.swa_pattern
+        return self.n_swa > 0 and n > 0 and layer % n < n - 1
+
+    @property
+    def query_scale(self) -> float:
+        """What queries are multiplied by before attention (Gemma: 1/sqrt(head size), or for
+        the 27B 1/sqrt(n_embd / n_head), as llama.cpp); other architectures scale the scores."""
+        if self.arch.name == "gemma3" and self.n_layer == 62:  # Gemma 3 27B
+            return 1.0 / math.sqrt(self.n_embd / self.n_head)
+        return 1.0 / math.sqrt(self.head_dim)
     @property
     def n_embd_kv(self) -> int:
         return self.n_head_kv * self.head_dim
@@ -131,6 +147,13 @@ def load_config(mf: ModelFile) -> ModelConfig:
             f"({n_embd}, vocabulary size)"
         )
     n_ff, experts = _feed_forward(mf, spec, count, real)
+    if spec.swa_pattern:
+        window = mf.get(f"{a}.attention.sliding_window")
+        if window is not None:
+            experts["n_swa"] = int(_number(mf, f"{a}.attention.sliding_window", window,
+                                           integer=True, minimum=0))
+        experts["rope_base_swa"] = real("rope.freq_base_swa", 10000.0)
+    experts["final_softcap"] = real("final_logit_softcapping", 0.0)
     return ModelConfig(
         arch=spec,
         n_layer=count("block_count"),

@@ -22,6 +22,16 @@ class ArchSpec:
     a mixture of experts (a router, ``n_expert`` SwiGLU experts in 3-D tensors, the top
     ``n_expert_used`` of them per token, their weights normalised to sum to one, as llama.cpp's
     ``build_moe_ffn`` does for Qwen3-MoE).
+
+    Gemma's differences, each a field: ``embed_scale`` (token embeddings scaled by
+    sqrt(n_embd)), ``post_norms`` (an RMSNorm after attention and after the feed-forward, before
+    each residual addition), ``gelu`` (a GELU-gated feed-forward instead of SwiGLU),
+    ``swa_pattern`` (sliding-window attention on every layer but each ``swa_pattern``-th, with
+    its own RoPE base, when the file names a window), ``query_scale`` (queries scaled by
+    1/sqrt(head size) before attention rather than the scores after).
+
+    Phi-3's: ``fused_qkv`` (one ``attn_qkv`` projection whose output holds the queries, keys
+    and values), ``fused_up`` (one ``ffn_up`` of twice the width whose first half is the gate).
     """
 
     name: str
@@ -30,6 +40,13 @@ class ArchSpec:
     qk_norm: bool = False
     optional: frozenset[str] = frozenset({"bq", "bk", "bv"})
     moe: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    gelu: bool = False
+    swa_pattern: int = 0
+    query_scale: bool = False
+    fused_qkv: bool = False
+    fused_up: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -42,5 +59,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                  optional=frozenset({"bq", "bk", "bv", "output_bias"})),
         ArchSpec("qwen3", rope_neox=True, qk_norm=True),
         ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe=True),  # Qwen3-30B-A3B, 235B
+        ArchSpec("gemma3", rope_neox=True, qk_norm=True, optional=frozenset(),  # 270M to 27B
+                 embed_scale=True, post_norms=True, gelu=True, swa_pattern=6,
+                 query_scale=True),
+        ArchSpec("phi3", rope_neox=True, optional=frozenset(), query_scale=True,  # Phi-3, 3.5, 4
+                 fused_qkv=True, fused_up=True),
     )
 }

@@ -253,6 +253,8 @@ def set_input(g: Any, tensor: int, values: np.ndarray) -> None:
     if not values.flags.c_contiguous or values.nbytes != g.ggml_nbytes(tensor):
         raise ValueError(f"an input of {values.nbytes} bytes does not fit a tensor of "
                          f"{g.ggml_nbytes(tensor)}")
+    if not g.tensor(tensor).buffer:  # an input no operation reads is never allocated
+        raise ComputeError("a graph input has no memory: no operation of the graph reads it")
     g.ggml_backend_tensor_set(tensor, values.ctypes.data, 0, values.nbytes)
 
 

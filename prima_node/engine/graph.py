@@ -29,14 +29,15 @@ class LayerTensors:
     """One transformer block's weights as ggml tensors (file-backed or repacked)."""
 
     attn_norm: int
-    wq: int
-    wk: int
-    wv: int
     wo: int
     ffn_norm: int
-    w_gate: int
-    w_up: int
+    w_up: int  # with no w_gate, gate and up fused (Phi-3: the first half is the gate)
     w_down: int
+    wq: int | None = None  # separate projections, or one fused wqkv (Phi-3)
+    wk: int | None = None
+    wv: int | None = None
+    wqkv: int | None = None
+    w_gate: int | None = None
     bq: int | None = None
     bk: int | None = None
     bv: int | None = None
@@ -47,6 +48,9 @@ class LayerTensors:
     q_norm: int | None = None
     k_norm: int | None = None
     gate_inp: int | None = None  # a mixture of experts' router (w_gate, w_up, w_down: 3-D)
+    attn_post_norm: int | None = None  # Gemma: norms of the attention's and feed-forward's
+    ffn_post_norm: int | None = None  # outputs, before their residual additions
+    sliding: bool = False  # the layer attends within the sliding window (Gemma's local layers)
 
 
 @dataclass
@@ -116,9 +120,10 @@ class Builder:
 class AttentionInputs:
     pos: int  # I32 [T]: positions, for RoPE
     kv_idx: int  # I64 [T]: cache rows the step's keys and values are written to
-    mask: int  # F16 [n_kv, T]: 0 where a query may attend, -inf elsewhere
-    n_kv: int
+    mask: int | None  # F16 [n_kv, T]: 0 where a query may attend, -inf elsewhere (None: no
+    n_kv: int  # layer of the step attends without a sliding window)
     cache_rows: int  # positions each cache tensor holds (the context)
+    mask_swa: int | None = None  # the same within the sliding window (layers that have one)
 
 
 def rms_norm(b: Builder, x: int, weight: int, eps: float) -> int:
@@ -126,10 +131,37 @@ def rms_norm(b: Builder, x: int, weight: int, eps: float) -> int:
     return int(g.ggml_mul(b.ctx, g.ggml_rms_norm(b.ctx, x, eps), weight))
 
 
-def _rope(b: Builder, cfg: ModelConfig, x: int, pos: int, freqs: int | None) -> int:
+def _rope(b: Builder, cfg: ModelConfig, x: int, pos: int, freqs: int | None,
+          sliding: bool = False) -> int:
+    """RoPE; a sliding-window layer rotates with its own base and no scaling (Gemma 3)."""
     mode = ggml.ROPE_NEOX if cfg.arch.rope_neox else ggml.ROPE_NORMAL
+    base, scale = (cfg.rope_base_swa, 1.0) if sliding else (cfg.rope_base, cfg.rope_scale)
     return int(b.g.ggml_rope_ext(b.ctx, x, pos, freqs, cfg.n_rot, mode, cfg.n_ctx_train,
-                                 cfg.rope_base, cfg.rope_scale, 0.0, 1.0, 32.0, 1.0))
+                                 base, scale, 0.0, 1.0, 32.0, 1.0))
+
+
+def _qkv(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, T: int
+         ) -> tuple[int, int, int]:
+    """Queries, keys and values as (head size, heads, tokens): three projections, or views of
+    one fused projection's output (Phi-3), as llama.cpp's ``build_qkv``."""
+    g, ctx = b.g, b.ctx
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
+    if w.wqkv is not None:
+        qkv = g.ggml_mul_mat(ctx, w.wqkv, x)
+        row, f32 = g.tensor(qkv).nb[1], ggml.TYPE_F32
+
+        def view(heads: int, offset: int) -> int:
+            return int(g.ggml_view_3d(ctx, qkv, hd, heads, T, g.ggml_row_size(f32, hd), row,
+                                      g.ggml_row_size(f32, offset)))
+
+        return view(nh, 0), view(nkv, nh * hd), view(nkv, (nh + nkv) * hd)
+    assert w.wq is not None and w.wk is not None and w.wv is not None
+
+    def project(wt: int, bias: int | None, heads: int) -> int:
+        y = _biased(b, g.ggml_mul_mat(ctx, wt, x), bias)
+        return int(g.ggml_reshape_3d(ctx, y, hd, heads, T))
+
+    return project(w.wq, w.bq, nh), project(w.wk, w.bk, nkv), project(w.wv, w.bv, nkv)
 
 
 def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[int, int],
@@ -139,24 +171,25 @@ def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tupl
     hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
     T = g.ggml_nelements(x) // cfg.n_embd
 
-    def project(wt: int, bias: int | None, heads: int) -> int:
-        y = _biased(b, g.ggml_mul_mat(ctx, wt, x), bias)
-        return int(g.ggml_reshape_3d(ctx, y, hd, heads, T))
-
-    q, k, v = project(w.wq, w.bq, nh), project(w.wk, w.bk, nkv), project(w.wv, w.bv, nkv)
+    q, k, v = _qkv(b, cfg, w, x, T)
     if w.q_norm is not None and w.k_norm is not None:
         q = rms_norm(b, q, w.q_norm, cfg.rms_eps)
         k = rms_norm(b, k, w.k_norm, cfg.rms_eps)
-    q = _rope(b, cfg, q, inp.pos, freqs)
-    k = _rope(b, cfg, k, inp.pos, freqs)
+    q = _rope(b, cfg, q, inp.pos, freqs, w.sliding)
+    k = _rope(b, cfg, k, inp.pos, freqs, w.sliding)
+    score_scale = 1.0 / math.sqrt(hd)
+    if cfg.arch.query_scale:  # Gemma scales the queries, not the scores (same in exact math)
+        q = int(g.ggml_scale(ctx, q, cfg.query_scale))
+        score_scale = 1.0
     for t in (q, v, k):  # llama.cpp's order, which keeps the node order (and results) equal
         b.expand(t)
-    row = g.ggml_row_size(ggml.TYPE_F32, cfg.n_embd_kv)
     k_cache, v_cache = cache
-    b.expand(g.ggml_set_rows(ctx, k_cache, g.ggml_view_2d(ctx, k, cfg.n_embd_kv, T, row, 0),
-                             inp.kv_idx))
-    b.expand(g.ggml_set_rows(ctx, v_cache, g.ggml_view_2d(ctx, v, cfg.n_embd_kv, T, row, 0),
-                             inp.kv_idx))
+    # a token's keys (values) are a row of the cache; in a fused projection's view the rows
+    # are as far apart as the fused output's
+    b.expand(g.ggml_set_rows(ctx, k_cache, g.ggml_view_2d(ctx, k, cfg.n_embd_kv, T,
+                                                          g.tensor(k).nb[2], 0), inp.kv_idx))
+    b.expand(g.ggml_set_rows(ctx, v_cache, g.ggml_view_2d(ctx, v, cfg.n_embd_kv, T,
+                                                          g.tensor(v).nb[2], 0), inp.kv_idx))
 
     def cached(c: int) -> int:
         f16 = ggml.TYPE_F16
@@ -165,8 +198,10 @@ def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tupl
                               g.ggml_row_size(f16, cfg.n_embd_kv * inp.cache_rows), 0)
         return int(g.ggml_permute(ctx, view, 0, 2, 1, 3))
 
+    mask = inp.mask_swa if w.sliding else inp.mask
+    assert mask is not None
     out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, q, 0, 2, 1, 3), cached(k_cache),
-                                cached(v_cache), inp.mask, 1.0 / math.sqrt(hd), 0.0, 0.0)
+                                cached(v_cache), mask, score_scale, 0.0, 0.0)
     g.ggml_prec_set_acc(out, ggml.PREC_F32)
     out = g.ggml_reshape_2d(ctx, out, hd * nh, T)
     return _biased(b, g.ggml_mul_mat(ctx, w.wo, out), w.bo)
@@ -176,13 +211,15 @@ def _biased(b: Builder, y: int, bias: int | None) -> int:
     return int(y if bias is None else b.g.ggml_add(b.ctx, y, bias))
 
 
-def feed_forward(b: Builder, w: LayerTensors, x: int) -> int:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+def feed_forward(b: Builder, w: LayerTensors, x: int, gelu: bool = False) -> int:
+    """SwiGLU: down(silu(gate(x)) * up(x)); with ``gelu``, GeGLU (Gemma)."""
     g, ctx = b.g, b.ctx
     up = _biased(b, g.ggml_mul_mat(ctx, w.w_up, x), w.b_up)
+    if w.w_gate is None:  # gate and up in one projection (Phi-3): SwiGLU of its halves
+        return _biased(b, g.ggml_mul_mat(ctx, w.w_down, g.ggml_swiglu(ctx, up)), w.b_down)
     gate = _biased(b, g.ggml_mul_mat(ctx, w.w_gate, x), w.b_gate)
-    return _biased(b, g.ggml_mul_mat(ctx, w.w_down, g.ggml_swiglu_split(ctx, gate, up)),
-                   w.b_down)
+    glu = g.ggml_geglu_split(ctx, gate, up) if gelu else g.ggml_swiglu_split(ctx, gate, up)
+    return _biased(b, g.ggml_mul_mat(ctx, w.w_down, glu), w.b_down)
 
 
 def mixture_of_experts(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int) -> int:
@@ -229,10 +266,14 @@ def block(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[in
     if out_ids is not None:
         h = g.ggml_get_rows(ctx, h, out_ids)
         x = g.ggml_get_rows(ctx, x, out_ids)
+    if w.attn_post_norm is not None:
+        h = rms_norm(b, h, w.attn_post_norm, cfg.rms_eps)
     h = g.ggml_add(ctx, h, x)
     normed = rms_norm(b, h, w.ffn_norm, cfg.rms_eps)
     y = (mixture_of_experts(b, cfg, w, normed) if w.gate_inp is not None
-         else feed_forward(b, w, normed))
+         else feed_forward(b, w, normed, cfg.arch.gelu))
+    if w.ffn_post_norm is not None:
+        y = rms_norm(b, y, w.ffn_post_norm, cfg.rms_eps)
     return int(g.ggml_add(ctx, y, h))
 
 
@@ -283,22 +324,27 @@ def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors
                ) -> StepGraph:
     """The graph of one step over ``layers`` with their caches, as ``shape`` says."""
     b = Builder(graph_nodes(len(layers), cfg.n_expert_used))
-    g, ctx = b.g, b.ctx
+    g = b.g
     T = shape.n_tokens
     inputs: dict[str, int] = {}
     if shape.embed:
         inputs["tokens"] = b.input("tokens", ggml.TYPE_I32, T)
-        x = int(g.ggml_get_rows(ctx, ends.token_embd, inputs["tokens"]))
+        x = embed(b, cfg, ends, inputs["tokens"])
     else:
         inputs["hidden"] = x = b.input("hidden", ggml.TYPE_F32, cfg.n_embd, T)
     inputs["pos"] = b.input("pos", ggml.TYPE_I32, T)
     inputs["kv_idx"] = b.input("kv_idx", ggml.TYPE_I64, T)
-    inputs["mask"] = b.input("mask", ggml.TYPE_F16, shape.n_kv, T)
+    # only the masks some layer reads: an input outside the graph gets no memory, and ggml
+    # aborts on writing to it
+    if not all(w.sliding for w in layers):
+        inputs["mask"] = b.input("mask", ggml.TYPE_F16, shape.n_kv, T)
+    if any(w.sliding for w in layers):
+        inputs["mask_swa"] = b.input("mask_swa", ggml.TYPE_F16, shape.n_kv, T)
     out_ids = None
     if shape.last_only:
         inputs["out_ids"] = out_ids = b.input("out_ids", ggml.TYPE_I32, 1)
-    att = AttentionInputs(inputs["pos"], inputs["kv_idx"], inputs["mask"], shape.n_kv,
-                          cache_rows)
+    att = AttentionInputs(inputs["pos"], inputs["kv_idx"], inputs.get("mask"), shape.n_kv,
+                          cache_rows, inputs.get("mask_swa"))
     for i, (w, cache) in enumerate(zip(layers, caches, strict=True)):
         last = i == len(layers) - 1
         x = block(b, cfg, w, x, cache, att, ends.rope_freqs, out_ids if last else None)
@@ -312,17 +358,30 @@ def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors
     return StepGraph(b, shape, inputs, x, out_shape)
 
 
+def embed(b: Builder, cfg: ModelConfig, ends: EndTensors, tokens: int) -> int:
+    """The tokens' embedding rows (scaled by sqrt(n_embd) where the architecture says)."""
+    x = int(b.g.ggml_get_rows(b.ctx, ends.token_embd, tokens))
+    if cfg.arch.embed_scale:
+        x = int(b.g.ggml_scale(b.ctx, x, math.sqrt(cfg.n_embd)))
+    return x
+
+
 def output(b: Builder, cfg: ModelConfig, ends: EndTensors, x: int) -> int:
-    """Final norm and output projection: logits."""
-    logits = b.g.ggml_mul_mat(b.ctx, ends.output, rms_norm(b, x, ends.output_norm, cfg.rms_eps))
-    return _biased(b, logits, ends.output_bias)
+    """Final norm and output projection: logits (soft-capped where the file asks)."""
+    g, ctx = b.g, b.ctx
+    logits = g.ggml_mul_mat(ctx, ends.output, rms_norm(b, x, ends.output_norm, cfg.rms_eps))
+    logits = _biased(b, logits, ends.output_bias)
+    if cfg.final_softcap > 0:
+        c = cfg.final_softcap
+        logits = g.ggml_scale(ctx, g.ggml_tanh(ctx, g.ggml_scale(ctx, logits, 1.0 / c)), c)
+    return int(logits)
 
 
 def build_embed(cfg: ModelConfig, ends: EndTensors, n_tokens: int) -> StepGraph:
     """The embedding lookup alone (the ring's first node embeds before the first window)."""
     b = Builder(8)
     tokens = b.input("tokens", ggml.TYPE_I32, n_tokens)
-    x = int(b.g.ggml_get_rows(b.ctx, ends.token_embd, tokens))
+    x = embed(b, cfg, ends, tokens)
     b.g.ggml_set_output(x)
     b.expand(x)
     return StepGraph(b, StepShape(n_tokens, 0, embed=True), {"tokens": tokens}, x,
@@ -340,16 +399,23 @@ def build_output(cfg: ModelConfig, ends: EndTensors, n_tokens: int) -> StepGraph
                      (n_tokens, cfg.n_vocab))
 
 
-def step_inputs(shape: StepShape, positions: np.ndarray) -> dict[str, np.ndarray]:
+def step_inputs(shape: StepShape, positions: np.ndarray, n_swa: int = 0
+                ) -> dict[str, np.ndarray]:
     """Positions, cache rows, the causal mask and the output row for a step whose tokens sit
-    at ``positions`` (consecutive)."""
+    at ``positions`` (consecutive); with ``n_swa``, also the sliding window's mask (a query at
+    p sees the positions after p - n_swa, as llama.cpp's standard window)."""
     T = shape.n_tokens
     pos = positions.astype(np.int32)
     mask = np.full((T, shape.n_kv), -np.inf, dtype=np.float16)
-    visible = np.arange(shape.n_kv)[None, :] <= positions[:, None]
+    kv = np.arange(shape.n_kv)[None, :]
+    visible = kv <= positions[:, None]
     mask[visible] = 0.0
     values: dict[str, np.ndarray] = {"pos": pos, "kv_idx": positions.astype(np.int64),
                                      "mask": mask}
+    if n_swa:
+        swa = np.full((T, shape.n_kv), -np.inf, dtype=np.float16)
+        swa[visible & (positions[:, None] - kv < n_swa)] = 0.0
+        values["mask_swa"] = swa
     if shape.last_only:
         values["out_ids"] = np.array([T - 1], dtype=np.int32)
     return values

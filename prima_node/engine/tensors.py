@@ -15,7 +15,7 @@ from ..errors import ModelLoadError
 from ..model_file import ModelFile, TensorInfo
 
 #: The roles whose weights are matrices multiplied with the activations (repackable).
-MATMUL_ROLES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+MATMUL_ROLES = ("wq", "wk", "wv", "wqkv", "wo", "w_gate", "w_up", "w_down")
 
 
 def check_vector(mf: ModelFile, name: str, size: int) -> TensorInfo:
@@ -56,18 +56,24 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
     nq, nkv = cfg.n_head * hd, cfg.n_embd_kv
     out = {
         "attn_norm": check_vector(mf, p + "attn_norm.weight", e),
-        "wq": check_matrix(mf, p + "attn_q.weight", nq, e),
-        "wk": check_matrix(mf, p + "attn_k.weight", nkv, e),
-        "wv": check_matrix(mf, p + "attn_v.weight", nkv, e),
         "wo": check_matrix(mf, p + "attn_output.weight", e, nq),
         "ffn_norm": check_vector(mf, p + "ffn_norm.weight", e),
     }
+    if cfg.arch.fused_qkv and p + "attn_qkv.weight" in mf.tensors:
+        out["wqkv"] = check_matrix(mf, p + "attn_qkv.weight", nq + 2 * nkv, e)
+    else:
+        out["wq"] = check_matrix(mf, p + "attn_q.weight", nq, e)
+        out["wk"] = check_matrix(mf, p + "attn_k.weight", nkv, e)
+        out["wv"] = check_matrix(mf, p + "attn_v.weight", nkv, e)
     if cfg.arch.moe:  # the router, and every expert's matrices in one 3-D tensor each
         n = cfg.n_expert
         out["gate_inp"] = check_matrix(mf, p + "ffn_gate_inp.weight", n, e)
         out["w_gate"] = check_experts(mf, p + "ffn_gate_exps.weight", n, cfg.n_ff, e)
         out["w_up"] = check_experts(mf, p + "ffn_up_exps.weight", n, cfg.n_ff, e)
         out["w_down"] = check_experts(mf, p + "ffn_down_exps.weight", n, e, cfg.n_ff)
+    elif cfg.arch.fused_up:  # gate and up in one matrix of twice the width
+        out["w_up"] = check_matrix(mf, p + "ffn_up.weight", 2 * cfg.n_ff, e)
+        out["w_down"] = check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff)
     else:
         out["w_gate"] = check_matrix(mf, p + "ffn_gate.weight", cfg.n_ff, e)
         out["w_up"] = check_matrix(mf, p + "ffn_up.weight", cfg.n_ff, e)
@@ -84,6 +90,9 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
     if cfg.arch.qk_norm:
         out["q_norm"] = check_vector(mf, p + "attn_q_norm.weight", hd)
         out["k_norm"] = check_vector(mf, p + "attn_k_norm.weight", hd)
+    if cfg.arch.post_norms:
+        out["attn_post_norm"] = check_vector(mf, p + "post_attention_norm.weight", e)
+        out["ffn_post_norm"] = check_vector(mf, p + "post_ffw_norm.weight", e)
     return out
 
 

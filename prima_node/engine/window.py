@@ -109,13 +109,17 @@ class LayerWindow:
         self.packed_ends = packed_ends or ends
         self.weights = WeightSet(
             shared.file, shared.buffer, [t for r in roles for t in r.values()],
-            repack=[r[k].name for r in roles for k in MATMUL_ROLES] if repack else (),
+            repack=[r[k].name for r in roles for k in MATMUL_ROLES if k in r] if repack else (),
             copy_to=device.buffer_type if device is not None else None)
-        self.layers = [LayerTensors(**{k: self.weights[t.name] for k, t in r.items()})
-                       for r in roles]
+        sliding = [cfg.sliding(i) for i in range(start, end)]
+        self.layers = [LayerTensors(**{k: self.weights[t.name] for k, t in r.items()},
+                                    sliding=swa) for r, swa in zip(roles, sliding, strict=True)]
         #: the same, with repacked matrices where there are any (for decode steps)
         self.packed_layers = [LayerTensors(**{k: self.weights.packed(t.name)
-                                              for k, t in r.items()}) for r in roles]
+                                              for k, t in r.items()}, sliding=swa)
+                              for r, swa in zip(roles, sliding, strict=True)]
+        #: the sliding window's size where a layer of the window has one (its mask is built)
+        self.n_swa = cfg.n_swa if any(sliding) else 0
         self._sessions: dict[str, KVCache] = {}
         self._graphs: OrderedDict[tuple[str, StepShape], StepGraph] = OrderedDict()
         self.closed = False
@@ -215,7 +219,7 @@ class LayerWindow:
                               kv_length(int(positions[-1]) + 1, self.n_ctx),
                               embed=tokens is not None, logits=logits,
                               last_only=last_only or logits)
-            values.update(_step_inputs(shape, positions))
+            values.update(_step_inputs(shape, positions, self.n_swa))
             once = shape.n_tokens > 1  # prefill chunks: built, run and freed
             graph = self._graph(session, shape, kv)
             kv.n = int(positions[0])  # rewriting the tail, if any, starts here

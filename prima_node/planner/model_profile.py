@@ -313,6 +313,10 @@ PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
     # 30B weights, 3B of them read per token: 8 of 128 experts of width 768 in each layer
     PublishedModel("qwen3-30b-a3b", "qwen3moe", 48, 2048, 32, 4, 6144, 151936, 40960,
                    head_dim=128, experts=(128, 8, 768)),
+    PublishedModel("gemma3-270m", "gemma3", 18, 640, 4, 1, 2048, 262144, 32768, tied=True,
+                   head_dim=256),
+    PublishedModel("gemma3-27b", "gemma3", 62, 5376, 32, 16, 21504, 262208, 131072,
+                   tied=True, head_dim=128),
 )}
 
 

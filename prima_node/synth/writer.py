@@ -11,6 +11,7 @@ each from its own seeded generator, so a file is reproducible byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable
@@ -31,7 +32,11 @@ from .vocab import SyntheticVocab, build_vocab
 MAKE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M",
               "Q6_K")
 
-ROPE_BASE = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0, "qwen3moe": 1000000.0}
+ROPE_BASE = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0, "qwen3moe": 1000000.0,
+             "gemma3": 1000000.0, "phi3": 10000.0}
+#: Gemma 3's sliding window: 512 positions in the real models; the tests' presets use 16 so
+#: that a 40-token prompt already slides
+SLIDING_WINDOW = {"tiny": 16, "small": 16, "1b": 512}
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,15 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
     s_e, s_q, s_f = 1.0 / math.sqrt(e), 1.0 / math.sqrt(nq), 1.0 / math.sqrt(p.n_ff)
     for i in range(p.n_layer):
         b = f"blk.{i}."
-        plans += [
-            _TensorPlan(b + "attn_norm.weight", (e,), 0.1, 1.0),
-            _TensorPlan(b + "attn_q.weight", (nq, e), 0.5 * s_e),
-            _TensorPlan(b + "attn_k.weight", (nkv, e), 0.5 * s_e),
-            _TensorPlan(b + "attn_v.weight", (nkv, e), s_e),
-        ]
+        plans.append(_TensorPlan(b + "attn_norm.weight", (e,), 0.1, 1.0))
+        if spec.fused_qkv:  # queries, keys and values from one projection (Phi-3)
+            plans.append(_TensorPlan(b + "attn_qkv.weight", (nq + 2 * nkv, e), 0.7 * s_e))
+        else:
+            plans += [
+                _TensorPlan(b + "attn_q.weight", (nq, e), 0.5 * s_e),
+                _TensorPlan(b + "attn_k.weight", (nkv, e), 0.5 * s_e),
+                _TensorPlan(b + "attn_v.weight", (nkv, e), s_e),
+            ]
         if spec.qkv_bias:
             plans += [_TensorPlan(b + "attn_q.bias", (nq,), 0.3),
                       _TensorPlan(b + "attn_k.bias", (nkv,), 0.3),
@@ -97,6 +105,9 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
             _TensorPlan(b + "attn_output.weight", (e, nq), s_q),
             _TensorPlan(b + "ffn_norm.weight", (e,), 0.1, 1.0),
         ]
+        if spec.post_norms:
+            plans += [_TensorPlan(b + "post_attention_norm.weight", (e,), 0.1, 1.0),
+                      _TensorPlan(b + "post_ffw_norm.weight", (e,), 0.1, 1.0)]
         if spec.moe:  # a router of unit-spread logits, and the experts' matrices stacked
             n, f = p.n_expert, p.n_ff_exp
             plans += [
@@ -104,6 +115,11 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
                 _TensorPlan(b + "ffn_gate_exps.weight", (n, f, e), s_e),
                 _TensorPlan(b + "ffn_up_exps.weight", (n, f, e), s_e),
                 _TensorPlan(b + "ffn_down_exps.weight", (n, e, f), 1.0 / math.sqrt(f)),
+            ]
+        elif spec.fused_up:  # gate and up stacked in one matrix (Phi-3)
+            plans += [
+                _TensorPlan(b + "ffn_up.weight", (2 * p.n_ff, e), s_e),
+                _TensorPlan(b + "ffn_down.weight", (e, p.n_ff), s_f),
             ]
         else:
             plans += [
@@ -144,6 +160,8 @@ def write_model(
             raise ValueError("a model needs at least one layer")
         p = Preset(**{**p.__dict__, "n_layer": n_layer})
     voc = build_vocab(vocab, p.n_vocab, style=vocab_style(arch, vocab))
+    if arch == "phi3":
+        voc = _with_phi3_specials(voc)
     n_vocab = voc.n_vocab
     hd = p.head_size
     base = ROPE_BASE[arch] if vocab == "bpe" else 10000.0
@@ -189,6 +207,23 @@ def write_model(
     return out
 
 
+#: Phi-3's special and chat tokens; llama.cpp insists on the first four in the vocabulary of a
+#: model named Phi-3 (it sets their strip flags by name)
+PHI3_SPECIALS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>",
+                 "<|user|>", "<|system|>")
+
+
+def _with_phi3_specials(voc: SyntheticVocab) -> SyntheticVocab:
+    """The vocabulary with Phi-3's chat tokens (control tokens) in place of its last tokens,
+    those it lacks."""
+    tokens, types = list(voc.tokens), list(voc.token_types)
+    missing = [t for t in PHI3_SPECIALS if t not in tokens]
+    for i, text in enumerate(missing):
+        slot = len(tokens) - len(missing) + i
+        tokens[slot], types[slot] = text, int(gguf.TokenType.CONTROL)
+    return dataclasses.replace(voc, tokens=tokens, token_types=types)
+
+
 def _write_metadata(w: gguf.GGUFWriter, arch: str, preset: str, quant: str, seed: int, p: Preset,
                     voc: SyntheticVocab, rope_base: float) -> None:
     hd = p.head_size
@@ -204,10 +239,12 @@ def _write_metadata(w: gguf.GGUFWriter, arch: str, preset: str, quant: str, seed
     w.add_head_count(p.n_head)
     w.add_head_count_kv(p.n_head_kv)
     w.add_layer_norm_rms_eps(1e-5 if arch == "llama" else 1e-6)
+    if ARCHITECTURES[arch].swa_pattern:
+        w.add_sliding_window(SLIDING_WINDOW[preset])
     w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(voc.n_vocab)
-    if arch in ("qwen3", "qwen3moe"):
+    if arch in ("qwen3", "qwen3moe", "gemma3"):
         w.add_key_length(hd)
         w.add_value_length(hd)
     if p.n_expert:

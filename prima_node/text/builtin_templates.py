@@ -21,6 +21,12 @@ Each follows the documented prompt format of its family, so that a model whose f
     messages are refused with ``raise_exception`` rather than rendered in a form the model never
     saw, and so are assistant tool calls.
 
+``gemma``
+    Gemma (2, 3): ``bos_token`` then ``<start_of_turn>user\n ... <end_of_turn>\n`` and
+    ``<start_of_turn>model\n ... <end_of_turn>\n`` turns, the system prompt at the head of the
+    first user turn (Gemma has no system role). No tool syntax: tool messages and calls are
+    refused, as for ``llama2``.
+
 The sources use the Hugging Face conventions (``bos_token``, ``eos_token``, ``tools``,
 ``add_generation_prompt``, ``raise_exception``, ``strftime_now``, ``tojson`` with ``indent``)
 so they render identically under transformers' own renderer.
@@ -28,7 +34,7 @@ so they render identically under transformers' own renderer.
 
 from __future__ import annotations
 
-__all__ = ["BUILTIN_TEMPLATES", "CHATML", "LLAMA2", "LLAMA3"]
+__all__ = ["BUILTIN_TEMPLATES", "CHATML", "GEMMA", "LLAMA2", "LLAMA3"]
 
 # Assistant tool calls accept both the OpenAI shape ({"function": {...}}) and a bare
 # {"name", "arguments"} dict, as the Hugging Face templates of these families do.
@@ -189,5 +195,38 @@ LLAMA2 = r"""{%- if messages and messages[0]['role'] == 'system' %}
 {%- endfor %}
 """  # noqa: E501
 
+GEMMA = r"""{{- bos_token }}
+{%- if messages and messages[0]['role'] == 'system' %}
+    {%- set system_prefix = messages[0]['content'] + '\n\n' %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_prefix = '' %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message['role'] != 'user' and message['role'] != 'assistant' %}
+        {{- raise_exception('The Gemma chat format has no place for "' + message['role'] + '" messages: send one optional system message, then user and assistant messages') }}
+    {%- endif %}
+    {%- if message['tool_calls'] %}
+        {{- raise_exception('The Gemma chat format has no tool-call syntax: this model cannot be given tool calls') }}
+    {%- endif %}
+    {%- if message['content'] is string %}
+        {%- set content = message['content'] %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- set role = 'model' if message['role'] == 'assistant' else 'user' %}
+    {{- '<start_of_turn>' + role + '\n' }}
+    {%- if loop.first %}
+        {{- system_prefix }}
+    {%- endif %}
+    {{- content | trim + '<end_of_turn>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<start_of_turn>model\n' }}
+{%- endif %}
+"""  # noqa: E501
+
 #: Built-in template sources by short name (``ChatTemplate.name`` is ``"builtin:" + name``).
-BUILTIN_TEMPLATES: dict[str, str] = {"llama3": LLAMA3, "chatml": CHATML, "llama2": LLAMA2}
+BUILTIN_TEMPLATES: dict[str, str] = {"llama3": LLAMA3, "chatml": CHATML, "llama2": LLAMA2,
+                                     "gemma": GEMMA}

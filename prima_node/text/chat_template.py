@@ -59,7 +59,7 @@ TOOL_FORMATS = ("llama3", "hermes", "mistral")
 
 # Tool-call syntax each built-in template teaches the model.
 _BUILTIN_TOOL_FORMAT: dict[str, str | None] = {"llama3": "llama3", "chatml": "hermes",
-                                               "llama2": None}
+                                               "llama2": None, "gemma": None}
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,8 @@ def choose_builtin(arch: str | None, tokens: Sequence[str],
         return "llama3", "the vocabulary has Llama 3's <|start_header_id|> and <|eot_id|> tokens"
     if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
         return "chatml", "the vocabulary has ChatML's <|im_start|> and <|im_end|> tokens"
+    if "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        return "gemma", "the vocabulary has Gemma's <start_of_turn> and <end_of_turn> tokens"
     if arch in ("qwen2", "qwen3"):
         return "chatml", f"architecture {arch!r} is a Qwen model, which uses ChatML"
     if tokenizer_model == "llama":
