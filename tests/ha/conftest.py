@@ -86,13 +86,40 @@ def head(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
         srv.stop()
 
 
+def _node_path(code: str) -> Path:
+    """A path the node's environment computes (its packages are not importable here)."""
+    found = subprocess.run([str(NODE_PYTHON), "-c", code], capture_output=True, text=True,
+                           check=True, timeout=120)
+    return Path(found.stdout.strip())
+
+
+#: real models whose chat format has no tool syntax: SmolLM2 (the default model) and Gemma 3
+TOOLLESS = {
+    "smollm2": "from prima_node.default_model import default_model; print(default_model())",
+    "gemma3": "from prima_node.packaged_models import gemma3_270m; print(gemma3_270m())",
+}
+
+
+@pytest.fixture(scope="session", params=sorted(TOOLLESS))
+def toolless_head(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[ServerProcess]:
+    """A head serving a real model whose chat format has no tool syntax."""
+    srv = start_head(_node_path(TOOLLESS[request.param]), tmp_path_factory.mktemp("toolless"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
-def toolless_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A head serving the real default model, SmolLM2, whose template has no tool syntax."""
-    found = subprocess.run([str(NODE_PYTHON), "-c", "from prima_node.default_model import "
-                            "default_model; print(default_model())"],
-                           capture_output=True, text=True, check=True, timeout=60)
-    srv = start_head(Path(found.stdout.strip()), tmp_path_factory.mktemp("toolless"))
+def moe_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A head serving a mixture of experts (synthetic qwen3moe) with Qwen's Hermes tool
+    syntax, where the session's head has Llama 3's."""
+    path = tmp_path_factory.mktemp("models") / "moe.gguf"
+    subprocess.run([str(NODE_PYTHON), "-m", "prima_node.cli", "make-model", str(path),
+                    "--arch", "qwen3moe", "--preset", "tiny", "--quant", "Q8_0"], check=True,
+                   capture_output=True)
+    srv = start_head(path, tmp_path_factory.mktemp("moe"))
     try:
         yield srv
     finally:

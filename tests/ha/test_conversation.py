@@ -353,8 +353,14 @@ async def test_a_model_that_cannot_call_tools_is_told_and_the_log_says_so(
         in toolless_head.log()
 
 
-async def test_tool_call_runs_against_the_head(hass: HomeAssistant, head: ServerProcess,
+@pytest.mark.parametrize("family", ["llama3", "hermes"])
+async def test_tool_call_runs_against_the_head(hass: HomeAssistant, family: str,
+                                               head: ServerProcess, moe_head: ServerProcess,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool call in each family's syntax: Llama 3's JSON (the session's head), and Qwen's
+    Hermes <tool_call> from a mixture of experts (qwen3moe)."""
+    head = head if family == "llama3" else moe_head
+    assert head.status()["model"]["tool_format"] == family
     tool = SetLight()
     unregister = llm.async_register_api(hass, LightAPI(hass, tool))
     # enough tokens for the constrained call: a random model pads JSON with whitespace
