@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from greedy import engine_greedy  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 from prima_node import Model  # noqa: E402
@@ -36,23 +37,12 @@ N_CTX = 256
 SECRET = "gpu-check-secret"
 
 
-def engine_greedy(path: Path, gpu: str, layers: int, prompt: list[int]
-                  ) -> tuple[list[int], list[np.ndarray]]:
-    with Model.open(path, threads=os.cpu_count() or 1, n_ctx=N_CTX, repack=False, gpu=gpu,
-                    gpu_layers=layers) as m:
-        logits = [m.forward(prompt, session="g")]
-        tokens: list[int] = []
-        for _ in range(GEN):
-            tokens.append(int(np.argmax(logits[-1])))
-            logits.append(m.forward([tokens[-1]], session="g"))
-    return tokens, logits
-
-
 def conformance(path: Path, gpu: str, layers: int, n_layer: int) -> dict[str, Any]:
     """Our logits with ``layers`` on the GPU against llama.cpp offloading the same."""
     with Model.open(path, n_ctx=N_CTX) as m:
         prompt = [int(t) for t in np.random.default_rng(7).integers(1, m.n_vocab, 40)]
-    ours_t, ours = engine_greedy(path, gpu, layers, prompt)
+    ours_t, ours = engine_greedy(path, prompt, GEN, threads=os.cpu_count() or 1, n_ctx=N_CTX,
+                                 repack=False, gpu=gpu, gpu_layers=layers)
     offload = layers + (layers == n_layer)  # llama.cpp's output layer comes after the last
     with LlamaCpp(path, n_ctx=N_CTX, threads=os.cpu_count() or 1, gpu_layers=offload) as ref:
         theirs_t, theirs = ref.greedy(prompt, GEN)
@@ -98,13 +88,15 @@ def ring(path: Path, gpu: str, scratch: Path) -> dict[str, Any]:
     finally:
         alone.stop()
     worker = ServerProcess(path, scratch / "worker", ctx=N_CTX, threads=None,
-                           extra=("--cluster-secret", SECRET, "--gpu", gpu)).start()
+                           extra=("--cluster-secret", SECRET, "--gpu", gpu,
+                                  "--name", "gpu-node")).start()
     head = None
     try:
         worker.wait_ready()
         head = ServerProcess(path, scratch / "head", ctx=N_CTX, threads=None,
                              extra=("--cluster-secret", SECRET, "--head", "--all-nodes",
-                                    "--gpu", "none", "--peer", f"127.0.0.1:{worker.port}"))
+                                    "--gpu", "none", "--name", "cpu-head",
+                                    "--peer", f"127.0.0.1:{worker.port}"))
         head.start().wait_ready(timeout=600)
         got = _answer(head, prompt)
         nodes = head.status()["cluster"]["nodes"]

@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import ModelFactory
+from greedy import engine_greedy
 
 from prima_node import Model, ggml
 from prima_node.default_model import default_model
@@ -55,19 +56,8 @@ class CaseResult:
 _RESULTS: dict[str, CaseResult] = {}
 
 
-def _engine_greedy(path: Path, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
-    """Tokens and the logits each was chosen from (plus those after the last token)."""
-    with Model.open(path, threads=2, n_ctx=N_CTX, repack=False) as m:
-        logits = [m.forward(prompt, session="g")]
-        tokens: list[int] = []
-        for _ in range(GEN):
-            tokens.append(int(np.argmax(logits[-1])))
-            logits.append(m.forward([tokens[-1]], session="g"))
-    return tokens, logits
-
-
 def _compare(name: str, path: Path, prompt: list[int]) -> CaseResult:
-    ours_t, ours = _engine_greedy(path, prompt)
+    ours_t, ours = engine_greedy(path, prompt, GEN, threads=2, n_ctx=N_CTX, repack=False)
     with LlamaCpp(path, n_ctx=N_CTX) as ref:
         theirs_t, theirs = ref.greedy(prompt, GEN)
     steps = min(len(ours), len(theirs))
