@@ -190,6 +190,11 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_buffer_clear": (None, [_P, ctypes.c_uint8]),
     "ggml_backend_buffer_is_host": (c_bool, [_P]),
     "ggml_backend_synchronize": (None, [_P]),
+    "ggml_backend_dev_supports_op": (c_bool, [_P, _P]),
+    "ggml_graph_n_nodes": (c_int, [_P]),
+    "ggml_graph_node": (_P, [_P, c_int]),
+    "ggml_op_desc": (c_char_p, [_P]),
+    "ggml_type_name": (c_char_p, [c_int]),
 }
 
 #: CPU-backend functions reached through the registry: name -> ctypes prototype.
@@ -309,6 +314,11 @@ class Ggml:
         return out
 
 
+def type_name(qtype: int) -> str:
+    """ggml's name of a tensor type (q4_K, f16, ...)."""
+    return (load().ggml_type_name(qtype) or b"?").decode()
+
+
 _last_level = [logging.DEBUG]  # GGML_LOG_LEVEL_CONT continues the previous message's level
 
 
@@ -344,4 +354,5 @@ __all__ = [
     "TensorStruct",
     "library_dir",
     "load",
+    "type_name",
 ]

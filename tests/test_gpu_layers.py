@@ -18,7 +18,9 @@ import pytest
 from conftest import ModelFactory
 
 from prima_node import Model, ggml
+from prima_node.engine.backend import ComputeError
 from prima_node.engine.gpu import (
+    AUTO_KV_SESSIONS,
     AUTO_RESERVE_BYTES,
     GpuUnavailableError,
     SplitWindow,
@@ -83,6 +85,26 @@ def test_gpu_layers_compute_from_copies_and_count_their_memory(
         assert m.device_bytes == before
 
 
+def test_a_failing_cpu_part_leaves_both_parts_at_the_same_position(
+        make_model: ModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU part runs first; if the CPU part then fails (its compute buffer cannot be
+    allocated, say: injected here), the GPU part's cache is cut back, so the window still
+    holds one consistent prefix and the next step continues it."""
+    path = make_model("llama", "tiny", "F16", layers=4)
+    with Model.open(path, n_ctx=64, gpu=STAND_IN) as m:
+        w = m.window(0, 4, gpu_layers=2)
+        assert isinstance(w, SplitWindow) and w.cpu is not None
+        w.forward(m.embed([5, 6, 7]), np.arange(3), "s")
+        with monkeypatch.context() as patch:
+            patch.setattr(w.cpu, "run", lambda *a, **k: (_ for _ in ()).throw(
+                ComputeError("not enough memory for the compute buffer")))
+            with pytest.raises(ComputeError):
+                w.forward(m.embed([8]), np.arange(3, 4), "s")
+        assert w.gpu.n_cached("s") == w.cpu.n_cached("s") == w.n_cached("s") == 3
+        w.forward(m.embed([8]), np.arange(3, 4), "s")
+        assert w.n_cached("s") == 4
+
+
 def test_ring_windows_with_gpu_layers_compose(make_model: ModelFactory) -> None:
     path = make_model("qwen3", "small", "Q8_0")
     with Model.open(path, n_ctx=64, gpu=STAND_IN) as m:
@@ -131,7 +153,7 @@ def test_auto_fits_layers_and_their_caches_in_free_memory(make_model: ModelFacto
     path = make_model("llama", "small", "Q8_0")
     with Model.open(path, n_ctx=128) as m:
         cfg, mf = m.config, m.file
-        kv = 2 * cfg.n_embd_kv * 128 * 2
+        kv = AUTO_KV_SESSIONS * 2 * cfg.n_embd_kv * 128 * 2  # the caches of two sessions
         per_layer = [sum(t.n_bytes for t in layer_tensor_infos(mf, cfg, i).values()) + kv
                      for i in range(cfg.n_layer)]
         out = mf.tensor(output_name(cfg)).n_bytes
@@ -190,7 +212,29 @@ def test_a_node_serving_alone_with_gpu_layers_answers_as_the_cpu_does_and_says_s
     assert answers[0] == answers[1]
     cpu, gpu = docs
     assert cpu["model"]["gpu"] is None and cpu["cluster"]["nodes"][0]["gpu"] is None
-    assert gpu["model"]["gpu_layers"] == 4
+    assert gpu["model"]["gpu_layers"] == gpu["cluster"]["nodes"][0]["gpu_layers"] == 4
+    assert gpu["model"]["gpu"] == gpu["cluster"]["nodes"][0]["gpu"]  # both read afresh
     node_gpu = gpu["cluster"]["nodes"][0]["gpu"]
     assert node_gpu["name"] == STAND_IN and node_gpu["memory_total"] > 0
     assert node_gpu["used_by_model"] >= path.stat().st_size // 2  # layers and output copied
+
+
+def test_a_ring_head_s_output_moves_to_its_gpu_and_back(make_model: ModelFactory) -> None:
+    """Halda may put the head's output projection on its GPU; the head then computes the
+    logits from a copy there, the same logits, and frees the copy when a plan moves it back."""
+    path = make_model("qwen2", "small", "Q8_0")
+    with Model.open(path, n_ctx=64, gpu=STAND_IN) as m:
+        h = m.embed(_prompt(3, m.config.n_vocab))
+        on_cpu = m.output(h)
+        before = m.device_bytes
+        m.output_on_gpu(True)
+        assert m.accel is not None and m.accel.has_output
+        assert m.device_bytes - before >= m.file.tensor(output_name(m.config)).n_bytes
+        np.testing.assert_array_equal(m.output(h), on_cpu)
+        np.testing.assert_array_equal(m.output(h[-1:]), on_cpu[-1:])  # a kept decode graph
+        m.output_on_gpu(False)
+        assert m.device_bytes == before and not m.accel.has_output
+        np.testing.assert_array_equal(m.output(h[-1:]), on_cpu[-1:])
+    with Model.open(path, n_ctx=64) as m, pytest.raises(GpuUnavailableError,
+                                                        match="opened without one"):
+        m.output_on_gpu(True)

@@ -45,8 +45,9 @@ class ModelConfig:
 
     @property
     def query_scale(self) -> float:
-        """What queries are multiplied by before attention (Gemma: 1/sqrt(head size), or for
-        the 27B 1/sqrt(n_embd / n_head), as llama.cpp); other architectures scale the scores."""
+        """What queries are multiplied by before attention where the architecture scales them
+        (``ArchSpec.query_scale``: Gemma, Phi-3): 1/sqrt(head size), or for Gemma 3 27B
+        1/sqrt(n_embd / n_head), as llama.cpp; other architectures scale the scores."""
         if self.arch.name == "gemma3" and self.n_layer == 62:  # Gemma 3 27B
             return 1.0 / math.sqrt(self.n_embd / self.n_head)
         return 1.0 / math.sqrt(self.head_dim)
@@ -153,6 +154,9 @@ def load_config(mf: ModelFile) -> ModelConfig:
             experts["n_swa"] = int(_number(mf, f"{a}.attention.sliding_window", window,
                                            integer=True, minimum=0))
         experts["rope_base_swa"] = real("rope.freq_base_swa", 10000.0)
+        if experts["rope_base_swa"] <= 0:
+            raise ModelLoadError(mf.path, f"{a}.rope.freq_base_swa must be positive: the file "
+                                          "is corrupt")
     experts["final_softcap"] = real("final_logit_softcapping", 0.0)
     return ModelConfig(
         arch=spec,

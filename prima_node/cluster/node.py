@@ -67,7 +67,6 @@ class NodeConfig:
     #: the GPU for the plan's GPU layers (ggml's name); None: the first the build has, if any;
     #: "none": the CPU only
     gpu: str | None = None
-    gpu_layers: int | str = 0  # a lone node's layers on the GPU: a number, "all" or "auto"
     tls_client: ssl.SSLContext | None = None  # set: the cluster runs on TLS (wss://)
 
     @property
@@ -117,12 +116,12 @@ class ClusterNode:
         """Map the model file (on the model thread): validates it, reads no layer."""
         if self.model is None:
             gpu = self.config.gpu
-            if gpu is None and find_gpus():
-                gpu = find_gpus()[0].name
+            if gpu is None:
+                gpus = find_gpus()
+                gpu = gpus[0].name if gpus else None
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
                                     n_ctx=self.config.n_ctx,
-                                    gpu=None if gpu == "none" else gpu,
-                                    gpu_layers=self.config.gpu_layers)
+                                    gpu=None if gpu == "none" else gpu)
             self.max_frame = max(CONTROL_BYTES,
                                  max_frame_bytes(self.model.config.n_embd, DEFAULT_BATCH))
 
@@ -227,6 +226,12 @@ class ClusterNode:
         doc = prof.to_json()
         doc["name"] = self.config.node_id  # unique within the cluster; hostnames may repeat
         doc["host"] = self.config.name
+        if accel is not None and self.model is not None:
+            # what this node's current windows hold on the GPU is free for the next plan
+            # (a new plan replaces them): without it, a GPU node would plan without its own
+            # layers' memory and lose them every other plan
+            for d in doc["gpu"]["devices"]:
+                d["vram_free"] += self.model.device_bytes - accel.device_bytes
         return doc
 
     async def measure_link(self, url: str) -> dict[str, float]:
@@ -238,10 +243,12 @@ class ClusterNode:
         return {"latency_s": prof.latency_s, "bytes_per_s": prof.bytes_per_s}
 
     async def load(self, index: int, ranges: list[tuple[int, int]], successor: str | None,
-                   k: int, epoch: int, stream: bool = False, gpu_layers: int = 0) -> None:
+                   k: int, epoch: int, stream: bool = False, gpu_layers: int = 0,
+                   output_on_gpu: bool = False) -> None:
         """Hold the plan's windows (``stream``: Halda planned this node to stream them from
-        disk; ``gpu_layers``: the first ones of each on its GPU, their weights copied there),
-        and open the ring link to the successor."""
+        disk; ``gpu_layers``: the first ones of each on its GPU, their weights copied there;
+        ``output_on_gpu``: the head computes the logits there), and open the ring link to the
+        successor."""
         loop = asyncio.get_running_loop()
 
         replaced = self.assignment.windows if self.assignment is not None else []
@@ -250,13 +257,21 @@ class ClusterNode:
             assert self.model is not None
             for w in replaced:  # their caches, graphs and weight descriptions
                 w.close()
-            windows = [self.model.window(a, b, gpu_layers) for a, b in ranges]
+            self.model.output_on_gpu(output_on_gpu)
+            windows: list[Window] = []
             n_embd = self.model.config.n_embd
-            for w in windows:  # first touch of the weights and graphs now, not on a token
-                for n in (5, 1):
-                    w.forward(np.zeros((n, n_embd), np.float32),
-                              np.arange(n, dtype=np.int64), "warm-up")
-                w.drop("warm-up")
+            try:
+                for a, b in ranges:
+                    windows.append(self.model.window(a, b, gpu_layers))
+                for w in windows:  # first touch of the weights and graphs now, not on a token
+                    for n in (5, 1):
+                        w.forward(np.zeros((n, n_embd), np.float32),
+                                  np.arange(n, dtype=np.int64), "warm-up")
+                    w.drop("warm-up")
+            except BaseException:  # what was built goes (GPU memory is not paged out)
+                for w in windows:
+                    w.close()
+                raise
             mf = self.model.file
             pages = [WindowPages.of_window(mf, w) for w in windows]
             # GPU layers compute from their copies: only the CPU layers are paged

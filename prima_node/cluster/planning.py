@@ -194,7 +194,7 @@ class Planning:
             stream = dp.streamed_bytes > 0
             if member.control is None:
                 await self.node.load(i, dp.ranges, successor, p.k, self.epoch, stream,
-                                     dp.gpu_layers)
+                                     dp.gpu_layers, p.output_on_gpu)
                 continue
             try:
                 await member.control.call("load", timeout=LOAD_TIMEOUT_S, index=i,

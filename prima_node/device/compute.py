@@ -60,6 +60,15 @@ class MatmulProbe:
         self.graphs: dict[int, tuple[Builder, Compute, np.ndarray]] = {}
         self._held = Builder(2)  # the GPU's copy of the matrix, shared by the graphs
         self._device: DeviceBuffer | None = None
+        try:
+            self._build(weight, qtype, rows, cols, batches)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, weight: np.ndarray, qtype: int, rows: int, cols: int,
+               batches: Iterable[int]) -> None:
+        backend = self.backend
         shared = 0
         if not backend.is_cpu:
             shared = self._held.g.ggml_new_tensor_2d(self._held.ctx, qtype, cols, rows)
@@ -78,7 +87,8 @@ class MatmulProbe:
             b.g.ggml_set_output(y)
             b.expand(y)
             compute = Compute(backend)
-            compute.allocate(b.graph)
+            self.graphs[t] = (b, compute, np.empty(0, np.float32))  # freed by close() if the
+            compute.allocate(b.graph)  # allocation fails
             values = rng.standard_normal((t, cols)).astype(np.float32)
             set_input(b.g, x, values)
             self.graphs[t] = (b, compute, values)

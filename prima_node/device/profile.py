@@ -106,19 +106,26 @@ def measure_gpu(name: str, types: list[str], n_embd: int) -> dict[str, Any]:
     (decode and prefill products, weights in its memory) and the host round trip of a
     token's hidden state."""
     from .. import ggml
+    from ..engine.backend import ComputeError
     from ..engine.gpu import describe, gpu_device
     from .compute import copy_seconds, kernel_flops
 
     device = gpu_device(name)
     info = describe(device)
+    free, total = ggml.load().memory(device)
     kernels: dict[str, dict[str, float]] = {}
+    unsupported = []
     for t in types:
-        kernels.update(kernel_flops([t], threads=1, device=device,
-                                    weight_mib=max(16, min(256, info.memory_free // 8 >> 20))))
+        try:
+            kernels.update(kernel_flops([t], threads=1, device=device,
+                                        weight_mib=max(16, min(256, free // 8 >> 20))))
+        except ComputeError:  # the GPU has no kernel for it: such layers stay on the CPU
+            unsupported.append(t)
     free, total = ggml.load().memory(device)
     return {"name": info.name, "description": info.description, "backend": info.backend,
             "unified": info.unified, "vram_free": free, "vram_total": total,
-            "kernels": kernels, "copy_s_per_token": copy_seconds(device, n_embd)}
+            "kernels": kernels, "unsupported_types": unsupported,
+            "copy_s_per_token": copy_seconds(device, n_embd)}
 
 
 def profile_device(model: str | Path | None = None, *, threads: int | None = None,

@@ -85,6 +85,22 @@ class Backend:
             self.g.ggml_backend_set_n_threads(self.handle, self.threads)
         self.buffer_type = self.g.ggml_backend_dev_buffer_type(self.device)
 
+    def check(self, graph: int) -> None:
+        """Refuse a graph with an operation this device cannot run. Called directly (not
+        through ggml's scheduler, which would fall back to the CPU), a GPU backend aborts the
+        process on one (a weight type its kernels lack, say); the CPU runs them all."""
+        if self.is_cpu:
+            return
+        g = self.g
+        for i in range(g.ggml_graph_n_nodes(graph)):
+            node = g.ggml_graph_node(graph, i)
+            if not g.ggml_backend_dev_supports_op(self.device, node):
+                what = (g.ggml_op_desc(node) or b"?").decode()
+                types = sorted({ggml.type_name(g.tensor(s).type)
+                                for s in g.tensor(node).src if s})
+                raise ComputeError(f"{self.name} cannot run {what} on {'/'.join(types)}: "
+                                   "keep these layers on the CPU (fewer --gpu-layers)")
+
     def compute(self, graph: int) -> None:
         status = self.g.ggml_backend_graph_compute(self.handle, graph)
         if status != ggml.STATUS_SUCCESS:
@@ -224,6 +240,7 @@ class Compute:
         """Place a kept graph's activations in the persistent buffer; returns the generation
         they belong to."""
         with self.lock:
+            self.backend.check(graph)
             before = self.buffer_bytes
             ok = self.g.ggml_gallocr_alloc_graph(self.allocator, graph)
             if not ok or self.buffer_bytes != before:
@@ -235,6 +252,7 @@ class Compute:
     def run_transient(self, graph: int) -> Callable[[], None]:
         """Place a one-off graph's activations in a buffer of its own; the returned function
         frees it (call it once the outputs were read)."""
+        self.backend.check(graph)
         allocator = self.g.ggml_gallocr_new(self.backend.buffer_type)
         if not self.g.ggml_gallocr_alloc_graph(allocator, graph):
             self.g.ggml_gallocr_free(allocator)

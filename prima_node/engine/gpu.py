@@ -33,6 +33,9 @@ from .tensors import end_tensor_infos, layer_tensor_infos, output_name
 from .weights import WeightSet
 from .window import LayerWindow, Shared
 
+#: Conversations whose KV caches ``--gpu-layers auto`` makes room for: the server's default
+#: cache slots (``--cache-slots``)
+AUTO_KV_SESSIONS = 2
 #: VRAM ``--gpu-layers auto`` leaves free: the backend's own context and its compute buffer
 #: (the paper reserves 700 MiB for CUDA, 300 MiB for Metal; one figure for all, the larger).
 AUTO_RESERVE_BYTES = 700 << 20
@@ -50,24 +53,22 @@ class GpuInfo:
     description: str  # the card: "NVIDIA GeForce RTX 3070"
     backend: str  # the backend that drives it: CUDA, Metal, Vulkan
     unified: bool  # an integrated GPU sharing the host's memory (Apple silicon, iGPUs)
-    memory_free: int
-    memory_total: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def describe(device: int) -> GpuInfo:
+    """What a device is, without asking for its memory: on CUDA that creates a context on
+    the card (hundreds of MB), so only the GPU in use is asked (``Accelerator.memory``)."""
     g = ggml.load()
-    free, total = g.memory(device)
     reg = g.ggml_backend_dev_backend_reg(device)
     return GpuInfo(
         name=(g.ggml_backend_dev_name(device) or b"?").decode(),
         description=(g.ggml_backend_dev_description(device) or b"").decode(),
         backend=(g.ggml_backend_reg_name(reg) or b"?").decode() if reg else "?",
         unified=g.ggml_backend_dev_type(device) == ggml.DEVICE_IGPU
-        or g.ggml_backend_dev_type(device) == ggml.DEVICE_CPU,
-        memory_free=free, memory_total=total)
+        or g.ggml_backend_dev_type(device) == ggml.DEVICE_CPU)
 
 
 def find_gpus() -> list[GpuInfo]:
@@ -97,11 +98,12 @@ def gpu_device(name: str | None = None) -> int:
 
 
 def auto_gpu_layers(mf: ModelFile, cfg: ModelConfig, n_ctx: int, free_bytes: int,
-                    reserve: int = AUTO_RESERVE_BYTES) -> int:
-    """``--gpu-layers auto``: as many leading layers as fit, with their KV caches, in the
+                    reserve: int = AUTO_RESERVE_BYTES, sessions: int = AUTO_KV_SESSIONS) -> int:
+    """``--gpu-layers auto``: as many leading layers as fit, with the KV caches of
+    ``sessions`` conversations (a GPU layer's cache is allocated whole per session), in the
     GPU's free memory less ``reserve``; the output projection must fit too for all of them."""
     room = free_bytes - reserve
-    kv_layer = 2 * cfg.n_embd_kv * n_ctx * 2  # K and V, float16
+    kv_layer = sessions * 2 * cfg.n_embd_kv * n_ctx * 2  # K and V, float16
     n = 0
     for i in range(cfg.n_layer):
         need = sum(t.n_bytes for t in layer_tensor_infos(mf, cfg, i).values()) + kv_layer
@@ -146,7 +148,8 @@ class Accelerator:
     """A GPU as one model uses it: its backend, a compute buffer in its memory (under the
     model's lock: a step runs its GPU and CPU parts one after the other), and copies of the
     small end tensors the layers' graphs read (the RoPE factors, the output norm), with the
-    output projection itself when ``output`` (every layer on the GPU).
+    output projection itself when ``output`` (every layer on the GPU) or once a ring's plan
+    puts the head's output there (``hold_output``).
 
     The compute buffer is not reserved ahead as the CPU's is: the first decode graph sizes
     it, and a larger one later bumps ``compute.generation`` so kept graphs are rebuilt."""
@@ -156,36 +159,67 @@ class Accelerator:
         self.backend = Backend(1, device)
         self.compute = Compute(self.backend, lock=shared.compute.lock)
         self.buffer_type = int(self.backend.buffer_type)
-        self.has_output = output
+        self._shared = shared
+        self._output: WeightSet | None = None
         cfg, mf = shared.config, shared.file
         wanted = {"output_norm.weight", "rope_freqs.weight", "output.bias"}
-        if output:
-            wanted.add(output_name(cfg))
         try:
             infos = [t for t in end_tensor_infos(mf, cfg) if t.name in wanted]
             self._weights = WeightSet(mf, shared.buffer, infos, copy_to=self.buffer_type)
+            ws = self._weights
+            self.ends = EndTensors(
+                token_embd=shared.ends.token_embd,  # never read on the GPU (see LayerWindow)
+                output_norm=ws["output_norm.weight"], output=shared.ends.output,
+                rope_freqs=ws.get("rope_freqs.weight"), output_bias=ws.get("output.bias"))
+            self.hold_output(output)
         except BaseException:
-            self.compute.close()
-            self.backend.close()
+            self.close()
             raise
-        ws = self._weights
-        self.ends = EndTensors(
-            token_embd=shared.ends.token_embd,  # never read on the GPU (LayerWindow refuses ids)
-            output_norm=ws["output_norm.weight"],
-            output=ws[output_name(cfg)] if output else shared.ends.output,
-            rope_freqs=ws.get("rope_freqs.weight"), output_bias=ws.get("output.bias"))
+
+    @property
+    def has_output(self) -> bool:
+        """Whether the output projection has a copy here (``ends.output`` is it)."""
+        return self._output is not None
+
+    def hold_output(self, hold: bool) -> None:
+        """Copy the output projection into the GPU's memory (every layer there, or a ring
+        head whose plan puts its output on its GPU), or free the copy."""
+        if hold == self.has_output:
+            return
+        if not hold:
+            assert self._output is not None
+            self.ends.output = self._shared.ends.output
+            self._output.close()
+            self._output = None
+            return
+        cfg, mf = self._shared.config, self._shared.file
+        name = output_name(cfg)
+        self._output = WeightSet(mf, self._shared.buffer, [mf.tensor(name)],
+                                 copy_to=self.buffer_type)
+        self.ends.output = self._output[name]
 
     def memory(self) -> tuple[int, int]:
         """The GPU's (free, total) memory now."""
         return ggml.load().memory(self.backend.device)
 
+    def status(self, used_by_model: int) -> dict[str, Any]:
+        """The GPU as a status page shows it: what it is, its memory now, what the model
+        holds there (``used_by_model``: weights and caches of its GPU layers, end tensors)."""
+        free, total = self.memory()
+        return {**self.info.as_dict(), "memory_free": free, "memory_total": total,
+                "used_by_model": used_by_model}
+
     @property
     def device_bytes(self) -> int:
-        """GPU memory the end tensors' copies take."""
-        return self._weights.device_bytes
+        """GPU memory the end tensors' copies take (the output projection's too, if held)."""
+        output = self._output
+        return self._weights.device_bytes + (output.device_bytes if output is not None else 0)
 
     def close(self) -> None:
-        self._weights.close()
+        for ws in (self._output, getattr(self, "_weights", None)):
+            if ws is not None:
+                ws.close()
+        self._output = None
         self.compute.close()
         self.backend.close()
 
@@ -232,15 +266,19 @@ class SplitWindow:
             hidden = self._embed(np.asarray(tokens, dtype=np.int64).reshape(-1))
         if self.cpu is not None:
             h = self.gpu.run(positions, session, hidden=hidden)
-            return self.cpu.run(positions, session, hidden=h, logits=logits,
-                                last_only=last_only)
+            try:
+                return self.cpu.run(positions, session, hidden=h, logits=logits,
+                                    last_only=last_only)
+            except BaseException:  # both parts must hold the same positions
+                self.gpu.truncate(session, int(np.asarray(positions).reshape(-1)[0]))
+                raise
         if logits and self.accel.has_output:
             return self.gpu.run(positions, session, hidden=hidden, logits=True)
         h = self.gpu.run(positions, session, hidden=hidden, last_only=last_only or logits)
         return self._output(h) if logits else h
 
     def n_cached(self, session: str) -> int:
-        return self.gpu.n_cached(session)
+        return min(p.n_cached(session) for p in self._parts)
 
     def clear(self, session: str) -> None:
         for p in self._parts:

@@ -26,7 +26,8 @@ from .backend import Compute, get_output, set_input
 
 @dataclass
 class LayerTensors:
-    """One transformer block's weights as ggml tensors (file-backed or repacked)."""
+    """One transformer block's weights as ggml tensors (file-backed, repacked, or copies in a
+    GPU's memory)."""
 
     attn_norm: int
     wo: int

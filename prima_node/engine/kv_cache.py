@@ -43,6 +43,9 @@ class KVCache:
             else:
                 self.buffer = DeviceBuffer(self.ctx, buffer_type, zero=True)
         except BaseException:
+            buffer = getattr(self, "buffer", None)
+            if buffer is not None:
+                buffer.close()
             g.ggml_free(self.ctx)
             raise
         #: (K, V) tensor pair per layer of the window

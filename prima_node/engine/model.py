@@ -100,6 +100,9 @@ class Model:
         self._weights.append(ends)
         self.shared = Shared(mf, cfg, self.buffer, self.compute, _end_tensors(ends, cfg), n_ctx)
         self._windows: weakref.WeakSet[Window] = weakref.WeakSet()
+        #: guards ``_windows``: status pages sum over it from the event loop while the model
+        #: thread adds windows
+        self._windows_lock = threading.Lock()
         self._ends_graphs: dict[tuple[str, int], StepGraph] = {}
         self._full: Window | None = None
         self._full_lock = threading.Lock()
@@ -186,7 +189,7 @@ class Model:
 
                     repack = should_repack(self.file, memory_info().available)
                 ends = None
-                if repack:
+                if repack and not (self.accel is not None and self.accel.has_output):
                     infos = end_tensor_infos(self.file, self.config)
                     out = WeightSet(self.file, self.buffer, infos,
                                     repack=[output_name(self.config)])
@@ -194,7 +197,7 @@ class Model:
                     ends = _end_tensors(out, self.config, packed=True)
                 self._full = self._make_window(0, self.config.n_layer, self.gpu_layers,
                                                repack=repack, packed_ends=ends)
-                self._windows.add(self._full)
+                self._register(self._full)
             return self._full
 
     @property
@@ -202,7 +205,7 @@ class Model:
         """Anonymous memory holding repacked matrices (0 until ``forward`` first runs, or
         without repacking)."""
         extra = sum(w.repacked_bytes for w in self._weights)
-        return extra + sum(w.repacked_bytes for w in list(self._windows))
+        return extra + sum(w.repacked_bytes for w in self._window_list())
 
     @property
     def path(self) -> Path:
@@ -214,41 +217,12 @@ class Model:
 
     def describe(self) -> dict[str, Any]:
         """What a status page shows about the model (plain JSON values)."""
-        cfg, mf = self.config, self.file
-        by_type: dict[str, int] = {}
-        n_params = 0
-        for t in mf.tensors.values():
-            name = type_name(t.qtype)
-            by_type[name] = by_type.get(name, 0) + t.n_bytes
-            n_params += int(np.prod(t.shape))
-        return {
-            "name": mf.get("general.name") or self.path.stem,
-            "file": self.path.name,
-            "path": str(self.path),
-            "size_bytes": mf.size,
-            "architecture": cfg.arch.name,
-            "n_params": n_params,
-            "n_layers": cfg.n_layer,
-            "n_embd": cfg.n_embd,
-            "n_vocab": cfg.n_vocab,
-            "n_ctx_train": cfg.n_ctx_train,
-            "n_ctx": self.n_ctx,
-            # the quant type holding most of the bytes names the file's kind (Q4_K, Q8_0, ...)
-            "quant": max(by_type, key=lambda k: by_type[k]) if by_type else None,
-            "tensor_bytes_by_type": by_type,
-            "kv_bytes_per_token": self.kv_bytes_per_token,
-            "gpu": self.gpu_status(),
-            "gpu_layers": self.gpu_layers,
-        }
+        return describe(self)
 
     def gpu_status(self) -> dict[str, Any] | None:
         """The GPU this model uses (None: none), its memory now and what the model holds
         there (GPU layers' weights and caches, the end tensors' copies)."""
-        if self.accel is None:
-            return None
-        free, total = self.accel.memory()
-        return {**self.accel.info.as_dict(), "memory_free": free, "memory_total": total,
-                "used_by_model": self.device_bytes}
+        return None if self.accel is None else self.accel.status(self.device_bytes)
 
     # -- the three steps of a forward pass --------------------------------------------------
 
@@ -263,7 +237,7 @@ class Model:
         with self.compute.lock:
             self._require_open()
             w = self._make_window(start, end, gpu_layers)
-            self._windows.add(w)
+            self._register(w)
             return w
 
     def _make_window(self, start: int, end: int, gpu_layers: int, *, repack: bool = False,
@@ -282,7 +256,15 @@ class Model:
         """GPU memory the model holds: its windows' GPU layers and caches, the end tensors."""
         if self.accel is None:
             return 0
-        return self.accel.device_bytes + sum(w.device_bytes for w in list(self._windows))
+        return self.accel.device_bytes + sum(w.device_bytes for w in self._window_list())
+
+    def _window_list(self) -> list[Window]:
+        with self._windows_lock:
+            return list(self._windows)
+
+    def _register(self, w: Window) -> None:
+        with self._windows_lock:
+            self._windows.add(w)
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Final norm and output projection: logits (tokens, n_vocab) for hidden states."""
@@ -292,19 +274,38 @@ class Model:
                              f"{self.config.n_embd})")
         return self._run_end("output", h)
 
+    def output_on_gpu(self, on: bool) -> None:
+        """Compute the output projection on the model's GPU (a copy of it there; a ring
+        head's plan may say so) or on the CPU from the file."""
+        with self.compute.lock:
+            self._require_open()
+            if self.accel is None:
+                if on:
+                    raise GpuUnavailableError("the plan puts the output on a GPU, but this "
+                                              "model was opened without one")
+                return
+            for key in [k for k in self._ends_graphs if k[0] == "output-gpu"]:
+                self._ends_graphs.pop(key).free()  # they point at the copy being freed
+            self.accel.hold_output(on)
+
     def _run_end(self, kind: str, values: np.ndarray) -> np.ndarray:
-        """The embedding lookup or the output projection alone (a ring's first node)."""
+        """The embedding lookup or the output projection alone (a ring's first node); the
+        output on the GPU where it holds a copy."""
         n = int(values.shape[0])
         with self.compute.lock:
             self._require_open()
-            key = (kind, n)
+            accel = self.accel if kind == "output" else None
+            if accel is not None and not accel.has_output:
+                accel = None
+            compute = accel.compute if accel is not None else self.compute
+            key = ("output-gpu" if accel is not None else kind, n)
             graph = self._ends_graphs.get(key)
-            if graph is None or graph.generation not in (-1, self.compute.generation):
+            if graph is None or graph.generation not in (-1, compute.generation):
                 if graph is not None:
                     graph.free()
                 build = build_embed if kind == "embed" else build_output
-                graph = build(self.config, self.shared.ends, n)
-            out = graph.run(self.compute, {"tokens" if kind == "embed" else "hidden": values},
+                graph = build(self.config, accel.ends if accel else self.shared.ends, n)
+            out = graph.run(compute, {"tokens" if kind == "embed" else "hidden": values},
                             once=n > 1)
             if n == 1:
                 self._ends_graphs[key] = graph
@@ -374,7 +375,7 @@ class Model:
             return
         with self.compute.lock:
             self.shared.closed = True
-            for w in list(self._windows):
+            for w in self._window_list():
                 w.close()
             for graph in self._ends_graphs.values():
                 graph.free()
@@ -406,3 +407,33 @@ class Model:
     def _require_open(self) -> None:
         if self.shared.closed:
             raise ValueError(f"{self.path} is closed")
+
+
+def describe(model: Model) -> dict[str, Any]:
+    """What a status page shows about a model: its file, shapes, types and GPU."""
+    cfg, mf = model.config, model.file
+    by_type: dict[str, int] = {}
+    n_params = 0
+    for t in mf.tensors.values():
+        name = type_name(t.qtype)
+        by_type[name] = by_type.get(name, 0) + t.n_bytes
+        n_params += int(np.prod(t.shape))
+    return {
+        "name": mf.get("general.name") or model.path.stem,
+        "file": model.path.name,
+        "path": str(model.path),
+        "size_bytes": mf.size,
+        "architecture": cfg.arch.name,
+        "n_params": n_params,
+        "n_layers": cfg.n_layer,
+        "n_embd": cfg.n_embd,
+        "n_vocab": cfg.n_vocab,
+        "n_ctx_train": cfg.n_ctx_train,
+        "n_ctx": model.n_ctx,
+        # the quant type holding most of the bytes names the file's kind (Q4_K, Q8_0, ...)
+        "quant": max(by_type, key=lambda k: by_type[k]) if by_type else None,
+        "tensor_bytes_by_type": by_type,
+        "kv_bytes_per_token": model.kv_bytes_per_token,
+        "gpu": model.gpu_status(),
+        "gpu_layers": model.gpu_layers,
+    }

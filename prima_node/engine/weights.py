@@ -132,7 +132,8 @@ class WeightSet:
     @property
     def device_bytes(self) -> int:
         """Device memory the copies take (0 for weights read from the file mapping)."""
-        return self.device.size if self.device is not None else 0
+        device = self.device  # once: close() may clear it meanwhile (a status page asks)
+        return device.size if device is not None else 0
 
     def _repack(self, buffer: FileBuffer, infos: list[TensorInfo]) -> None:
         repacker = Repacker()

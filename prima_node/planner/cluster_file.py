@@ -181,7 +181,7 @@ def device_from_profile(doc: Mapping[str, Any]) -> Device:
                   mem_available=_number(memory, "available", f"{where}, memory"),
                   disk_bytes_per_s=_number(disk, disk_key, f"{where}, disk", positive=True),
                   cpu_flops=cpu, gpu_flops=gpu_flops, vram_free=vram,
-                  metal=os_ == "macOS" and unified,
+                  metal=unified,  # GPU layers in the host's memory (Apple, any iGPU)
                   gpu_compute_buffer=GPU_RESERVE_BYTES if gpu_flops else 0.0)
 
 

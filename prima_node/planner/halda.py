@@ -74,7 +74,7 @@ class Device:
     disk_bytes_per_s: float  # sequential on Linux, random page reads elsewhere
     cpu_flops: Mapping[str, float]  # decode FLOP/s by weight type
     os: str = "Linux"  # Linux | Android | macOS
-    metal: bool = False  # macOS with Metal: GPU and CPU share memory
+    metal: bool = False  # GPU and CPU share memory (Metal, or any integrated GPU)
     gpu_flops: Mapping[str, float] | None = None
     vram_free: float = 0.0
     # activations and scratch, bytes; None: what this project's engine allocates for the model
@@ -227,7 +227,7 @@ def _coefficients(dev: Device, model: ModelProfile, opts: Options, is_head: bool
     return _Coef(alpha, beta, model.mean_layer_bytes, model.kv_bytes_per_layer(opts.n_ctx),
                  fixed, avail, dev.disk_bytes_per_s,
                  dev.disk_bytes_per_s >= MIN_DISK_BYTES_PER_S, gpu_cap,
-                 dev.os == "macOS" and dev.metal)
+                 dev.metal)
 
 
 def _ram_layers(c: _Coef, layers: float, gpu: float) -> float:

@@ -177,6 +177,9 @@ def _serve(args: argparse.Namespace, model_path: Path, node_id: str) -> int:
         from . import api_node  # the API and the text layer: only where they run
 
         return asyncio.run(api_node.run(config, args.threads, announce))
+    if args.gpu_layers != 0:
+        _LOG.warning("--gpu-layers is for a node serving alone: in a ring the plan gives each "
+                     "node its GPU layers (from the GPU its profile measured)")
     node = _node_config(args, model_path, config, secret, client_tls)
     if args.head:
         from . import api_node

@@ -58,9 +58,12 @@ class Status:
         rt = self.runtime
         capacity = rt.kv_capacity()
         used = rt.kv_tokens()
-        model = dict(rt.model_info) if rt.model_info else {
+        model: dict[str, Any] = dict(rt.model_info) if rt.model_info else {
             "file": self.model_path.name, "path": str(self.model_path)}
         model["id"] = model_id(self.model_path)
+        gpu = rt.gpu_status()  # read afresh: the caches it holds grow with the conversations
+        if "gpu" in model:
+            model["gpu"] = gpu
         n_layers = model.get("n_layers")
         return {
             "api_version": API_VERSION,
@@ -85,7 +88,8 @@ class Status:
                            "address": f"{self.host}:{self.port}",
                            "layers": [0, n_layers] if n_layers else None,
                            "version": __version__, "memory": vitals(),
-                           "disk_read_bytes_per_s": None, "gpu": rt.gpu_status()}],
+                           "disk_read_bytes_per_s": None, "gpu": gpu,
+                           "gpu_layers": model.get("gpu_layers", 0)}],
                 "plan": None,
             },
         }
