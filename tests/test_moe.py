@@ -61,3 +61,25 @@ def test_a_decode_step_reads_the_experts_it_routes_to_and_no_others(tmp_path: Pa
         assert layer.touched_bytes <= got + 2 * PAGE * 12, (i, got, layer.touched_bytes)
         assert got <= layer.touched_bytes + slack, (i, got, layer.touched_bytes)
         assert got < 0.5 * layer.bytes
+
+
+def test_a_node_leaves_a_mixture_s_experts_to_the_page_cache(tmp_path: Path) -> None:
+    """What the pager prefetches and releases of a qwen3moe window is everything but the
+    expert tensors (a token reads a few experts, unknown before routing)."""
+    from prima_node.engine.paging import is_expert
+
+    path = write_model(tmp_path / "moe.gguf", arch="qwen3moe", preset="tiny", quant="F16")
+    with Model.open(path, n_ctx=64, repack=False) as m:
+        w = m.window(0, 2)
+        experts = {t.byte_range for n, t in m.file.tensors.items() if is_expert(n)}
+        assert len(experts) == 6  # gate, up and down of each of the two layers
+        pages = WindowPages.of_window(m.file, w)
+        held = sum(b - a for a, b in w.byte_ranges())
+        shared = held - sum(b - a for a, b in experts)
+        assert shared < pages.n_bytes <= shared + 2 * PAGE * 32  # page-rounded ranges
+        parts = WindowPages.parts_in_use_order(m.file, range(2))
+        # each part is one tensor's pages: none but the shared tensors' (page-rounded)
+        assert shared <= sum(p.n_bytes for p in parts) <= shared + 2 * PAGE * len(parts)
+        for p in parts:
+            for a, b in p.ranges:
+                assert all(min(b, eb) - max(a, ea) <= PAGE for ea, eb in experts)

@@ -6,6 +6,8 @@ stayed so. When they do not fit (Halda planned it to stream, or memory shrank si
 the paper's schedule: after sending a window's output it releases that window and asks the OS
 to read the next one, on a thread of its own, while the activations travel the rest of the ring.
 Residency is measured (mincore) just before each use, which is what the prefetch hit rate means.
+A mixture's expert tensors are not among the pages managed: the page cache keeps those tokens
+use (``engine.paging.is_expert``).
 The memory is read again every few seconds of use, since the home's other programs take and
 give back memory while the node runs: the node starts or stops streaming accordingly.
 """

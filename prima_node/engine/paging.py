@@ -108,6 +108,16 @@ _USE_ORDER = {role: i for i, role in enumerate((
     "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"))}
 
 
+def is_expert(name: str) -> bool:
+    """A mixture's expert tensor (``blk.N.ffn_*_exps``): left to the page cache, never
+    prefetched or released. A token reads a few experts of each, which cannot be known before
+    the router runs, so prefetching or releasing a window's experts moves all of them: on a
+    3-node ring of a 2.1 GB qwen3moe under memory limits that re-read 446 MB a token (563
+    ms/token), where the page cache alone, keeping the experts tokens use, read 1.6 MB (34
+    ms/token; scripts/bench-cluster --scenario memory)."""
+    return "_exps." in name
+
+
 def tensors_in_use_order(mf: ModelFile, layers: Iterable[int]) -> list[str]:
     """The given layers' tensor names in the order a forward pass reads them: layer by layer,
     attention before the feed-forward, whose down projection comes last."""
@@ -150,8 +160,10 @@ class WindowPages:
 
     @classmethod
     def of_window(cls, mf: ModelFile, window: Window) -> WindowPages:
-        """The pages of a window built on ``mf``."""
-        return cls(mf, window.byte_ranges())
+        """The pages a node manages of a window built on ``mf``: all but a mixture's expert
+        tensors (``is_expert``)."""
+        experts = {t.byte_range for name, t in mf.tensors.items() if is_expert(name)}
+        return cls(mf, [r for r in window.byte_ranges() if r not in experts])
 
     @classmethod
     def of_layers(cls, mf: ModelFile, layers: Iterable[int]) -> WindowPages:
@@ -176,7 +188,7 @@ class WindowPages:
         streaming node can read back last, and tensor by tensor its tail can be as many bytes
         as its memory spares, not whole layers."""
         return [cls(mf, [mf.tensors[name].byte_range])
-                for name in tensors_in_use_order(mf, layers)]
+                for name in tensors_in_use_order(mf, layers) if not is_expert(name)]
 
     def prefetch(self) -> float:
         """Start reading the window into the page cache. Returns the seconds the call took.

@@ -2,8 +2,8 @@
 
 A node of the cluster runs "layers [a, b) of the plan on these hidden states for this session";
 this class is exactly that, with its own KV caches for those layers only. Windows of one model
-share the file mapping, the CPU backend and the compute buffer, never caches, so a node can
-hold several (one per ring round) independently.
+share the file mapping, the CPU backend and the compute buffer (a GPU's, for layers on one:
+``gpu.py``), never caches, so a node can hold several (one per ring round) independently.
 
 Each step is a ggml graph. Building one costs about a microsecond per node from Python, so the
 graphs of decode steps (one token) are kept per session and cache length bucket, and only their
