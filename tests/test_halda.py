@@ -250,3 +250,52 @@ def test_equal_devices_share_the_layers_evenly_for_the_pipelined_prefill() -> No
     p = plan(devices, model, Options(n_ctx=512, k=1, use_all=True), links)
     windows = sorted(d.window for d in p.devices)
     assert windows == [5, 5, 6], windows
+
+
+def _moe(n_layer: int) -> ModelProfile:
+    """A mixture of experts: 16 experts of width 1024, 2 read per token."""
+    return from_shapes(PublishedModel("test-moe", "qwen3moe", n_layer, 2048, 32, 4, 8192, 32000,
+                                      8192, experts=(16, 2, 1024)), "Q4_K_M")
+
+
+def test_a_mixture_s_shortfall_costs_what_tokens_read_of_the_experts() -> None:
+    """A node's pager leaves the experts to the page cache: memory short by X bytes (less
+    than the experts) costs the expert share of X a token, not the k / (k - 1) tails."""
+    model = _moe(12)
+    b, kv = model.mean_layer_bytes, model.kv_bytes_per_layer(512)
+    e, share = model.mean_expert_bytes, model.expert_share
+    assert share == 2 / 16 and 0.8 * b < e < b
+    flops = {"Q4_K": 40 * GB, "Q6_K": 30 * GB, "F16": 20 * GB, "F32": 20 * GB}
+    buf = 0.01 * GB
+    avail = 9 * (b + kv) + buf + model.embedding_row_bytes + model.output_bytes
+    dev = Device("a", mem_available=avail, disk_bytes_per_s=1 * GB, cpu_flops=flops,
+                 compute_buffer=buf)
+    (d,) = plan([dev], model, Options(n_ctx=512, k=4)).devices
+    room = avail - buf - model.embedding_row_bytes - model.output_bytes - 12 * kv
+    short = 12 * b - 0.9 * room  # the weights beyond the pager's budget: within the experts
+    assert 0 < short < 12 * e
+    assert d.streamed_bytes == pytest.approx(share * short, rel=1e-9)
+    # a dense model's pager would stream tails of k / (k - 1) = 4 / 3 of the shortfall
+    assert d.streamed_bytes < short * 4 / 3 / 5
+
+
+def test_halda_finds_the_exhaustive_optimum_for_mixtures_of_experts() -> None:
+    rng = random.Random(20261206)
+    checked = 0
+    for _ in range(60):
+        model = _moe(rng.choice([4, 6, 8, 12]))
+        size = model.mean_layer_bytes * model.n_layer
+        devices = [_device(rng, i, size) for i in range(rng.randint(2, 3))]
+        links = {(a.name, b.name): Link(rng.uniform(0.0002, 0.01), rng.uniform(5e6, 1e9))
+                 for a in devices for b in devices if a is not b}
+        opts = Options(n_ctx=rng.choice([512, 2048]), head=rng.randrange(len(devices)))
+        best = brute_force(devices, model, opts, links)
+        try:
+            p = plan(devices, model, opts, links)
+        except PlanError:
+            assert best == float("inf")
+            continue
+        assert p.latency_s == pytest.approx(best, rel=1e-6), (devices, model.n_layer)
+        check_layout(p)
+        checked += 1
+    assert checked >= 30

@@ -177,6 +177,8 @@ class _Coef:
     can_overflow: bool
     gpu_cap_bytes: float  # VRAM for layers (0 without a GPU)
     metal: bool
+    expert_mem: float = 0.0  # of weight_mem, a mixture's experts (0: a dense model)
+    expert_share: float = 0.0  # the share of them a token reads (used / n)
 
     @property
     def layer_mem(self) -> float:
@@ -227,7 +229,7 @@ def _coefficients(dev: Device, model: ModelProfile, opts: Options, is_head: bool
     return _Coef(alpha, beta, model.mean_layer_bytes, model.kv_bytes_per_layer(opts.n_ctx),
                  fixed, avail, dev.disk_bytes_per_s,
                  dev.disk_bytes_per_s >= MIN_DISK_BYTES_PER_S, gpu_cap,
-                 dev.metal)
+                 dev.metal, model.mean_expert_bytes, model.expert_share)
 
 
 def _ram_layers(c: _Coef, layers: float, gpu: float) -> float:
@@ -268,8 +270,18 @@ def _device_cost(c: _Coef, k: int, held: int, n: int) -> tuple[float, float, flo
     window = _ram_layers(c, -(-held // k), n) * c.weight_mem  # the largest
     if k < 2 or not c.can_overflow or window > budget + TOL_BYTES:
         return None
-    streamed = k * (ram * c.weight_mem - budget) / (k - 1)
+    streamed = _streamed(c, k, ram * c.weight_mem - budget, ram)
     return compute, streamed / c.disk, streamed
+
+
+def _streamed(c: _Coef, k: int, short: float, ram: float) -> float:
+    """Bytes read from disk per token for ``short`` bytes of weights that do not fit. The
+    pager streams tails of k / (k - 1) of them (``_device_cost``); but a mixture's experts
+    are left to the page cache (``engine.paging.is_expert``), so up to all of its experts'
+    bytes the shortfall costs only what tokens read of it: the expert share (a page cache
+    that holds 90 % of the experts misses 10 % of the experts a token reads)."""
+    in_experts = min(short, ram * c.expert_mem)
+    return c.expert_share * in_experts + k / (k - 1) * (short - in_experts)
 
 
 # -- the integer program ----------------------------------------------------------------------
@@ -344,10 +356,26 @@ def _device_rows(p: _Program, m: int, cf: _Coef, k: int, L: int) -> None:
     for i, v in scaled(window, cf.weight_mem).items():
         budget_row[i] = budget_row.get(i, 0.0) + v
     p.row({**budget_row, iz: big}, -np.inf, keep * room + big)
-    # streaming: s >= k / (k - 1) * (R - B) / disk, R the windows' weight bytes
-    f = k / (k - 1) * 1e9 / cf.disk
-    p.row({**{i: v * f for i, v in scaled(ram, cf.weight_mem + keep * cf.kv_mem).items()},
-           i_s: -1.0, iz: f * big}, -np.inf, f * (keep * room + big))
+    # streaming: s >= k / (k - 1) * (R - B) / disk, R the windows' weight bytes; for a
+    # mixture (``_streamed``), the experts absorb the shortfall at their share first:
+    # s >= share * (R - B) / disk and s >= (share * E + k / (k - 1) * (R - B - E)) / disk,
+    # E the experts' bytes (the larger of the two is exact: convex in R - B)
+    tail = k / (k - 1) * 1e9 / cf.disk
+    short = scaled(ram, cf.weight_mem + keep * cf.kv_mem)
+    if not cf.expert_mem:
+        p.row({**{i: v * tail for i, v in short.items()}, i_s: -1.0, iz: tail * big},
+              -np.inf, tail * (keep * room + big))
+        return
+    share = cf.expert_share * 1e9 / cf.disk
+    p.row({**{i: v * share for i, v in short.items()}, i_s: -1.0, iz: share * big},
+          -np.inf, share * (keep * room + big))
+    mixed = dict(short)
+    for i, v in scaled(ram, cf.expert_mem).items():
+        mixed[i] = mixed.get(i, 0.0) - v  # R - B - E, with E counted at the expert share
+    row = {i: v * tail for i, v in mixed.items()}
+    for i, v in scaled(ram, cf.expert_mem).items():
+        row[i] = row.get(i, 0.0) + v * share
+    p.row({**row, i_s: -1.0, iz: tail * big}, -np.inf, tail * (keep * room + big))
 
 
 def _solve_k(coefs: Sequence[_Coef], k: int, L: int, base: float
@@ -489,8 +517,9 @@ def _lower_bound(coefs: Sequence[_Coef], k: int, L: int, base: float) -> float:
     cannot beat the best plan found so far.
 
     Compute: no split beats every layer on the fastest device. Disk: what does not fit in the
-    devices' memory and VRAM together must stream, k / (k - 1) times over (see
-    ``_device_cost``), and all disks at once stream at most their summed speed within T.
+    devices' memory and VRAM together must stream, k / (k - 1) times over (a mixture's
+    experts at their share first: ``_streamed``), and all disks at once stream at most their
+    summed speed within T.
     """
     compute = base + L * min(c.alpha + min(0.0, c.beta) for c in coefs)
     capacity = sum(c.avail - c.fixed_mem + (0.0 if c.metal else c.gpu_cap_bytes)
@@ -501,7 +530,7 @@ def _lower_bound(coefs: Sequence[_Coef], k: int, L: int, base: float) -> float:
     disks = sum(c.disk for c in coefs if c.can_overflow)
     if k < 2 or disks == 0:
         return math.inf
-    return max(compute, k / (k - 1) * deficit / disks)
+    return max(compute, _streamed(coefs[0], k, deficit, L) / disks)
 
 
 def _why_infeasible(devices: Sequence[Device], model: ModelProfile, opts: Options,

@@ -93,6 +93,21 @@ class ModelProfile:
         return sum(layer.bytes for layer in self.layers) / max(1, self.n_layer)
 
     @property
+    def expert_share(self) -> float:
+        """A mixture's experts a token reads, as a share of those a layer holds (used / n;
+        0 for a dense model), from ``extra["experts"]``."""
+        experts = self.extra.get("experts")
+        return experts["used"] / experts["n"] if experts else 0.0
+
+    @property
+    def mean_expert_bytes(self) -> float:
+        """Bytes of a layer's experts (all of them), on average; 0 for a dense model."""
+        share = self.expert_share
+        if not 0 < share < 1:
+            return 0.0
+        return (self.mean_layer_bytes - self.mean_touched_layer_bytes) / (1 - share)
+
+    @property
     def mean_touched_layer_bytes(self) -> float:
         """Bytes of weights one token reads in a layer, on average (less than the layer holds
         for a mixture of experts)."""
@@ -243,6 +258,7 @@ def _profile(tensors: Iterable[tuple[str, tuple[int, ...], GGMLQuantizationType]
                            dict(sorted(t.items())) if n_expert else None)
               for b, t, f in zip(layers_b, layers_t, layers_f, strict=True)]
     return ModelProfile(
+        extra={"experts": {"n": n_expert, "used": used}} if n_expert else {},
         name=name, architecture=arch, quant=quant, n_layer=n_layer, n_embd=n_embd,
         n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff, n_vocab=n_vocab,
         n_ctx_train=n_ctx_train, layers=layers, embedding_bytes=emb_bytes,
