@@ -131,7 +131,7 @@ def _stream(gen: Generator, ids: list[int], opts: GenerationOptions, out: TextIO
 
     Text is also appended to ``text`` as it comes, so an interrupted answer keeps what was said.
     """
-    from .generate import Finished, TextDelta, ToolCall
+    from .generate import Finished, ReasoningDelta, TextDelta, ToolCall
 
     text = [] if text is None else text
     calls: list[dict[str, Any]] = []
@@ -144,6 +144,10 @@ def _stream(gen: Generator, ids: list[int], opts: GenerationOptions, out: TextIO
                 if out is not None:
                     out.write(ev.text)
                     out.flush()
+            elif isinstance(ev, ReasoningDelta):  # the model's thinking: on stderr, so that
+                if out is not None:                # what it says stays apart on stdout
+                    sys.stderr.write(ev.text)
+                    sys.stderr.flush()
             elif isinstance(ev, ToolCall):
                 calls.append({"id": ev.id, "type": "function",
                               "function": {"name": ev.name, "arguments": ev.arguments}})
@@ -205,7 +209,9 @@ def cmd_generate(args: argparse.Namespace, demo: Callable[[], Path]) -> int:
                 print("warning: this model's chat template has no tool-call syntax: the tools "
                       "were given to the template, but calls cannot be recognised in the answer",
                       file=sys.stderr)
-            elif tools and fmt is not None:
+            if fmt == "harmony":  # answers in channels: the reasoning kept apart
+                opts = dataclasses.replace(opts, tool_format=fmt)
+            if tools and fmt is not None:
                 opts = dataclasses.replace(opts, tool_format=fmt)
                 if args.tool_choice != "auto":
                     from .text.tool_grammar import tool_call_grammar

@@ -25,6 +25,8 @@ import numpy as np
 from .errors import ContextOverflowError, SessionBusyError
 from .text.chat_template import ChatTemplate, load_chat_template
 from .text.constraint import JsonConstraint
+from .text.harmony import MARKERS as HARMONY_MARKERS
+from .text.harmony import HarmonyParser, ReasoningDelta
 from .text.sampler import Sampler, SamplingParams
 from .text.stops import StopStrings
 from .text.tokenizer import Tokenizer
@@ -35,6 +37,7 @@ __all__ = [
     "Finished",
     "GenerationOptions",
     "Generator",
+    "ReasoningDelta",
     "TextDelta",
     "Timings",
     "ToolCall",
@@ -131,7 +134,19 @@ class Finished:
     seed: int
 
 
-Event = TextDelta | ToolCall | Finished
+Event = TextDelta | ReasoningDelta | ToolCall | Finished
+
+
+def answer_parser(tool_format: str | None) -> ToolCallParser | HarmonyParser:
+    """What splits an answer in this syntax into text, calls (and reasoning, for harmony,
+    whose answers are in channels with or without tools)."""
+    return HarmonyParser() if tool_format == "harmony" else ToolCallParser(tool_format)
+
+
+def _markers(tool_format: str | None) -> tuple[str, ...]:
+    """The control tokens whose text the answer's parser must see."""
+    return HARMONY_MARKERS if tool_format == "harmony" else MARKER_TOKENS.get(tool_format or "",
+                                                                               ())
 
 
 class Generator:
@@ -279,7 +294,7 @@ class Generator:
         budget = n_ctx - len(prompt)
         max_tokens = budget if opts.max_tokens is None else min(opts.max_tokens, budget)
         stops = StopStrings(opts.stop)
-        parser = ToolCallParser(opts.tool_format)
+        parser = answer_parser(opts.tool_format)
         constraint = None
         if opts.grammar is not None:
             if opts.json_schema is not None or opts.json_mode:
@@ -308,7 +323,7 @@ class Generator:
         t_start = time.perf_counter()
         sampler = Sampler(opts.sampling, tok.n_vocab, run.constraint)
         sampler.feed_prompt(prompt)
-        markers = MARKER_TOKENS.get(opts.tool_format or "", ())
+        markers = _markers(opts.tool_format)
         detok = tok.stream(special=opts.special, continuation=opts.continuation,
                            show=[i for i in map(tok.token_id, markers) if i is not None])
         stops, parser, cancelled = run.stops, run.parser, run.cancel or (lambda: False)
@@ -408,6 +423,6 @@ class _Run:
     opts: GenerationOptions
     max_tokens: int
     stops: StopStrings
-    parser: ToolCallParser
+    parser: ToolCallParser | HarmonyParser
     constraint: JsonConstraint | None
     cancel: Callable[[], bool] | None

@@ -86,6 +86,22 @@ def test_synthetic_models_match_llama_cpp(make_model: ModelFactory, arch: str, q
     _compare(f"{arch} {quant} {preset}", path, _prompt(n_vocab))
 
 
+#: gpt-oss as its files come (MXFP4 experts, the rest Q8_0), and two plain types
+GPT_OSS_QUANTS = ["MXFP4_MOE", "Q8_0", "F16"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("quant", GPT_OSS_QUANTS)
+def test_gpt_oss_matches_llama_cpp(make_model: ModelFactory, quant: str, preset: str) -> None:
+    """Attention sinks, alternating sliding windows, YaRN, biased experts and OpenAI's
+    SwiGLU: each changes the logits when left out, so equality checks every one of them."""
+    path = make_model("gpt-oss", preset, quant)
+    with Model.open(path, n_ctx=N_CTX) as m:
+        n_vocab = m.config.n_vocab
+        assert m.config.yarn is not None and m.config.n_swa > 0
+    _compare(f"gpt-oss {quant} {preset}", path, _prompt(n_vocab))
+
+
 def test_sentencepiece_vocabulary_model_matches_llama_cpp(make_model: ModelFactory) -> None:
     path = make_model("llama", "small", "Q4_K_M", vocab="spm")
     with Model.open(path, n_ctx=N_CTX) as m:

@@ -164,10 +164,11 @@ VOCABS = {
     "qwen2": ("bpe", 8192, "qwen", {}),
     "default": ("bpe", 8192, "llama3", {"pre": "default"}),
     "spm": ("spm", 8192, "llama2", {}),
+    "harmony": ("bpe", 8192, "gpt-oss", {}),  # o200k_harmony's specials, gpt-4o pre-tokenizer
     "llama-bpe-tiny": ("bpe", 2048, "llama3", {}),
     "spm-tiny": ("spm", 2048, "llama2", {}),
 }
-MAIN = ["llama-bpe", "qwen2", "default", "spm"]
+MAIN = ["llama-bpe", "qwen2", "default", "spm", "harmony"]
 
 
 @pytest.fixture(scope="module")
@@ -478,12 +479,18 @@ def _assert_vocab_facts(tok: Tokenizer, ref: Ref, *, check_eot: bool = True) -> 
 @pytest.mark.parametrize("name", MAIN)
 def test_special_ids_attrs_and_eog_match(name: str, ours: Ours, theirs: Theirs) -> None:
     tok, ref = ours(name), theirs(name)
-    _assert_vocab_facts(tok, ref)
+    # harmony's files name no EOT token and hold two with EOT names (<|end|>, <|endoftext|>):
+    # llama.cpp keeps whichever its std::unordered_map yields first, an order of its hash
+    # table, not of the file. The id plays no part in generation (the EOG set, checked here
+    # exactly, is what ends it), so it is the one fact not compared for this vocabulary.
+    _assert_vocab_facts(tok, ref, check_eot=name != "harmony")
     expected = {"llama-bpe": {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"},
                 "default": {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"},
                 "qwen2": {"<|im_end|>", "<|endoftext|>", "<|fim_pad|>", "<|repo_name|>",
                           "<|file_sep|>"},
-                "spm": {"</s>"}}[name]
+                "spm": {"</s>"},
+                # <|end|> ends a message, not the answer (llama.cpp's o200k_harmony rule)
+                "harmony": {"<|return|>", "<|call|>", "<|endoftext|>"}}[name]
     assert {tok.token_text(i) for i in tok.eog_ids} == expected
 
 

@@ -272,6 +272,8 @@ async def transform_stream(chunks: AsyncIterator[dict[str, Any]], stats: RoundSt
     Assistant starts running them before the answer ends. Calls in an answer to a request
     without tools (the chat log could not run them) are left out. With ``think`` (thinking
     enabled) the thinking may come without its opening tag (``ThinkSplitter.implicit_open``).
+    Reasoning the head already separated (``reasoning_content``: gpt-oss's analysis channel)
+    is thinking content as it stands: never spoken.
     """
     started = False
     calls: dict[int, _PendingCall] = {}
@@ -289,6 +291,8 @@ async def transform_stream(chunks: AsyncIterator[dict[str, Any]], stats: RoundSt
             yield {"role": "assistant"}
         choice = choices[0]
         delta = choice.get("delta") or {}
+        if reasoning := delta.get("reasoning_content"):  # a harmony model's analysis channel
+            yield {"thinking_content": reasoning}
         if content := delta.get("content"):
             for key, text in splitter.feed(content):
                 yield {"content": text} if key == "content" else {"thinking_content": text}

@@ -14,6 +14,20 @@ from .spec import ARCHITECTURES, ArchSpec
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN's RoPE parameters as llama.cpp derives them from a file that names ``yarn``
+    scaling: frequencies interpolated between ``beta_slow`` and ``beta_fast`` rotations over the
+    original context, and the attention factor that cancels the magnitude correction ggml's
+    kernel applies (so 1.0 up to float rounding, which must be the same rounding)."""
+
+    ext_factor: float
+    attn_factor: float
+    beta_fast: float
+    beta_slow: float
+    n_ctx_orig: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: ArchSpec
     n_layer: int
@@ -34,13 +48,16 @@ class ModelConfig:
     n_expert_used: int = 0  # experts each token is routed to
     expert_weights_scale: float = 0.0  # the routing weights' scale after normalising (0: none)
     n_swa: int = 0  # sliding-window attention: positions a windowed layer sees (0: none)
+    swa_pattern: int = 0  # every layer but each swa_pattern-th slides (0: none)
     rope_base_swa: float = 10000.0  # the RoPE base of the windowed layers
+    rope_scale_swa: float = 1.0  # and their position multiplier
     final_softcap: float = 0.0  # logits = c * tanh(logits / c) (0: none)
+    yarn: Yarn | None = None  # YaRN RoPE scaling (gpt-oss), on every layer
 
     def sliding(self, layer: int) -> bool:
         """Whether a layer attends within the sliding window (every layer but each
         ``swa_pattern``-th, as llama.cpp's ``set_swa_pattern``)."""
-        n = self.arch.swa_pattern
+        n = self.swa_pattern
         return self.n_swa > 0 and n > 0 and layer % n < n - 1
 
     @property
@@ -113,17 +130,7 @@ def load_config(mf: ModelFile) -> ModelConfig:
     if n_rot > head_dim or n_rot % 2:
         raise ModelLoadError(mf.path, f"{a}.rope.dimension_count is {n_rot}; it must be even "
                                       f"and at most the head size {head_dim}")
-    scaling = mf.get(f"{a}.rope.scaling.type", "none")
-    rope_scale = 1.0
-    if scaling == "linear":
-        factor = real("rope.scaling.factor")
-        if factor <= 0:
-            raise ModelLoadError(mf.path, f"{a}.rope.scaling.factor must be positive")
-        rope_scale = 1.0 / factor
-    elif scaling not in ("none", None):
-        raise ModelLoadError(
-            mf.path, f"RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3)"
-        )
+    rope_scale, yarn = _rope_scaling(mf, a, count, real)
     rms_eps = real("attention.layer_norm_rms_epsilon")
     rope_base = real("rope.freq_base", 10000.0)
     if rms_eps <= 0 or rope_base <= 0:
@@ -149,14 +156,7 @@ def load_config(mf: ModelFile) -> ModelConfig:
         )
     n_ff, experts = _feed_forward(mf, spec, count, real)
     if spec.swa_pattern:
-        window = mf.get(f"{a}.attention.sliding_window")
-        if window is not None:
-            experts["n_swa"] = int(_number(mf, f"{a}.attention.sliding_window", window,
-                                           integer=True, minimum=0))
-        experts["rope_base_swa"] = real("rope.freq_base_swa", 10000.0)
-        if experts["rope_base_swa"] <= 0:
-            raise ModelLoadError(mf.path, f"{a}.rope.freq_base_swa must be positive: the file "
-                                          "is corrupt")
+        experts.update(_sliding_window(mf, spec, count, real, rope_base, rope_scale))
     experts["final_softcap"] = real("final_logit_softcapping", 0.0)
     return ModelConfig(
         arch=spec,
@@ -174,8 +174,60 @@ def load_config(mf: ModelFile) -> ModelConfig:
         rope_scale=rope_scale,
         rope_factors=factors,
         tied_embeddings="output.weight" not in mf.tensors,
+        yarn=yarn,
         **experts,
     )
+
+
+def _rope_scaling(mf: ModelFile, a: str, count: Any, real: Any) -> tuple[float, Yarn | None]:
+    """The position multiplier, and YaRN's parameters where the file names it, as llama.cpp
+    derives them (its loader reads only the factor and the original context; beta_fast 32,
+    beta_slow 1 and the attention factor are its defaults, whatever else a file says)."""
+    scaling = mf.get(f"{a}.rope.scaling.type", "none")
+    if scaling in ("none", None):
+        return 1.0, None
+    if scaling not in ("linear", "yarn"):
+        raise ModelLoadError(mf.path, f"RoPE scaling {scaling!r} is not supported (supported: "
+                                      "none, linear, yarn, llama3)")
+    factor = real("rope.scaling.factor")
+    if factor <= 0:
+        raise ModelLoadError(mf.path, f"{a}.rope.scaling.factor must be positive")
+    if scaling == "linear":
+        return 1.0 / factor, None
+    f32 = np.float32
+    scale = f32(1.0) / f32(factor)
+    factor32 = f32(1.0) / scale
+    log = f32(math.log(factor32))  # logf: correctly rounded, as glibc's
+    mscale = f32(f32(0.1) * log) + f32(1.0) if factor32 > 1 else f32(1.0)
+    attn = mscale * (f32(1.0) / (f32(f32(0.1) * log) + f32(1.0)))
+    attn = attn * f32(real("rope.scaling.attn_factor", 1.0))
+    orig = count("rope.scaling.original_context_length", count("context_length", 4096))
+    return float(scale), Yarn(1.0, float(attn), 32.0, 1.0, orig)
+
+
+def _sliding_window(mf: ModelFile, spec: ArchSpec, count: Any, real: Any, rope_base: float,
+                    rope_scale: float) -> dict[str, Any]:
+    """The window, the pattern of layers that use it and their RoPE (Gemma 3: base 10000
+    unscaled unless the file says; gpt-oss: the global layers' base and scale)."""
+    a = spec.name
+    out: dict[str, Any] = {"swa_pattern": spec.swa_pattern}
+    window = mf.get(f"{a}.attention.sliding_window")
+    if window is not None:
+        out["n_swa"] = int(_number(mf, f"{a}.attention.sliding_window", window,
+                                   integer=True, minimum=0))
+    pattern = mf.get(f"{a}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        raise ModelLoadError(mf.path, f"{a}.attention.sliding_window_pattern is a per-layer "
+                                      "list, which is not supported")
+    if pattern is not None:
+        out["swa_pattern"] = count("attention.sliding_window_pattern")
+    shared = spec.name == "gpt-oss"  # llama.cpp gives its windowed layers the global RoPE
+    out["rope_base_swa"] = real("rope.freq_base_swa", rope_base if shared else 10000.0)
+    out["rope_scale_swa"] = rope_scale if shared else 1.0
+    if out["rope_base_swa"] <= 0:
+        raise ModelLoadError(mf.path, f"{a}.rope.freq_base_swa must be positive: the file is "
+                                      "corrupt")
+    return out
 
 
 #: llama.cpp's limit on experts per layer (LLAMA_MAX_EXPERTS)

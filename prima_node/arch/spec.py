@@ -32,6 +32,15 @@ class ArchSpec:
 
     Phi-3's: ``fused_qkv`` (one ``attn_qkv`` projection whose output holds the queries, keys
     and values), ``fused_up`` (one ``ffn_up`` of twice the width whose first half is the gate).
+
+    gpt-oss's, as llama.cpp's ``openai-moe`` graph: ``sinks`` (a learned logit per head that
+    takes a share of every query's attention and gives nothing back), ``expert_gating``
+    (``"softmax_weight"``: the top experts by raw router logit, their weights a softmax over
+    those alone, not normalised again), ``expert_glu`` (``"swiglu_oai"``: OpenAI's clamped
+    SwiGLU, x * sigmoid(1.702 x) * (up + 1)), ``expert_bias`` (biases on the router and on each
+    expert's projections), ``ffn_norm`` (the pre-feed-forward norm's tensor name:
+    ``post_attention_norm`` there) and ``late_rows`` (the last layer computes every row; the
+    rows wanted are picked after it, before the output norm).
     """
 
     name: str
@@ -47,6 +56,12 @@ class ArchSpec:
     query_scale: bool = False
     fused_qkv: bool = False
     fused_up: bool = False
+    sinks: bool = False
+    expert_gating: str = "softmax"
+    expert_glu: str = "swiglu"
+    expert_bias: bool = False
+    ffn_norm: str = "ffn_norm"
+    late_rows: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -64,5 +79,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                  query_scale=True),
         ArchSpec("phi3", rope_neox=True, optional=frozenset(), query_scale=True,  # Phi-3, 3.5, 4
                  fused_qkv=True, fused_up=True),
+        ArchSpec("gpt-oss", rope_neox=True, qkv_bias=True, moe=True, swa_pattern=2,  # 20b, 120b
+                 optional=frozenset({"bq", "bk", "bv", "bo"}), sinks=True,
+                 expert_gating="softmax_weight", expert_glu="swiglu_oai", expert_bias=True,
+                 ffn_norm="post_attention_norm", late_rows=True),
     )
 }

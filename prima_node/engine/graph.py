@@ -49,6 +49,11 @@ class LayerTensors:
     q_norm: int | None = None
     k_norm: int | None = None
     gate_inp: int | None = None  # a mixture of experts' router (w_gate, w_up, w_down: 3-D)
+    gate_inp_b: int | None = None  # biases of the router and of each expert's projections
+    up_exps_b: int | None = None  # (gpt-oss: one row per expert)
+    gate_exps_b: int | None = None
+    down_exps_b: int | None = None
+    sinks: int | None = None  # attention sinks: a logit per head (gpt-oss)
     attn_post_norm: int | None = None  # Gemma: norms of the attention's and feed-forward's
     ffn_post_norm: int | None = None  # outputs, before their residual additions
     sliding: bool = False  # the layer attends within the sliding window (Gemma's local layers)
@@ -134,11 +139,17 @@ def rms_norm(b: Builder, x: int, weight: int, eps: float) -> int:
 
 def _rope(b: Builder, cfg: ModelConfig, x: int, pos: int, freqs: int | None,
           sliding: bool = False) -> int:
-    """RoPE; a sliding-window layer rotates with its own base and no scaling (Gemma 3)."""
+    """RoPE; a sliding-window layer rotates with its own base and scale (Gemma 3: 10000,
+    unscaled); YaRN, where the file names it, on every layer (gpt-oss)."""
     mode = ggml.ROPE_NEOX if cfg.arch.rope_neox else ggml.ROPE_NORMAL
-    base, scale = (cfg.rope_base_swa, 1.0) if sliding else (cfg.rope_base, cfg.rope_scale)
-    return int(b.g.ggml_rope_ext(b.ctx, x, pos, freqs, cfg.n_rot, mode, cfg.n_ctx_train,
-                                 base, scale, 0.0, 1.0, 32.0, 1.0))
+    base, scale = ((cfg.rope_base_swa, cfg.rope_scale_swa) if sliding
+                   else (cfg.rope_base, cfg.rope_scale))
+    y = cfg.yarn
+    ext, attn, fast, slow, orig = ((y.ext_factor, y.attn_factor, y.beta_fast, y.beta_slow,
+                                    y.n_ctx_orig) if y is not None
+                                   else (0.0, 1.0, 32.0, 1.0, cfg.n_ctx_train))
+    return int(b.g.ggml_rope_ext(b.ctx, x, pos, freqs, cfg.n_rot, mode, orig, base, scale,
+                                 ext, attn, fast, slow))
 
 
 def _qkv(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, T: int
@@ -203,6 +214,8 @@ def attention(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tupl
     assert mask is not None
     out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, q, 0, 2, 1, 3), cached(k_cache),
                                 cached(v_cache), mask, score_scale, 0.0, 0.0)
+    if w.sinks is not None:
+        g.ggml_flash_attn_ext_add_sinks(out, w.sinks)
     g.ggml_prec_set_acc(out, ggml.PREC_F32)
     out = g.ggml_reshape_2d(ctx, out, hd * nh, T)
     return _biased(b, g.ggml_mul_mat(ctx, w.wo, out), w.bo)
@@ -223,40 +236,67 @@ def feed_forward(b: Builder, w: LayerTensors, x: int, gelu: bool = False) -> int
     return _biased(b, g.ggml_mul_mat(ctx, w.w_down, glu), w.b_down)
 
 
-def mixture_of_experts(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int) -> int:
-    """The routed feed-forward of a mixture of experts, as llama.cpp's ``build_moe_ffn`` for
-    softmax routing: the top ``n_expert_used`` experts by router probability, their weights
-    normalised to sum to one (the sum clamped to float16's smallest normal, as there), each a
-    SwiGLU on the token, summed by weight."""
-    assert w.gate_inp is not None
+def _routing(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, T: int
+             ) -> tuple[int, int]:
+    """The experts each token goes to ([used, T]) and their weights ([1, used, T]), as
+    llama.cpp's ``build_moe_ffn``: softmax routing (the top experts by probability, their
+    weights normalised to sum to one, the sum clamped to float16's smallest normal, as there)
+    or gpt-oss's (the top experts by biased logit, a softmax over those alone)."""
     g, ctx = b.g, b.ctx
     n, used = cfg.n_expert, cfg.n_expert_used
-    T = g.ggml_nelements(x) // cfg.n_embd
-    probs = g.ggml_soft_max(ctx, g.ggml_mul_mat(ctx, w.gate_inp, x))  # [n_expert, T]
+    logits = _biased(b, g.ggml_mul_mat(ctx, w.gate_inp, x), w.gate_inp_b)  # [n_expert, T]
+    softmax_weight = cfg.arch.expert_gating == "softmax_weight"
+    probs = logits if softmax_weight else g.ggml_soft_max(ctx, logits)
     chosen = g.ggml_argsort_top_k(ctx, probs, used)  # [used, T]
     weights = g.ggml_get_rows(ctx, g.ggml_reshape_3d(ctx, probs, 1, n, T), chosen)
-    weights = g.ggml_reshape_2d(ctx, weights, used, T)
-    total = g.ggml_clamp(ctx, g.ggml_sum_rows(ctx, weights), 6.103515625e-5, math.inf)
-    weights = g.ggml_reshape_3d(ctx, g.ggml_div(ctx, weights, total), 1, used, T)
+    if softmax_weight:
+        weights = g.ggml_reshape_3d(ctx, g.ggml_soft_max(ctx, g.ggml_reshape_2d(
+            ctx, weights, used, T)), 1, used, T)
+    else:
+        weights = g.ggml_reshape_2d(ctx, weights, used, T)
+        total = g.ggml_clamp(ctx, g.ggml_sum_rows(ctx, weights), 6.103515625e-5, math.inf)
+        weights = g.ggml_reshape_3d(ctx, g.ggml_div(ctx, weights, total), 1, used, T)
     if cfg.expert_weights_scale not in (0.0, 1.0):
         weights = g.ggml_scale(ctx, weights, cfg.expert_weights_scale)
     b.expand(weights)
+    return int(chosen), int(weights)
+
+
+#: gpt-oss's SwiGLU: x * sigmoid(alpha x) * (up + 1), gate and up clamped to this limit
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
+def mixture_of_experts(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int) -> int:
+    """The routed feed-forward of a mixture of experts, as llama.cpp's ``build_moe_ffn``: each
+    token through the gated feed-forward of each expert it is routed to (with the experts'
+    biases where the file has them), summed by routing weight."""
+    assert w.gate_inp is not None and w.w_gate is not None
+    g, ctx = b.g, b.ctx
+    T = g.ggml_nelements(x) // cfg.n_embd
+    chosen, weights = _routing(b, cfg, w, x, T)
+
+    def experts_product(wt: int, inp: int, bias: int | None) -> int:
+        y = g.ggml_mul_mat_id(ctx, wt, inp, chosen)
+        return int(y if bias is None else g.ggml_add_id(ctx, y, bias, chosen))
+
     x3 = g.ggml_reshape_3d(ctx, x, cfg.n_embd, 1, T)
-    up = g.ggml_mul_mat_id(ctx, w.w_up, x3, chosen)  # [n_ff, used, T]
-    gate = g.ggml_mul_mat_id(ctx, w.w_gate, x3, chosen)
-    experts = g.ggml_mul_mat_id(ctx, w.w_down, g.ggml_swiglu_split(ctx, gate, up), chosen)
+    up = experts_product(w.w_up, x3, w.up_exps_b)  # [n_ff, used, T]
+    gate = experts_product(w.w_gate, x3, w.gate_exps_b)
+    glu = (g.ggml_swiglu_oai(ctx, gate, up, OAI_ALPHA, OAI_LIMIT)
+           if cfg.arch.expert_glu == "swiglu_oai" else g.ggml_swiglu_split(ctx, gate, up))
+    experts = experts_product(w.w_down, glu, w.down_exps_b)
     experts = g.ggml_mul(ctx, experts, weights)  # [n_embd, used, T]
     b.expand(experts)
     nb = g.tensor(experts).nb
     views = [int(g.ggml_view_2d(ctx, experts, cfg.n_embd, T, nb[2], i * nb[1]))
-             for i in range(used)]
+             for i in range(cfg.n_expert_used)]
     for v in views:
         b.expand(v)
     out = views[0]
     for v in views[1:]:
         out = int(g.ggml_add(ctx, out, v))
         b.expand(out)
-    return int(g.ggml_cont(ctx, out)) if used == 1 else out
+    return int(g.ggml_cont(ctx, out)) if len(views) == 1 else out
 
 
 def block(b: Builder, cfg: ModelConfig, w: LayerTensors, x: int, cache: tuple[int, int],
@@ -316,8 +356,8 @@ class StepGraph:
 
 def graph_nodes(n_layers: int, n_expert_used: int = 0) -> int:
     """Room for the nodes of a step over ``n_layers`` layers (about 30 each, plus the ends;
-    a mixture of experts adds about 20, and two per expert a token uses)."""
-    return (48 + (24 + 2 * n_expert_used if n_expert_used else 0)) * n_layers + 64
+    a mixture of experts adds about 30, and two per expert a token uses)."""
+    return (48 + (32 + 2 * n_expert_used if n_expert_used else 0)) * n_layers + 64
 
 
 def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors],
@@ -346,9 +386,13 @@ def build_step(cfg: ModelConfig, shape: StepShape, layers: Sequence[LayerTensors
         inputs["out_ids"] = out_ids = b.input("out_ids", ggml.TYPE_I32, 1)
     att = AttentionInputs(inputs["pos"], inputs["kv_idx"], inputs.get("mask"), shape.n_kv,
                           cache_rows, inputs.get("mask_swa"))
+    late = cfg.arch.late_rows
     for i, (w, cache) in enumerate(zip(layers, caches, strict=True)):
         last = i == len(layers) - 1
-        x = block(b, cfg, w, x, cache, att, ends.rope_freqs, out_ids if last else None)
+        x = block(b, cfg, w, x, cache, att, ends.rope_freqs,
+                  out_ids if last and not late else None)
+    if late and out_ids is not None:  # gpt-oss: the rows wanted are picked after the layers
+        x = int(g.ggml_get_rows(b.ctx, x, out_ids))
     rows = 1 if shape.last_only else T
     out_shape = (rows, cfg.n_embd)
     if shape.logits:

@@ -49,6 +49,16 @@ def check_experts(mf: ModelFile, name: str, n_expert: int, rows: int, cols: int)
     return t
 
 
+def check_expert_bias(mf: ModelFile, name: str, n_expert: int, size: int) -> TensorInfo:
+    """A bias per expert: ``n_expert`` rows of ``size`` F32 values in one tensor."""
+    t = mf.tensor(name)
+    if t.shape != (n_expert, size) or t.qtype.name != "F32":
+        raise ModelLoadError(mf.path, f"tensor {name!r} is {t.qtype.name} of shape "
+                                      f"{t.shape[::-1]} (GGUF order), expected F32 of "
+                                      f"{(size, n_expert)}")
+    return t
+
+
 def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, TensorInfo]:
     """Layer ``i``'s tensors by role, each checked against the shapes the config implies."""
     p = f"blk.{i}."
@@ -57,7 +67,7 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
     out = {
         "attn_norm": check_vector(mf, p + "attn_norm.weight", e),
         "wo": check_matrix(mf, p + "attn_output.weight", e, nq),
-        "ffn_norm": check_vector(mf, p + "ffn_norm.weight", e),
+        "ffn_norm": check_vector(mf, p + cfg.arch.ffn_norm + ".weight", e),
     }
     if cfg.arch.fused_qkv and p + "attn_qkv.weight" in mf.tensors:
         out["wqkv"] = check_matrix(mf, p + "attn_qkv.weight", nq + 2 * nkv, e)
@@ -71,6 +81,12 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
         out["w_gate"] = check_experts(mf, p + "ffn_gate_exps.weight", n, cfg.n_ff, e)
         out["w_up"] = check_experts(mf, p + "ffn_up_exps.weight", n, cfg.n_ff, e)
         out["w_down"] = check_experts(mf, p + "ffn_down_exps.weight", n, e, cfg.n_ff)
+        if cfg.arch.expert_bias:  # gpt-oss: the router's bias, and a row per expert
+            out["gate_inp_b"] = check_vector(mf, p + "ffn_gate_inp.bias", n)
+            for role, name, size in (("up_exps_b", "ffn_up_exps.bias", cfg.n_ff),
+                                     ("gate_exps_b", "ffn_gate_exps.bias", cfg.n_ff),
+                                     ("down_exps_b", "ffn_down_exps.bias", e)):
+                out[role] = check_expert_bias(mf, p + name, n, size)
     elif cfg.arch.fused_up:  # gate and up in one matrix of twice the width
         out["w_up"] = check_matrix(mf, p + "ffn_up.weight", 2 * cfg.n_ff, e)
         out["w_down"] = check_matrix(mf, p + "ffn_down.weight", e, cfg.n_ff)
@@ -90,6 +106,8 @@ def layer_tensor_infos(mf: ModelFile, cfg: ModelConfig, i: int) -> dict[str, Ten
     if cfg.arch.qk_norm:
         out["q_norm"] = check_vector(mf, p + "attn_q_norm.weight", hd)
         out["k_norm"] = check_vector(mf, p + "attn_k_norm.weight", hd)
+    if cfg.arch.sinks:
+        out["sinks"] = check_vector(mf, p + "attn_sinks.weight", cfg.n_head)
     if cfg.arch.post_norms:
         out["attn_post_norm"] = check_vector(mf, p + "post_attention_norm.weight", e)
         out["ffn_post_norm"] = check_vector(mf, p + "post_ffw_norm.weight", e)

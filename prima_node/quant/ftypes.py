@@ -38,6 +38,7 @@ FTYPES: dict[str, LlamaFileType] = {
     "Q5_K_S": LlamaFileType.MOSTLY_Q5_K_S,
     "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
     "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+    "MXFP4_MOE": LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 
 # llama_ftype_get_default_type
@@ -55,6 +56,7 @@ _DEFAULT_TYPE: dict[str, GGMLQuantizationType] = {
     "Q5_K_S": Q.Q5_K,
     "Q5_K_M": Q.Q5_K,
     "Q6_K": Q.Q6_K,
+    "MXFP4_MOE": Q.MXFP4,
 }
 
 _UNQUANTISED = (Q.F32, Q.F16, Q.BF16)
@@ -188,6 +190,8 @@ def tensor_type(
 
     cat = _category(name)
     ncols = shape[-1]
+    if ftype == "MXFP4_MOE":  # gpt-oss's files: the experts MXFP4, every other matrix Q8_0
+        return Q.MXFP4 if len(shape) == 3 and shape[0] > 1 else Q.Q8_0
 
     if cat == "output" or (not has_output and cat == "token_embd"):
         if ncols % GGML_QUANT_SIZES[new_type][0] != 0:

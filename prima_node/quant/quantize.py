@@ -472,7 +472,29 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
     return out
 
 
+#: The E2M1 values MXFP4's nibbles stand for, doubled (ggml's kvalues_mxfp4)
+_MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=_F32)
+
+
+def _mxfp4(b: np.ndarray) -> np.ndarray:
+    """MXFP4 (gpt-oss's experts): a shared power-of-two scale (E8M0) per 32 weights, each
+    weight the nearest of 16 E2M1 values (the first on ties)."""
+    n = b.shape[0]
+    amax = np.abs(b).max(axis=1)
+    e = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, _F32(1)))) - 2 + 127, 0)
+    e = e.astype(np.uint8)
+    # half the E8M0 scale, as ggml_e8m0_to_fp32_half: 2^(e - 128), denormal below e = 2
+    d = np.ldexp(_F32(1), e.astype(np.int32) - 128).astype(_F32)
+    err = np.abs(_MXFP4_VALUES[None, None, :] * d[:, None, None] - b[:, :, None])
+    q = err.argmin(axis=2).astype(np.uint8)
+    out = np.empty((n, 17), dtype=np.uint8)
+    out[:, 0] = e
+    out[:, 1:] = _pack_nibbles(q[:, :16], q[:, 16:])
+    return out
+
+
 _BLOCK_QUANTISERS: dict[GGMLQuantizationType, BlockFn] = {
+    GGMLQuantizationType.MXFP4: _mxfp4,
     GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q4_0: _q4_0,
     GGMLQuantizationType.Q4_1: _q4_1,

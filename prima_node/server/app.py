@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 
 from ..device.link import add_probe_route
 from ..errors import ClusterError, NodeUnreachableError
-from ..generate import Finished, Generator, TextDelta, ToolCall
+from ..generate import Finished, Generator, ReasoningDelta, TextDelta, ToolCall
 from . import prompting
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE, ServerMetrics, ring_node_gauges
@@ -347,6 +347,8 @@ async def _collect(reply: Reply, events: Any) -> Finished:
     async for ev in events:
         if isinstance(ev, TextDelta):
             reply.text.append(ev.text)
+        elif isinstance(ev, ReasoningDelta):
+            reply.reasoning.append(ev.text)
         elif isinstance(ev, ToolCall):
             reply.calls.append(ev)
         elif isinstance(ev, Finished):
@@ -368,6 +370,9 @@ async def _stream_answer(request: web.Request, reply: Reply, events: Any,
         async for ev in events:
             if isinstance(ev, TextDelta):
                 await resp.write(sse(reply.text_chunk(ev.text)))
+            elif isinstance(ev, ReasoningDelta):
+                if reply.chat:  # a plain completion has no place for it
+                    await resp.write(sse(reply.reasoning_chunk(ev.text)))
             elif isinstance(ev, ToolCall):
                 await resp.write(sse(reply.call_chunk(ev)))
             elif isinstance(ev, Finished):

@@ -349,6 +349,8 @@ def _chat_completion() -> Schema:
         "role": {"const": "assistant"},
         "content": _t(["string", "null"], "null when the answer is only tool calls."),
         "refusal": _t("null"),
+        "reasoning_content": _t("string", "The model's reasoning, where its format keeps it "
+                                "apart from the answer (harmony: gpt-oss's analysis channel)."),
         "tool_calls": _t("array", items=_ref("ToolCall"), minItems=1),
     }, required=["role", "content", "refusal"])
     choice = _obj({"index": {"const": 0}, "message": message, "logprobs": _t("null"),
@@ -360,6 +362,7 @@ def _chat_chunk() -> Schema:
     delta = _obj({
         "role": {"const": "assistant"},
         "content": _t("string"),
+        "reasoning_content": _t("string", "A piece of the model's reasoning (harmony)."),
         "tool_calls": _t("array", items=_ref("ToolCallDelta"), minItems=1),
     }, required=[], description="The first chunk has role and empty content; the one with "
        "finish_reason has an empty delta.")

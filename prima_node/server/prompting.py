@@ -87,6 +87,9 @@ def chat_prompt(gen: Generator, req: ChatRequest) -> tuple[list[int], Generation
                            param="messages", code="chat_template_error") from None
     except ValueError as exc:  # a message the template cannot be given (e.g. bad arguments)
         raise RequestError(str(exc), param="messages") from None
+    if fmt == "harmony":
+        # its answers are in channels with or without tools: reasoning apart from the answer
+        opts = dataclasses.replace(opts, tool_format=fmt)
     if tools and fmt is not None:
         opts = dataclasses.replace(opts, tool_format=fmt)
         if req.tool_choice in ("required", "function"):

@@ -59,6 +59,7 @@ class Reply:
     include_usage: bool = False
     text: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # a harmony model's analysis channel
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -89,6 +90,13 @@ class Reply:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
         return self._envelope([choice], chunk=True)
 
+    def reasoning_chunk(self, text: str) -> dict[str, Any]:
+        """Reasoning as llama.cpp's and DeepSeek's servers send it: ``reasoning_content``,
+        beside ``content`` (which OpenAI's clients read alone)."""
+        self.reasoning.append(text)
+        return self._envelope([{"index": 0, "delta": {"reasoning_content": text},
+                                "logprobs": None, "finish_reason": None}], chunk=True)
+
     def call_chunk(self, call: ToolCall) -> dict[str, Any]:
         index = len(self.calls)
         self.calls.append(call)
@@ -118,6 +126,8 @@ class Reply:
             message: dict[str, Any] = {"role": "assistant",
                                        "content": text if text or not self.calls else None,
                                        "refusal": None}
+            if self.reasoning:
+                message["reasoning_content"] = "".join(self.reasoning)
             if self.calls:
                 message["tool_calls"] = [tool_call_json(c) for c in self.calls]
             choice = {"index": 0, "message": message, "logprobs": None,

@@ -39,6 +39,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..text.builtin_templates import HARMONY
+
 if TYPE_CHECKING:
     import gguf
 
@@ -66,7 +68,7 @@ TOKEN_TYPE_UNUSED = 5
 TOKEN_TYPE_BYTE = 6
 
 KINDS = ("bpe", "spm")
-STYLES = ("llama3", "qwen", "llama2")
+STYLES = ("llama3", "qwen", "llama2", "gpt-oss")
 
 SPM_SPACE = "\u2581"  # "▁"
 
@@ -75,6 +77,14 @@ SPM_SPACE = "\u2581"  # "▁"
 LLAMA3_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# o200k (gpt-4o, gpt-oss): cased words with contractions, numbers in threes
+GPT4O_PRETOKENIZE_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN2_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -451,6 +461,25 @@ _QWEN_SPECIALS: tuple[tuple[str, int], ...] = (
     ("<|file_sep|>", _C),
 )
 
+# o200k_harmony's special tokens (gpt-oss), in id order; the reserved ones keep their places
+_HARMONY_SPECIALS: tuple[tuple[str, int], ...] = (
+    ("<|startoftext|>", _C),
+    ("<|endoftext|>", _C),
+    ("<|reserved_200000|>", _C),
+    ("<|reserved_200001|>", _C),
+    ("<|return|>", _C),
+    ("<|constrain|>", _C),
+    ("<|reserved_200004|>", _C),
+    ("<|channel|>", _C),
+    ("<|start|>", _C),
+    ("<|end|>", _C),
+    ("<|message|>", _C),
+    ("<|reserved_200009|>", _C),
+    ("<|reserved_200010|>", _C),
+    ("<|reserved_200011|>", _C),
+    ("<|call|>", _C),
+)
+
 _LLAMA2_SPECIALS: tuple[tuple[str, int], ...] = (
     ("<unk>", TOKEN_TYPE_UNKNOWN),
     ("<s>", _C),
@@ -497,9 +526,24 @@ _STYLES: dict[str, _Style] = {
         pre="llama-bpe",
         chat_template=LLAMA2_CHAT_TEMPLATE,
     ),
+    # gpt-oss GGUFs: bos <|startoftext|>, eos <|return|>, pad <|endoftext|>, no BOS added
+    # (the harmony prompt starts with <|start|>)
+    "gpt-oss": _Style(
+        specials=_HARMONY_SPECIALS,
+        specials_first=False,
+        bos="<|startoftext|>",
+        eos="<|return|>",
+        eot=None,
+        pad="<|endoftext|>",
+        unk=None,
+        add_bos=False,
+        pre="gpt-4o",
+        chat_template=HARMONY,
+    ),
 }
 
-_PRE_REGEX = {"llama-bpe": LLAMA3_PRETOKENIZE_REGEX, "qwen2": QWEN2_PRETOKENIZE_REGEX}
+_PRE_REGEX = {"llama-bpe": LLAMA3_PRETOKENIZE_REGEX, "qwen2": QWEN2_PRETOKENIZE_REGEX,
+              "gpt-4o": GPT4O_PRETOKENIZE_REGEX}
 
 # Token texts that llama.cpp's vocab loader recognises by name (EOT / EOM / EOG / FIM
 # detection, gpt-oss attributes) and forces to CONTROL or USER_DEFINED whatever their
@@ -522,7 +566,8 @@ _LLAMA_CPP_NAMED_TOKENS = frozenset(
         "<\uff5cfim\u2581hole\uff5c>", "[EOS]", "[EOT]", "[PAD]", "[e~[", "_<EOT>",
         "\u2581<MID>", "\u2581<PRE>", "\u2581<SUF>", "<mask>", "[MASK]", "<unk>", "<s>",
     ]
-    + [t for style in (_LLAMA3_SPECIALS, _QWEN_SPECIALS, _LLAMA2_SPECIALS) for t, _ in style]
+    + [t for style in (_LLAMA3_SPECIALS, _QWEN_SPECIALS, _LLAMA2_SPECIALS, _HARMONY_SPECIALS)
+       for t, _ in style]
 )  # fmt: skip
 
 

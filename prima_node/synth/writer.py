@@ -30,13 +30,15 @@ from .vocab import SyntheticVocab, build_vocab
 
 #: ftypes offered by ``make-model`` (the files people download).
 MAKE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M",
-              "Q6_K")
+              "Q6_K", "MXFP4_MOE")
 
 ROPE_BASE = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0, "qwen3moe": 1000000.0,
-             "gemma3": 1000000.0, "phi3": 10000.0}
-#: Gemma 3's sliding window: 512 positions in the real models; the tests' presets use 16 so
-#: that a 40-token prompt already slides
+             "gemma3": 1000000.0, "phi3": 10000.0, "gpt-oss": 150000.0}
+#: The sliding window: 512 positions in the real Gemma 3 models, 128 in gpt-oss; the tests'
+#: presets use 16 so that a 40-token prompt already slides
 SLIDING_WINDOW = {"tiny": 16, "small": 16, "1b": 512}
+#: gpt-oss's YaRN: a 32-fold extension of the context it was trained at
+YARN_FACTOR = 32.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def vocab_style(arch: str, vocab: str) -> str:
     """Which real model family the tokenizer imitates for an architecture and vocab kind."""
     if vocab == "spm":
         return "llama2"
-    return "llama3" if arch == "llama" else "qwen"
+    return {"llama": "llama3", "gpt-oss": "gpt-oss"}.get(arch, "qwen")
 
 
 def llama3_rope_factors(n_rot: int, base: float, factor: float = 32.0, low: float = 1.0,
@@ -98,13 +100,15 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
             plans += [_TensorPlan(b + "attn_q.bias", (nq,), 0.3),
                       _TensorPlan(b + "attn_k.bias", (nkv,), 0.3),
                       _TensorPlan(b + "attn_v.bias", (nkv,), 0.1)]
+        if spec.sinks:  # a logit per head, of the order of the scores
+            plans.append(_TensorPlan(b + "attn_sinks.weight", (p.n_head,), 1.0))
         if spec.qk_norm:
             plans += [_TensorPlan(b + "attn_q_norm.weight", (hd,), 0.1, 1.0),
                       _TensorPlan(b + "attn_k_norm.weight", (hd,), 0.1, 1.0)]
-        plans += [
-            _TensorPlan(b + "attn_output.weight", (e, nq), s_q),
-            _TensorPlan(b + "ffn_norm.weight", (e,), 0.1, 1.0),
-        ]
+        plans.append(_TensorPlan(b + "attn_output.weight", (e, nq), s_q))
+        if spec.qkv_bias and "bo" in spec.optional:
+            plans.append(_TensorPlan(b + "attn_output.bias", (e,), 0.1))
+        plans.append(_TensorPlan(b + spec.ffn_norm + ".weight", (e,), 0.1, 1.0))
         if spec.post_norms:
             plans += [_TensorPlan(b + "post_attention_norm.weight", (e,), 0.1, 1.0),
                       _TensorPlan(b + "post_ffw_norm.weight", (e,), 0.1, 1.0)]
@@ -116,6 +120,11 @@ def tensor_plan(arch: str, p: Preset, n_vocab: int) -> list[_TensorPlan]:
                 _TensorPlan(b + "ffn_up_exps.weight", (n, f, e), s_e),
                 _TensorPlan(b + "ffn_down_exps.weight", (n, e, f), 1.0 / math.sqrt(f)),
             ]
+            if spec.expert_bias:
+                plans += [_TensorPlan(b + "ffn_gate_inp.bias", (n,), 0.3),
+                          _TensorPlan(b + "ffn_gate_exps.bias", (n, f), 0.1),
+                          _TensorPlan(b + "ffn_up_exps.bias", (n, f), 0.1),
+                          _TensorPlan(b + "ffn_down_exps.bias", (n, e), 0.1)]
         elif spec.fused_up:  # gate and up stacked in one matrix (Phi-3)
             plans += [
                 _TensorPlan(b + "ffn_up.weight", (2 * p.n_ff, e), s_e),
@@ -155,6 +164,8 @@ def write_model(
     p = PRESETS[preset]
     if ARCHITECTURES[arch].moe:
         p = with_experts(p, preset)
+    if arch == "gpt-oss":  # its files always have an output projection of their own
+        p = dataclasses.replace(p, tied=False)
     if n_layer is not None:
         if n_layer < 1:
             raise ValueError("a model needs at least one layer")
@@ -238,13 +249,17 @@ def _write_metadata(w: gguf.GGUFWriter, arch: str, preset: str, quant: str, seed
     w.add_feed_forward_length(p.n_ff)
     w.add_head_count(p.n_head)
     w.add_head_count_kv(p.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5 if arch == "llama" else 1e-6)
+    w.add_layer_norm_rms_eps(1e-5 if arch in ("llama", "gpt-oss") else 1e-6)
     if ARCHITECTURES[arch].swa_pattern:
         w.add_sliding_window(SLIDING_WINDOW[preset])
     w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(voc.n_vocab)
-    if arch in ("qwen3", "qwen3moe", "gemma3"):
+    if arch == "gpt-oss":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(YARN_FACTOR)
+        w.add_rope_scaling_orig_ctx_len(int(p.n_ctx_train / YARN_FACTOR))
+    if arch in ("qwen3", "qwen3moe", "gemma3", "gpt-oss"):
         w.add_key_length(hd)
         w.add_value_length(hd)
     if p.n_expert:

@@ -27,6 +27,18 @@ Each follows the documented prompt format of its family, so that a model whose f
     first user turn (Gemma has no system role). No tool syntax: tool messages and calls are
     refused, as for ``llama2``.
 
+``harmony``
+    gpt-oss's harmony format: a system message (model identity, knowledge cutoff, today's date,
+    ``Reasoning: low|medium|high`` from the ``reasoning_effort`` argument, the valid channels),
+    then a developer message with the instructions (the request's system prompt) and the tools
+    as a TypeScript ``namespace functions``; turns are
+    ``<|start|>role<|message|>...<|end|>``. The model answers in channels: ``analysis`` (its
+    reasoning), ``final`` (the answer) and ``commentary`` with ``to=functions.NAME`` for a
+    call, whose arguments are the message (JSON). Earlier calls come back as such messages
+    ending in ``<|call|>``, their results as ``<|start|>functions.NAME to=assistant`` messages;
+    an earlier turn's reasoning is dropped unless the model is still working on the last user
+    message (between its calls), as OpenAI's renderer does.
+
 The sources use the Hugging Face conventions (``bos_token``, ``eos_token``, ``tools``,
 ``add_generation_prompt``, ``raise_exception``, ``strftime_now``, ``tojson`` with ``indent``)
 so they render identically under transformers' own renderer.
@@ -34,7 +46,7 @@ so they render identically under transformers' own renderer.
 
 from __future__ import annotations
 
-__all__ = ["BUILTIN_TEMPLATES", "CHATML", "GEMMA", "LLAMA2", "LLAMA3"]
+__all__ = ["BUILTIN_TEMPLATES", "CHATML", "GEMMA", "HARMONY", "LLAMA2", "LLAMA3"]
 
 # Assistant tool calls accept both the OpenAI shape ({"function": {...}}) and a bare
 # {"name", "arguments"} dict, as the Hugging Face templates of these families do.
@@ -227,6 +239,128 @@ GEMMA = r"""{{- bos_token }}
 {%- endif %}
 """  # noqa: E501
 
+HARMONY = r"""{%- macro ts_type(schema) -%}
+    {%- if schema['enum'] is defined -%}
+        {{- schema['enum'] | map('tojson') | join(' | ') -}}
+    {%- elif schema['type'] == 'string' -%}string
+    {%- elif schema['type'] in ['number', 'integer'] -%}number
+    {%- elif schema['type'] == 'boolean' -%}boolean
+    {%- elif schema['type'] == 'array' -%}
+        {{- (ts_type(schema['items']) if schema['items'] is defined else 'any') + '[]' -}}
+    {%- elif schema['type'] == 'object' -%}object
+    {%- else -%}any
+    {%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0]['role'] in ['system', 'developer'] %}
+    {%- set instructions = messages[0]['content'] %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set instructions = none %}
+{%- endif %}
+{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+' }}
+{{- 'Knowledge cutoff: 2024-06
+Current date: ' + strftime_now('%Y-%m-%d') + '
+
+' }}
+{{- 'Reasoning: ' + (reasoning_effort if reasoning_effort is defined else 'medium') + '
+
+' }}
+{{- '# Valid channels: analysis, commentary, final. Channel must be included for every message.' }}
+{%- if tools %}
+    {{- "
+Calls to these tools must go to the commentary channel: 'functions'." }}
+{%- endif %}
+{{- '<|end|>' }}
+{%- if instructions or tools %}
+    {{- '<|start|>developer<|message|>' }}
+    {%- if instructions %}
+        {{- '# Instructions
+
+' + instructions }}
+    {%- endif %}
+    {%- if tools %}
+        {{- '
+
+' if instructions else '' }}
+        {{- '# Tools
+
+## functions
+
+namespace functions {
+
+' }}
+        {%- for tool in tools %}
+            {%- set f = tool['function'] if tool['function'] is defined else tool %}
+            {%- if f['description'] %}
+                {{- '// ' + f['description'] + '
+' }}
+            {%- endif %}
+            {%- set params = f['parameters'] if f['parameters'] is defined else {} %}
+            {%- if params['properties'] %}
+                {{- 'type ' + f['name'] + ' = (_: {
+' }}
+                {%- for name, prop in params['properties'] | items %}
+                    {%- if prop['description'] %}
+                        {{- '// ' + prop['description'] + '
+' }}
+                    {%- endif %}
+                    {%- set optional = '' if name in (params['required'] or []) else '?' %}
+                    {{- name + optional + ': ' + ts_type(prop) + ',
+' }}
+                {%- endfor %}
+                {{- '}) => any;
+
+' }}
+            {%- else %}
+                {{- 'type ' + f['name'] + ' = () => any;
+
+' }}
+            {%- endif %}
+        {%- endfor %}
+        {{- '} // namespace functions' }}
+    {%- endif %}
+    {{- '<|end|>' }}
+{%- endif %}
+{%- set ns = namespace(last_user=-1, tool='') %}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {%- set ns.last_user = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message['content'] if message['content'] is string else '' %}
+    {%- if message['role'] == 'user' %}
+        {{- '<|start|>user<|message|>' + content + '<|end|>' }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- set thinking = message['thinking'] if message['thinking'] is string else '' %}
+        {%- if thinking and loop.index0 > ns.last_user %}
+            {{- '<|start|>assistant<|channel|>analysis<|message|>' + thinking + '<|end|>' }}
+        {%- endif %}
+        {%- if content %}
+            {{- '<|start|>assistant<|channel|>final<|message|>' + content + '<|end|>' }}
+        {%- endif %}
+        {%- for call in message['tool_calls'] or [] %}
+            {%- set fn = call['function'] if call['function'] is defined else call %}
+            {%- set ns.tool = fn['name'] %}
+            {%- set args = fn['arguments'] %}
+            {{- '<|start|>assistant<|channel|>commentary to=functions.' + fn['name'] }}
+            {{- ' <|constrain|>json<|message|>' }}
+            {{- (args if args is string else args | tojson) + '<|call|>' }}
+        {%- endfor %}
+    {%- elif message['role'] == 'tool' %}
+        {%- set name = message['name'] if message['name'] is string else ns.tool %}
+        {{- '<|start|>functions.' + name + ' to=assistant<|channel|>commentary<|message|>' }}
+        {{- content + '<|end|>' }}
+    {%- else %}
+        {{- raise_exception('harmony has no role ' + message['role'] | tojson) }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start|>assistant' }}
+{%- endif %}
+"""
+
 #: Built-in template sources by short name (``ChatTemplate.name`` is ``"builtin:" + name``).
 BUILTIN_TEMPLATES: dict[str, str] = {"llama3": LLAMA3, "chatml": CHATML, "llama2": LLAMA2,
-                                     "gemma": GEMMA}
+                                     "gemma": GEMMA, "harmony": HARMONY}

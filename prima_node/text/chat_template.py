@@ -55,11 +55,12 @@ __all__ = [
 
 log = logging.getLogger("prima_node.text")
 
-TOOL_FORMATS = ("llama3", "hermes", "mistral")
+TOOL_FORMATS = ("llama3", "hermes", "mistral", "harmony")
 
 # Tool-call syntax each built-in template teaches the model.
 _BUILTIN_TOOL_FORMAT: dict[str, str | None] = {"llama3": "llama3", "chatml": "hermes",
-                                               "llama2": None, "gemma": None}
+                                               "llama2": None, "gemma": None,
+                                               "harmony": "harmony"}
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ def choose_builtin(arch: str | None, tokens: Sequence[str],
     (Llama 2, Llama 3 and Mistral are all ``llama``).
     """
     vocab = frozenset(tokens)
+    if "<|channel|>" in vocab and "<|message|>" in vocab:
+        return "harmony", "the vocabulary has harmony's <|channel|> and <|message|> tokens"
     if "<|start_header_id|>" in vocab and "<|eot_id|>" in vocab:
         return "llama3", "the vocabulary has Llama 3's <|start_header_id|> and <|eot_id|> tokens"
     if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
@@ -195,8 +198,11 @@ def detect_tool_format(source: str) -> str | None:
 
     Checked in llama.cpp's order (``common_chat_templates_apply_jinja``): Hermes / Qwen's
     ``<tool_call>`` first (some Llama-based fine-tunes use it), then Mistral's ``[TOOL_CALLS]``,
-    then Llama 3.x (``ipython`` turns or ``<|python_tag|>``).
+    then Llama 3.x (``ipython`` turns or ``<|python_tag|>``); harmony (gpt-oss) by its
+    ``<|channel|>`` marker, whatever else it holds: its answers are always in channels.
     """
+    if "<|channel|>" in source:
+        return "harmony"
     if "<tool_call>" in source:
         return "hermes"
     if "[TOOL_CALLS]" in source:

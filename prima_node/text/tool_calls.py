@@ -515,7 +515,7 @@ class ToolCallParser:
             self._buf = buf[i:]
             self._start_call(marker)
             return True
-        keep = 0 if final else _partial_marker_tail(buf, self._markers)
+        keep = 0 if final else partial_marker_tail(buf, self._markers)
         self._out.append(TextDelta(buf[:len(buf) - keep]))
         self._buf = buf[len(buf) - keep:]
         return False
@@ -663,7 +663,7 @@ class ToolCallParser:
         return _Done([(name, arguments, call_id)], end)
 
 
-def _partial_marker_tail(text: str, markers: Sequence[str]) -> int:
+def partial_marker_tail(text: str, markers: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is the start of a marker (and so held)."""
     longest = 0
     for marker in markers:

@@ -39,11 +39,28 @@ def tool_call_grammar(tool_format: str, tools: Sequence[Mapping[str, Any]], voca
     vocabulary are written as those tokens (a model emits ``<tool_call>`` as one token, never
     spelled out), others as literal text.
     """
+    if tool_format == "harmony":
+        return _harmony_grammar(_chosen(tools, name), vocab)
     if tool_format not in _SHAPES:
         raise ValueError(f"no forced-call grammar for tool syntax {tool_format!r} "
                          f"(known: {', '.join(_SHAPES)})")
     before, args_key, after = _SHAPES[tool_format]
-    calls = []
+    calls = [{
+        "type": "object",
+        "properties": {"name": {"const": fn_name}, args_key: params},
+        "required": ["name", args_key],
+        "additionalProperties": False,
+    } for fn_name, params in _chosen(tools, name)]
+    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    parts = [*map(lambda t: _piece(t, vocab), before), "call",
+             *map(lambda t: _piece(t, vocab), after)]
+    return f"start: {' '.join(parts)}\ncall: %json {json.dumps(_guided(schema))}\n"
+
+
+def _chosen(tools: Sequence[Mapping[str, Any]], name: str | None
+            ) -> list[tuple[str, dict[str, Any]]]:
+    """(name, parameters schema) of each tool the call may be of."""
+    chosen = []
     for tool in tools:
         fn = tool.get("function") if isinstance(tool, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
@@ -55,21 +72,29 @@ def tool_call_grammar(tool_format: str, tools: Sequence[Mapping[str, Any]], voca
         # arguments the tool did not declare are of no use to it, and a small model would
         # happily invent them (without end): declared properties only, unless said otherwise
         params.setdefault("additionalProperties", False)
-        calls.append({
-            "type": "object",
-            "properties": {"name": {"const": fn["name"]}, args_key: params},
-            "required": ["name", args_key],
-            "additionalProperties": False,
-        })
-    if not calls:
+        chosen.append((fn["name"], params))
+    if not chosen:
         wanted = f"a tool named {name!r}" if name is not None else "a tool"
         raise ValueError(f"the request requires {wanted}, but none was given")
-    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return chosen
+
+
+def _guided(schema: dict[str, Any]) -> dict[str, Any]:
     # the whitespace llama.cpp's JSON grammars allow: unbounded, a model can loop on newlines
-    schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-    parts = [*map(lambda t: _piece(t, vocab), before), "call",
-             *map(lambda t: _piece(t, vocab), after)]
-    return f"start: {' '.join(parts)}\ncall: %json {json.dumps(schema)}\n"
+    return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+
+
+def _harmony_grammar(chosen: list[tuple[str, dict[str, Any]]], vocab: _Vocab) -> str:
+    """gpt-oss names the function in the message's header and writes only the arguments in
+    its body: one alternative per tool, each with its own arguments' schema."""
+    channel, constrain, message = (_piece(t, vocab) for t in
+                                   ("<|channel|>", "<|constrain|>", "<|message|>"))
+    rules = [f"start: {' | '.join(f'call{i}' for i in range(len(chosen)))}"]
+    for i, (fn_name, params) in enumerate(chosen):
+        header = json.dumps(f"commentary to=functions.{fn_name} ")
+        rules.append(f"call{i}: {channel} {header} {constrain} \"json\" {message} args{i}")
+        rules.append(f"args{i}: %json {json.dumps(_guided(params))}")
+    return "\n".join(rules) + "\n"
 
 
 def _piece(text: str, vocab: _Vocab) -> str:

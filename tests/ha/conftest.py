@@ -126,6 +126,21 @@ def moe_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
         srv.stop()
 
 
+@pytest.fixture(scope="session")
+def oss_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A head serving gpt-oss (synthetic, MXFP4 experts as its files come): harmony's
+    channels and its call syntax."""
+    path = tmp_path_factory.mktemp("models") / "gpt-oss.gguf"
+    subprocess.run([str(NODE_PYTHON), "-m", "prima_node.cli", "make-model", str(path),
+                    "--arch", "gpt-oss", "--preset", "tiny", "--quant", "MXFP4_MOE"],
+                   check=True, capture_output=True)
+    srv = start_head(path, tmp_path_factory.mktemp("oss"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 def head_url(srv: ServerProcess) -> str:
     return f"http://127.0.0.1:{srv.port}"
 

@@ -353,13 +353,16 @@ async def test_a_model_that_cannot_call_tools_is_told_and_the_log_says_so(
         in toolless_head.log()
 
 
-@pytest.mark.parametrize("family", ["llama3", "hermes"])
+@pytest.mark.parametrize("family", ["llama3", "hermes", "harmony"])
 async def test_tool_call_runs_against_the_head(hass: HomeAssistant, family: str,
                                                head: ServerProcess, moe_head: ServerProcess,
+                                               oss_head: ServerProcess,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tool call in each family's syntax: Llama 3's JSON (the session's head), and Qwen's
-    Hermes <tool_call> from a mixture of experts (qwen3moe)."""
-    head = head if family == "llama3" else moe_head
+    """A tool call in each family's syntax: Llama 3's JSON (the session's head), Qwen's
+    Hermes <tool_call> from a mixture of experts (qwen3moe), and gpt-oss's harmony channels
+    (the function named in the message's header). The heads are session fixtures started
+    before any test runs (the harness refuses threads a test leaves behind)."""
+    head = {"llama3": head, "hermes": moe_head, "harmony": oss_head}[family]
     assert head.status()["model"]["tool_format"] == family
     tool = SetLight()
     unregister = llm.async_register_api(hass, LightAPI(hass, tool))
@@ -680,6 +683,16 @@ async def test_calls_without_tools_offered_are_dropped() -> None:
             "name": "HassTurnOn", "arguments": "{}"}}]}),
         chunk({}, "tool_calls")], tools_offered=False)
     assert deltas == [{"role": "assistant"}, {"content": "Done"}]
+
+
+async def test_reasoning_the_head_separated_is_thinking_content() -> None:
+    """gpt-oss's analysis channel arrives as reasoning_content: never part of the answer."""
+    deltas, _stats = await run_stream([
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning_content": "The user wants "}), chunk({"reasoning_content": "light."}),
+        chunk({"content": "Done."}), chunk({}, "stop")])
+    assert deltas == [{"role": "assistant"}, {"thinking_content": "The user wants "},
+                      {"thinking_content": "light."}, {"content": "Done."}]
 
 
 async def test_stream_splits_thinking_when_enabled() -> None:
