@@ -358,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "profile of a published model's shapes quantised the way llama.cpp does.")
     mp.add_argument("model", nargs="?", help="GGUF file or a model profile JSON")
     mp.add_argument("--published", metavar="NAME",
-                    help="a published model instead of a file: llama3-8b, llama3-70b, "
-                         "deepseek-r1-distill-llama-70b, qwen2.5-32b, qwq-32b, qwen2.5-72b")
-    mp.add_argument("--quant", default="Q4_K_M", help="file type for --published")
+                    help="a published model instead of a file, by name (llama3-70b, "
+                         "qwen3-30b-a3b, gpt-oss-120b, ...; an unknown name lists them all)")
+    mp.add_argument("--quant", help="file type for --published (default: the one people "
+                                    "run it at, Q4_K_M or MXFP4_MOE for gpt-oss)")
     mp.add_argument("--ctx", type=int, default=4096, help="context for the KV-cache figures")
     mp.add_argument("--json", action="store_true", help="print the exchange format")
     mp.set_defaults(func=cmd_model_profile)

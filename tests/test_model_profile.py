@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from prima_node.planner.model_profile import (
     from_published,
     from_shapes,
 )
-from prima_node.synth.presets import PRESETS, with_experts
+from prima_node.synth.presets import PRESETS, Preset, with_experts
+from prima_node.synth.writer import tensor_plan
 from tests.conftest import ModelFactory
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -83,9 +85,32 @@ def test_published_profiles_match_the_published_file_sizes(name: str, quant: str
     assert published - 0.03e9 < weights <= published + 0.005e9, weights / 1e9
 
 
+#: llama-bench's figures for the published gpt-oss files (ggml-org's MXFP4 MoE GGUFs, as
+#: reported in llama.cpp issues): the tensors' size in GiB and the parameters in billions,
+#: both to two decimals
+LLAMA_BENCH_SIZES = {"gpt-oss-20b": (11.27, 20.91), "gpt-oss-120b": (59.02, 116.83)}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_BENCH_SIZES))
+def test_gpt_oss_profiles_match_llama_bench_s_size_and_parameters(name: str) -> None:
+    """MXFP4 experts, everything else Q8_0, biases, sinks and norms F32: size and count both
+    to llama-bench's two decimals (a tensor missing or of another type would not be)."""
+    m = PUBLISHED[name]
+    profile = from_published(name)
+    assert profile.quant == "MXFP4_MOE"
+    gib, billions = LLAMA_BENCH_SIZES[name]
+    assert round(profile.to_json()["summary"]["weights_bytes"] / 2**30, 2) == gib
+    n, used, width = m.experts
+    preset = Preset(n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, n_head_kv=m.n_head_kv,
+                    n_ff=m.n_ff, n_vocab=m.n_vocab, tied=m.tied, n_expert=n,
+                    n_expert_used=used, n_ff_exp=width, head_dim=m.head_dim)
+    params = sum(math.prod(t.shape) for t in tensor_plan(m.arch, preset, m.n_vocab))
+    assert round(params / 1e9, 2) == billions
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_shipped_example_profiles_are_what_the_code_computes(name: str) -> None:
-    shipped = json.loads((EXAMPLES / f"{name}-q4_k_m.json").read_text())
+    shipped = json.loads((EXAMPLES / PUBLISHED[name].example_name).read_text())
     assert shipped == json.loads(json.dumps(from_published(name).to_json()))
     assert ModelProfile.from_json(shipped) == from_published(name)
 

@@ -23,7 +23,7 @@ PAPER = EXAMPLES / "profiles" / "paper-d1-d4.json"
 
 
 def _model(name: str) -> ModelProfile:
-    return ModelProfile.load(EXAMPLES / "models" / f"{name}-q4_k_m.json")
+    return ModelProfile.load(EXAMPLES / "models" / PUBLISHED[name].example_name)
 
 
 def test_a_model_that_fits_one_device_goes_to_the_best_one_alone() -> None:

@@ -235,11 +235,12 @@ def _profile(tensors: Iterable[tuple[str, tuple[int, ...], GGMLQuantizationType]
             i = int(m.group(1))
             layers_b[i][tn] = layers_b[i].get(tn, 0) + nb
             touched = nb
-            if len(shape) == 2:
+            if n_expert and "_exps." in tname and shape[0] == n_expert:
+                touched = nb // n_expert * used  # the experts' matrices (and biases) it uses
+                if len(shape) == 3:
+                    layers_f[i][tn] = layers_f[i].get(tn, 0) + 2 * shape[1] * shape[2] * used
+            elif len(shape) == 2:
                 layers_f[i][tn] = layers_f[i].get(tn, 0) + 2 * shape[0] * shape[1]
-            elif len(shape) == 3 and n_expert and shape[0] == n_expert:
-                touched = nb // n_expert * used
-                layers_f[i][tn] = layers_f[i].get(tn, 0) + 2 * shape[1] * shape[2] * used
             layers_t[i][tn] = layers_t[i].get(tn, 0) + touched
         elif tname == "token_embd.weight":
             emb_bytes, emb_type = nb, tn
@@ -295,7 +296,8 @@ def from_gguf(path: str | Path) -> ModelProfile:
 #: llama.cpp's LLAMA_FTYPE values of the files people download.
 _FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
                10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
-               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+               38: "MXFP4_MOE"}
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,12 @@ class PublishedModel:
     tied: bool = False
     head_dim: int = 0  # 0: n_embd / n_head
     experts: tuple[int, int, int] = (0, 0, 0)  # a mixture: experts, used per token, width
+    ftype: str = "Q4_K_M"  # the file type people run it at (its example profile's)
+
+    @property
+    def example_name(self) -> str:
+        """The file name of its profile in ``examples/models``."""
+        return f"{self.name}-{self.ftype.lower()}.json"
 
 
 PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
@@ -329,6 +337,11 @@ PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
     # 30B weights, 3B of them read per token: 8 of 128 experts of width 768 in each layer
     PublishedModel("qwen3-30b-a3b", "qwen3moe", 48, 2048, 32, 4, 6144, 151936, 40960,
                    head_dim=128, experts=(128, 8, 768)),
+    # gpt-oss: 4 of 32 (20b) or 128 (120b) experts of width 2880; files MXFP4_MOE
+    PublishedModel("gpt-oss-20b", "gpt-oss", 24, 2880, 64, 8, 2880, 201088, 131072,
+                   head_dim=64, experts=(32, 4, 2880), ftype="MXFP4_MOE"),
+    PublishedModel("gpt-oss-120b", "gpt-oss", 36, 2880, 64, 8, 2880, 201088, 131072,
+                   head_dim=64, experts=(128, 4, 2880), ftype="MXFP4_MOE"),
     PublishedModel("gemma3-270m", "gemma3", 18, 640, 4, 1, 2048, 262144, 32768, tied=True,
                    head_dim=256),
     PublishedModel("gemma3-27b", "gemma3", 62, 5376, 32, 16, 21504, 262208, 131072,
@@ -336,12 +349,13 @@ PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
 )}
 
 
-def from_published(name: str, ftype: str = "Q4_K_M") -> ModelProfile:
-    """The profile a llama.cpp ``ftype`` file of a published model would have."""
+def from_published(name: str, ftype: str | None = None) -> ModelProfile:
+    """The profile a llama.cpp ``ftype`` file of a published model would have (by default at
+    the file type people run it at: Q4_K_M, or MXFP4_MOE for gpt-oss)."""
     m = PUBLISHED.get(name)
     if m is None:
         raise ValueError(f"unknown published model {name!r} (known: {', '.join(PUBLISHED)})")
-    return from_shapes(m, ftype)
+    return from_shapes(m, ftype or m.ftype)
 
 
 def from_shapes(m: PublishedModel, ftype: str) -> ModelProfile:
