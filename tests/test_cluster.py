@@ -28,7 +28,7 @@ from test_server import API_DOC
 from prima_node.cluster.auth import AuthError, connect
 from prima_node.cluster.head import ClusterHead, HeadRingLink
 from prima_node.cluster.node import RING_PATH, ClusterNode, NodeConfig
-from prima_node.cluster.ring import RingExecutor, micro_batches
+from prima_node.cluster.ring import MIN_MICRO, RingExecutor, micro_batches
 from prima_node.engine.model import DEFAULT_BATCH, Model
 
 pytestmark = pytest.mark.timeout(300)
@@ -57,12 +57,15 @@ def _node(model: Path, state: Path, cache: Path, *extra: str) -> ServerProcess:
 
 
 @pytest.fixture(scope="module", params=[("llama", "Q8_0", 8), ("qwen2", "F16", None),
-                                        ("qwen3moe", "F16", None)],
-                ids=["llama-small-Q8_0-8-layers", "qwen2-small-F16", "qwen3moe-small-F16"])
+                                        ("qwen3moe", "F16", None),
+                                        ("gpt-oss", "MXFP4_MOE", None)],
+                ids=["llama-small-Q8_0-8-layers", "qwen2-small-F16", "qwen3moe-small-F16",
+                     "gpt-oss-small-MXFP4_MOE"])
 def cluster_model(request: pytest.FixtureRequest, make_model: ModelFactory) -> Path:
-    """Three models; the first has 8 layers, so two rounds over three nodes give ragged
-    windows (3 + 3 + 2 layers: two nodes' windows differ by a layer); the last is a mixture
-    of experts (windows of expert layers)."""
+    """Four models; the first has 8 layers, so two rounds over three nodes give ragged
+    windows (3 + 3 + 2 layers: two nodes' windows differ by a layer); the last two are
+    mixtures of experts (windows of expert layers; gpt-oss's also alternate sliding-window
+    layers, and its answers come in harmony's channels)."""
     arch, quant, layers = request.param
     return make_model(arch, "small", quant, layers=layers)
 
@@ -207,15 +210,24 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
         head.wait_ready()
         alone.wait_ready()
         messages = [{"role": "user", "content": "Which lights are on in the kitchen?"}]
-        answers = []
+        # a prompt of one micro-batch: the ring evaluates it as one node does (a longer one
+        # crosses it in micro-batches, whose results differ from one batch's in the last bits,
+        # in llama.cpp alike: test_a_pipelined_prefill_equals_... compares like with like)
+        prompt = np.random.default_rng(3).integers(3, 2000, MIN_MICRO // 2).tolist()
+        answers, chats = [], []
         for srv in (head, alone):
             with openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0,
                                timeout=120) as client:
+                c = client.completions.create(model="m", prompt=prompt, max_tokens=12,
+                                              temperature=0)
+                answers.append((c.choices[0].text, c.usage.completion_tokens
+                                if c.usage else None))
                 r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
                                                    max_tokens=12, temperature=0)
-                answers.append((r.choices[0].message.content, r.usage.completion_tokens
-                                if r.usage else None))
+                chats.append((r.choices[0].message.content,
+                              r.usage.completion_tokens if r.usage else None))
         assert answers[0] == answers[1] and answers[0][1] == 12
+        assert chats[0][1] == chats[1][1] == 12  # a chat (micro-batches on the ring) too
         assert "plan: k=2, ring" in head.log()
         # the status document shows the ring: who holds what, predicted and measured times
         doc = head.status()
@@ -264,9 +276,13 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
         assert head.post("/api/plan", {"rounds": 2})[0] == 400
         with openai.OpenAI(base_url=head.base_url, api_key="x", max_retries=0,
                            timeout=120) as client:
+            c = client.completions.create(model="m", prompt=prompt, max_tokens=12,
+                                          temperature=0)
             r = client.chat.completions.create(model="m", messages=messages,  # type: ignore[arg-type]
                                                max_tokens=12, temperature=0)
-        assert r.choices[0].message.content == answers[1][0]
+        assert c.choices[0].text == answers[1][0]
+        # the same three nodes cut the chat's prompt alike in every plan
+        assert r.choices[0].message.content == chats[0][0]
     finally:
         assert head.stop() == 0, head.log()
         assert alone.stop() == 0

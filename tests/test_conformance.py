@@ -229,20 +229,22 @@ def test_smollm2_matches_llama_cpp(kind: str) -> None:
     _compare(f"SmolLM2 {kind}", path, ids)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
-def test_repacked_matrices_match_llama_cpp_s(make_model: ModelFactory, arch: str) -> None:
+@pytest.mark.parametrize(("arch", "quant"), [("llama", "Q4_K_M"), ("qwen3moe", "Q4_K_M"),
+                                          ("gpt-oss", "MXFP4_MOE")])
+def test_repacked_matrices_match_llama_cpp_s(make_model: ModelFactory, arch: str,
+                                             quant: str) -> None:
     """With repacking, decode steps multiply with the repacked matrices, as llama.cpp does with
     its default settings; fed one token at a time, both engines use them for every step, and
     their logits are identical again. (The repacked kernels round the activations otherwise
     than the file layout's: on these random networks the two differ by up to 2 % of the
     largest logit, in llama.cpp alike, so the file-layout results are no reference here.) A
     mixture's expert tensors are repacked too, as llama.cpp does: with them left in the file's
-    layout the two engines differed by 7 %."""
-    path = make_model(arch, "small", "Q4_K_M")
+    layout the two engines differed by 7 %. gpt-oss's MXFP4 experts are repacked alike."""
+    path = make_model(arch, "small", quant)
     with Model.open(path, n_ctx=N_CTX, repack=True) as m:
         tokens = _prompt(m.config.n_vocab)[:16]
         ours = [m.forward([t], session="s") for t in tokens]
-        assert m.repacked_bytes > 0  # its Q4_K and Q6_K matrices were repacked
+        assert m.repacked_bytes > 0  # its Q4_K and Q6_K (MXFP4, Q8_0) matrices were repacked
         for _ in range(GEN):
             tokens.append(int(np.argmax(ours[-1])))
             ours.append(m.forward([tokens[-1]], session="s"))
@@ -250,7 +252,7 @@ def test_repacked_matrices_match_llama_cpp_s(make_model: ModelFactory, arch: str
         theirs = [ref.eval([t]) for t in tokens]
     worst = max(float(np.abs(a - b).max() / np.abs(b).max())
                 for a, b in zip(ours, theirs, strict=True))
-    _RESULTS[f"{arch} Q4_K_M small, repacked, one token a step"] = CaseResult(
+    _RESULTS[f"{arch} {quant} small, repacked, one token a step"] = CaseResult(
         worst, all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)),
         [int(np.argmax(x)) for x in ours] == [int(np.argmax(x)) for x in theirs])
     assert worst <= RELATIVE, worst

@@ -69,10 +69,11 @@ def test_llama_spm_vocab_and_untied_head(make_model: ModelFactory) -> None:
     assert np.abs(got - ref).max() / ref.std() < TOLERANCE["Q4_K_M"]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3moe", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3moe", "gemma3", "phi3", "gpt-oss"])
 def test_windows_compose_to_full_forward(make_model: ModelFactory, arch: str) -> None:
     """Windows cut anywhere give the whole model's logits: a mixture's expert layers, and
-    Gemma's sliding-window layers (each keeps its kind wherever its window starts)."""
+    Gemma's and gpt-oss's sliding-window layers (each keeps its kind wherever its window
+    starts; gpt-oss's last window picks its rows after its last layer)."""
     with Model.open(make_model(arch, "small", "Q8_0"), n_ctx=64) as m:
         ids = _prompt(12, m.config.n_vocab)
         full = m.logits(ids)

@@ -260,7 +260,7 @@ class RingExecutor:
             self.link.mark_broken()  # a broken link or node: a new ring next time
             raise
         t1 = time.perf_counter()
-        logits = np.asarray(self.model.output(h[-1:])[0])
+        logits = np.asarray(self.model.output(h[-1:], decode=ids.size == 1)[0])
         if ids.size == 1:  # a decode step: what the status shows per node
             t2 = time.perf_counter()
             self.link.record(self.last_marks, t2 - t0, t2 - t1)

@@ -104,6 +104,7 @@ class Model:
         #: thread adds windows
         self._windows_lock = threading.Lock()
         self._ends_graphs: dict[tuple[str, int], StepGraph] = {}
+        self._packed_output: WeightSet | None = None  # a ring head's, see repack_output
         self._full: Window | None = None
         self._full_lock = threading.Lock()
         #: layers ``forward`` runs on the GPU (the first ones); ring windows say their own
@@ -124,7 +125,7 @@ class Model:
 
         ``repack``: whether ``forward`` (this machine running every layer) uses repacked
         matrices; None decides by the memory available when it first runs (``should_repack``).
-        Windows for a ring are never repacked here (``window``).
+        Windows for a ring are repacked where the node asks (``window``, ``repack_output``).
         ``gpu``: the GPU to use (ggml's name; None: the first, if GPU layers are asked for;
         "none": no GPU);
         ``gpu_layers``: how many of the first layers ``forward`` runs there (a number, ``all``
@@ -231,12 +232,15 @@ class Model:
         ids = self._check_ids(token_ids)
         return self._run_end("embed", ids.astype(np.int32))
 
-    def window(self, start: int, end: int, gpu_layers: int = 0) -> Window:
+    def window(self, start: int, end: int, gpu_layers: int = 0, *,
+               repack: bool = False) -> Window:
         """A new window over layers [start, end) with its own KV caches, its first
-        ``gpu_layers`` on the model's GPU."""
+        ``gpu_layers`` on the model's GPU; with ``repack`` its CPU layers' matrices get
+        repacked copies for decode steps (a node that holds its windows resident, as
+        ``forward`` does when the whole model fits: the same kernels, so the same logits)."""
         with self.compute.lock:
             self._require_open()
-            w = self._make_window(start, end, gpu_layers)
+            w = self._make_window(start, end, gpu_layers, repack=repack)
             self._register(w)
             return w
 
@@ -266,13 +270,32 @@ class Model:
         with self._windows_lock:
             self._windows.add(w)
 
-    def output(self, h: np.ndarray) -> np.ndarray:
-        """Final norm and output projection: logits (tokens, n_vocab) for hidden states."""
+    def output(self, h: np.ndarray, *, decode: bool = False) -> np.ndarray:
+        """Final norm and output projection: logits (tokens, n_vocab) for hidden states;
+        ``decode``: of a decode step, which uses the repacked projection if there is one
+        (``repack_output``), as ``forward`` does."""
         h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
         if h.ndim != 2 or h.shape[1] != self.config.n_embd:
             raise ValueError(f"hidden states of shape {h.shape} are not (tokens, "
                              f"{self.config.n_embd})")
-        return self._run_end("output", h)
+        return self._run_end("output-packed" if decode and h.shape[0] == 1 else "output", h)
+
+    def repack_output(self, on: bool) -> None:
+        """Give decode steps' output projection a repacked copy (a ring head holding its share
+        resident) or none."""
+        with self.compute.lock:
+            self._require_open()
+            for key in [k for k in self._ends_graphs if k[0] == "output-packed"]:
+                self._ends_graphs.pop(key).free()
+            if self._packed_output is not None:
+                self._weights.remove(self._packed_output)
+                self._packed_output.close()
+                self._packed_output = None
+            if on:
+                self._packed_output = WeightSet(self.file, self.buffer,
+                                                end_tensor_infos(self.file, self.config),
+                                                repack=[output_name(self.config)])
+                self._weights.append(self._packed_output)
 
     def output_on_gpu(self, on: bool) -> None:
         """Compute the output projection on the model's GPU (a copy of it there; a ring
@@ -290,13 +313,16 @@ class Model:
 
     def _run_end(self, kind: str, values: np.ndarray) -> np.ndarray:
         """The embedding lookup or the output projection alone (a ring's first node); the
-        output on the GPU where it holds a copy."""
+        output on the GPU where it holds a copy, or a decode step's with the repacked copy."""
         n = int(values.shape[0])
         with self.compute.lock:
             self._require_open()
-            accel = self.accel if kind == "output" else None
+            accel = self.accel if kind != "embed" else None
             if accel is not None and not accel.has_output:
                 accel = None
+            packed = self._packed_output
+            if kind == "output-packed" and (packed is None or accel is not None):
+                kind = "output"  # nothing repacked (or the GPU's copy computes it)
             compute = accel.compute if accel is not None else self.compute
             key = ("output-gpu" if accel is not None else kind, n)
             graph = self._ends_graphs.get(key)
@@ -304,7 +330,13 @@ class Model:
                 if graph is not None:
                     graph.free()
                 build = build_embed if kind == "embed" else build_output
-                graph = build(self.config, accel.ends if accel else self.shared.ends, n)
+                if accel is not None:
+                    ends = accel.ends
+                elif kind == "output-packed" and packed is not None:
+                    ends = _end_tensors(packed, self.config, packed=True)
+                else:
+                    ends = self.shared.ends
+                graph = build(self.config, ends, n)
             out = graph.run(compute, {"tokens" if kind == "embed" else "hidden": values},
                             once=n > 1)
             if n == 1:

@@ -74,10 +74,11 @@ class WeightSet:
     """ggml tensors for a set of the file's tensors, by GGUF name; with ``repack``, the names in
     ``repack`` that the CPU can repack also get an interleaved copy (``packed``).
 
-    The copy serves decode steps (one token), where it is 10-15 % faster; prefill keeps reading
-    the file's layout, where ggml's batched products were 1.6x faster than the repacked ones
-    (Q4_K, 1b shapes, 2 threads): so a repacking device holds both, and only repacks when the
-    copies fit easily (see ``engine.model.should_repack``).
+    The copy serves decode steps (one token), where it is 10-15 % faster; prefill mostly keeps
+    reading the file's layout, where ggml's batched products were 1.6x faster than the repacked
+    ones (Q4_K, 1b shapes, 2 threads), except for the types ``engine.window.PREFILL_PACKED``
+    lists (MXFP4): so a repacking device holds both, and only repacks when the copies fit
+    easily (see ``engine.model.should_repack``).
     """
 
     def __init__(self, mf: ModelFile, buffer: FileBuffer, infos: Iterable[TensorInfo], *,
