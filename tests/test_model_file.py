@@ -201,9 +201,13 @@ def test_missing_key(good: Path, tmp_path: Path) -> None:
 
 
 def test_unsupported_rope_scaling(good: Path, tmp_path: Path) -> None:
+    msg = _open_error(rewrite(good, tmp_path / "longrope.gguf",
+                               set_key=("qwen2.rope.scaling.type", "longrope")))
+    assert "longrope" in msg and "linear" in msg and "yarn" in msg
+    # YaRN is supported (gpt-oss), but not without its factor
     msg = _open_error(rewrite(good, tmp_path / "yarn.gguf",
                                set_key=("qwen2.rope.scaling.type", "yarn")))
-    assert "yarn" in msg and "linear" in msg
+    assert "qwen2.rope.scaling.factor" in msg
 
 
 def test_failed_open_leaves_nothing_open(good: Path, tmp_path: Path) -> None:

@@ -85,19 +85,22 @@ def test_published_profiles_match_the_published_file_sizes(name: str, quant: str
     assert published - 0.03e9 < weights <= published + 0.005e9, weights / 1e9
 
 
-#: llama-bench's figures for the published gpt-oss files (ggml-org's MXFP4 MoE GGUFs, as
-#: reported in llama.cpp issues): the tensors' size in GiB and the parameters in billions,
-#: both to two decimals
-LLAMA_BENCH_SIZES = {"gpt-oss-20b": (11.27, 20.91), "gpt-oss-120b": (59.02, 116.83)}
+#: llama-bench's figures for the files people run (its "size" is the tensors' bytes in GiB,
+#: "params" their count in billions, both to two decimals), as reported in llama.cpp issues:
+#: ggml-org's MXFP4 MoE GGUFs of gpt-oss, the Q4_K_M files of the others
+LLAMA_BENCH_SIZES = {"gpt-oss-20b": (11.27, 20.91), "gpt-oss-120b": (59.02, 116.83),
+                     "qwen3-30b-a3b": (17.28, 30.53), "qwen3-32b": (18.40, 32.76),
+                     "llama3.3-70b": (39.59, 70.55), "gemma3-27b": (15.40, 27.01)}
 
 
 @pytest.mark.parametrize("name", sorted(LLAMA_BENCH_SIZES))
-def test_gpt_oss_profiles_match_llama_bench_s_size_and_parameters(name: str) -> None:
-    """MXFP4 experts, everything else Q8_0, biases, sinks and norms F32: size and count both
-    to llama-bench's two decimals (a tensor missing or of another type would not be)."""
+def test_published_profiles_match_llama_bench_s_size_and_parameters(name: str) -> None:
+    """Size and count both to llama-bench's two decimals: a tensor missing, of another shape
+    or of another type in the quantiser's mixture would not be (gpt-oss: MXFP4 experts,
+    everything else Q8_0, biases, sinks and norms F32)."""
     m = PUBLISHED[name]
     profile = from_published(name)
-    assert profile.quant == "MXFP4_MOE"
+    assert profile.quant == m.ftype
     gib, billions = LLAMA_BENCH_SIZES[name]
     assert round(profile.to_json()["summary"]["weights_bytes"] / 2**30, 2) == gib
     n, used, width = m.experts

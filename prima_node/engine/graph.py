@@ -7,8 +7,10 @@ projections, RoPE on the 3-D heads, K/V written into an F16 cache with ``set_row
 attention with F32 accumulation, SwiGLU, the last layer computing only the rows whose output is
 wanted), which is why its logits equal llama.cpp's on the same file.
 
-Architectures differ only in what ``ArchSpec`` says (RoPE layout, Q/K/V biases, Q/K norms); no
-block branches on an architecture's name.
+Architectures differ only in what ``ArchSpec`` says (RoPE layout, Q/K norms, fused projections,
+post-norms, sliding windows, attention sinks, how experts are routed and gated, ...) and the
+file's own settings (biases, RoPE scaling, soft-capping); no block branches on an
+architecture's name.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def should_repack(mf: ModelFile, available: int) -> bool:
 
 
 class Model:
-    """A GGUF model (llama, qwen2, qwen3) ready to run from its memory map with ggml."""
+    """A GGUF model of a supported architecture (``arch.spec``) ready to run from its memory
+    map with ggml."""
 
     #: prompt tokens the generation loop hands ``forward`` at once: a cancelled request stops
     #: within one such chunk
