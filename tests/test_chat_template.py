@@ -108,6 +108,10 @@ def _openai_shape(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _reference(source: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                add_generation_prompt: bool, bos: str, eos: str, **kwargs: Any) -> str:
+    """transformers' rendering of the conversation as llama.cpp's server hands it to templates
+    (no content: empty text)."""
+    messages = [{**m, "content": "" if m.get("content") is None else m["content"]}
+                for m in messages]
     result: Any = render_jinja_template(
         conversations=[messages], tools=cast(Any, tools), chat_template=source,
         add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos, **kwargs)
@@ -310,7 +314,8 @@ def test_normalize_messages() -> None:
     assert out[0]["extra"] == {"k": 1}
     assert out[0]["tool_calls"][0]["function"]["arguments"] == {"x": [1, 2]}
     assert out[0]["tool_calls"][1]["function"]["arguments"] == "not json {"
-    assert out[1] == {"role": "tool", "tool_call_id": "1", "name": "f", "content": None}
+    # no content is empty text, as llama.cpp gives it
+    assert out[1] == {"role": "tool", "tool_call_id": "1", "name": "f", "content": ""}
     assert out[2]["thinking"] == out[2]["reasoning_content"] == "hmm"
 
 

@@ -224,7 +224,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
     - ``content`` as a list of ``{"type": "text", "text": ...}`` parts becomes one string, the
       parts joined by newlines (llama.cpp does the same); other part types are refused, since
-      the node serves text-only models. A string or null content is kept.
+      the node serves text-only models. A string is kept; null or no content becomes ``""``,
+      as llama.cpp's server hands every template (gpt-oss's fails on null).
     - each ``tool_calls[i].function.arguments`` that is a JSON string is parsed, so templates
       can iterate or ``tojson`` it; a string that is not valid JSON is kept as it is.
     - reasoning given as ``reasoning_content``, ``thinking`` or ``reasoning`` is offered under
@@ -243,8 +244,9 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         if not isinstance(role, str) or not role:
             raise ValueError(f"message {i} has no 'role' string")
         msg: dict[str, Any] = _plain(dict(message), f"message {i}")
-        if "content" in msg:
-            msg["content"] = _flatten_content(msg["content"], i)
+        # no content (an assistant's calls) is empty text, as llama.cpp's server gives every
+        # template: some test it with `in` (gpt-oss's), which fails on null
+        msg["content"] = _flatten_content(msg.get("content"), i)
         if msg.get("tool_calls") is not None:
             msg["tool_calls"] = _normalize_tool_calls(msg["tool_calls"], i)
         reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
@@ -255,7 +257,9 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 
 def _flatten_content(content: Any, index: int) -> Any:
-    if content is None or isinstance(content, str):
+    if content is None:
+        return ""
+    if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
