@@ -139,6 +139,23 @@ def test_legacy_types_match_ggml_reference_bits(
     np.testing.assert_array_equal(ours, ref.reshape(ours.shape))
 
 
+def test_mxfp4_matches_ggml_s_quantiser_bits(with_outliers: np.ndarray,
+                                             normal: np.ndarray) -> None:
+    """gpt-oss's expert type, against ggml's own quantiser (the one llama.cpp's converter's
+    files are checked by): a power-of-two scale per 32 weights, the nearest E2M1 value (the
+    first on ties), zero blocks and outliers included."""
+    from prima_node import ggml
+
+    g = ggml.load()
+    for x in (with_outliers, normal, normal * np.float32(1e-3)):
+        x = np.ascontiguousarray(x)
+        ours = quantize(x, Q.MXFP4)
+        theirs = np.empty_like(ours)
+        g.ggml_quantize_chunk(int(Q.MXFP4), x.ctypes.data, theirs.ctypes.data, 0, x.shape[0],
+                              x.shape[1], None)
+        np.testing.assert_array_equal(ours, theirs)
+
+
 # --- a straightforward scalar transcription of ggml's K-quant scale searches --
 # (make_qkx2_quants and make_qx_quants, one group at a time, float32 like the
 # C code), used only to check that the vectorised search is not worse.

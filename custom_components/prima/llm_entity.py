@@ -373,8 +373,11 @@ class PrimaLLMBaseEntity(Entity):
             "top_p": float(data.get(CONF_TOP_P, DEFAULT_TOP_P)),
             "max_tokens": int(data.get(CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS)),
             # the head accepts llama.cpp's chat_template_kwargs (docs/api.md, request
-            # fields): a reasoning model's template reads enable_thinking; others ignore it
-            "chat_template_kwargs": {"enable_thinking": self._think},
+            # fields): a reasoning model's template reads enable_thinking (Qwen 3) or
+            # reasoning_effort (gpt-oss, which always reasons: the least of it when thinking
+            # is off, so that a voice answer comes soon); others ignore both
+            "chat_template_kwargs": {"enable_thinking": self._think,
+                                     "reasoning_effort": "medium" if self._think else "low"},
             # this agent's own cache slot, as docs/api.md advises for Home Assistant
             "prompt_cache_key": self.subentry.subentry_id,
             "stream_options": {"include_usage": True},

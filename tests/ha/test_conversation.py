@@ -176,7 +176,8 @@ async def test_second_turn_sends_the_first_exchange(hass: HomeAssistant, head: S
     # one cache slot per agent, the subentry's settings, a stream
     assert sent[1]["prompt_cache_key"] == subentry_id(entry, "conversation")
     assert sent[1]["max_tokens"] == 24
-    assert sent[1]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent[1]["chat_template_kwargs"] == {"enable_thinking": False,
+                                               "reasoning_effort": "low"}
     assert "tools" not in sent[1]
 
     # the chat log kept both exchanges
