@@ -30,6 +30,7 @@ from prima_node.cluster.head import ClusterHead, HeadRingLink
 from prima_node.cluster.node import RING_PATH, ClusterNode, NodeConfig
 from prima_node.cluster.ring import MIN_MICRO, RingExecutor, micro_batches
 from prima_node.engine.model import DEFAULT_BATCH, Model
+from prima_node.engine.weights import Repacker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -162,6 +163,21 @@ def test_ring_logits_equal_one_node(cluster_model: Path, workers: list[ServerPro
             assert head.ring.n_cached("s") == 22
         # every node's compute time in every round came back with the token
         assert sorted(i for i, _ in head.ring.last_marks) == sorted([0, 1, 2] * k)
+        # the model fits: the head holds its windows resident, repacked where the CPU repacks
+        # the file's types (as one node would), and counts the copies as free for the next plan
+        model = head.node.model
+        assert model is not None
+        repacked = model.repacked_bytes
+        packable = Repacker()
+        try:
+            wanted = any(packable.can_repack(t) for n, t in model.file.tensors.items()
+                         if n.startswith("blk.") and len(t.shape) >= 2)
+        finally:
+            packable.close()
+        assert (repacked > 0) == wanted
+        mem = head.node.profile()["memory"]
+        if mem["cgroup_available"] is None:
+            assert mem["available"] == mem["os_available"] + repacked
     finally:
         head.close()
 

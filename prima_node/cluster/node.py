@@ -241,6 +241,9 @@ class ClusterNode:
         doc = prof.to_json()
         doc["name"] = self.config.node_id  # unique within the cluster; hostnames may repeat
         doc["host"] = self.config.name
+        if self.model is not None and isinstance(doc.get("memory"), dict):
+            # repacked copies of the current windows go with them when a new plan comes
+            doc["memory"]["available"] += self.model.repacked_bytes
         if accel is not None and self.model is not None:
             # what this node's current windows hold on the GPU is free for the next plan
             # (a new plan replaces them): without it, a GPU node would plan without its own
