@@ -111,34 +111,32 @@ def toolless_head(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         srv.stop()
 
 
-@pytest.fixture(scope="session")
-def moe_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A head serving a mixture of experts (synthetic qwen3moe) with Qwen's Hermes tool
-    syntax, where the session's head has Llama 3's."""
-    path = tmp_path_factory.mktemp("models") / "moe.gguf"
+def _synthetic_head(tmp_path_factory: pytest.TempPathFactory, arch: str, quant: str
+                    ) -> Iterator[ServerProcess]:
+    """A head serving a synthetic model of ``arch`` (tiny preset), stopped afterwards."""
+    path = tmp_path_factory.mktemp("models") / f"{arch}.gguf"
     subprocess.run([str(NODE_PYTHON), "-m", "prima_node.cli", "make-model", str(path),
-                    "--arch", "qwen3moe", "--preset", "tiny", "--quant", "Q8_0"], check=True,
+                    "--arch", arch, "--preset", "tiny", "--quant", quant], check=True,
                    capture_output=True)
-    srv = start_head(path, tmp_path_factory.mktemp("moe"))
+    srv = start_head(path, tmp_path_factory.mktemp(arch))
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def moe_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A head serving a mixture of experts (synthetic qwen3moe) with Qwen's Hermes tool
+    syntax, where the session's head has Llama 3's."""
+    yield from _synthetic_head(tmp_path_factory, "qwen3moe", "Q8_0")
 
 
 @pytest.fixture(scope="session")
 def oss_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A head serving gpt-oss (synthetic, MXFP4 experts as its files come): harmony's
     channels and its call syntax."""
-    path = tmp_path_factory.mktemp("models") / "gpt-oss.gguf"
-    subprocess.run([str(NODE_PYTHON), "-m", "prima_node.cli", "make-model", str(path),
-                    "--arch", "gpt-oss", "--preset", "tiny", "--quant", "MXFP4_MOE"],
-                   check=True, capture_output=True)
-    srv = start_head(path, tmp_path_factory.mktemp("oss"))
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from _synthetic_head(tmp_path_factory, "gpt-oss", "MXFP4_MOE")
 
 
 def head_url(srv: ServerProcess) -> str:
