@@ -36,6 +36,8 @@ def rewrite(src: Path, dst: Path, drop_key: str | None = None, drop_tensor: str 
         value = set_key[1]
         if isinstance(value, float):
             w.add_float32(set_key[0], value)
+        elif isinstance(value, list):  # a per-layer array
+            w.add_array(set_key[0], value)
         else:
             w.add_string(set_key[0], str(value))
     for t in r.tensors:

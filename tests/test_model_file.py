@@ -292,3 +292,19 @@ def test_a_phi3_file_with_longrope_factors_is_refused_naming_them(make_model: Mo
                 add={"rope_factors_long.weight": np.ones(hd // 2, np.float32)})
     msg = _open_error(p)
     assert "rope_factors_long.weight" in msg and "phi3" in msg
+
+
+def test_a_damaged_gpt_oss_file_names_what_is_wrong(make_model: ModelFactory,
+                                                    tmp_path: Path) -> None:
+    """gpt-oss's own tensors and keys are checked before ggml sees them: its attention sinks,
+    its experts' biases (F32, a row per expert), its sliding-window pattern."""
+    oss = make_model("gpt-oss", "tiny", "MXFP4_MOE")
+    msg = _open_error(rewrite(oss, tmp_path / "no-sinks.gguf",
+                              drop_tensor="blk.0.attn_sinks.weight"))
+    assert "blk.0.attn_sinks.weight" in msg
+    msg = _open_error(rewrite(oss, tmp_path / "bias.gguf",
+                              retype=("blk.1.ffn_up_exps.bias", gguf.GGMLQuantizationType.F16)))
+    assert "blk.1.ffn_up_exps.bias" in msg and "F32" in msg
+    msg = _open_error(rewrite(oss, tmp_path / "pattern.gguf",
+                              set_key=("gpt-oss.attention.sliding_window_pattern", [1, 0])))
+    assert "sliding_window_pattern" in msg and "per-layer" in msg
