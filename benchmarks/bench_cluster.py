@@ -330,7 +330,8 @@ class Node:
         state = scratch / "state" / spec.name
         argv = [sys.executable, "-m", "prima_node.cli", "serve", "--model", str(spec.model),
                 "--host", spec.host, "--port", "0", "--ctx", str(spec.ctx),
-                "--threads", str(spec.threads), "--state-dir", str(state)]
+                "--threads", str(spec.threads), "--state-dir", str(state),
+                "--name", spec.name]
         if spec.role != "single":
             argv += ["--cluster-secret", SECRET]
         if spec.role == "head":
@@ -1230,6 +1231,17 @@ def serve_has(flag: str) -> bool:
     return flag in _SERVE_HELP[0]
 
 
+def _repacked_bytes(base_url: str, wait_s: float = 15.0) -> dict[str, int]:
+    """Each node's repacked copies by name, once every node has reported since holding its
+    windows (a worker's figures reach the head with its next poll, every 2 s)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = get_json(base_url + "/api/status")["cluster"]["nodes"]
+        if all(n.get("paging") is not None for n in nodes) or time.monotonic() > deadline:
+            return {n["name"]: n.get("repacked_bytes") or 0 for n in nodes}
+        time.sleep(0.5)
+
+
 def _anon_bytes(cg: Path) -> int:
     st = _cg_stat(cg)
     return st.get("total_rss", st.get("rss", 0))
@@ -1304,7 +1316,12 @@ def _memory_rows(ctx: Ctx, copies: list[Path], io: list[Path], disks: list[float
         cgs = [groups.make(f"n{i}", None) for i in range(n)]
         with Cluster("mem-cal", ctx.scratch, copies, threads, cgroups=cgs, io_groups=io) as cl:
             measure(cl.head.url, 4, 1, ctx.eog, [], [])
-            anon = [_anon_bytes(cg) for cg in cgs]
+            # without limits every node holds its windows resident and repacks them: those
+            # copies are weights, not its own memory (under the limits it does not repack)
+            repacked = _repacked_bytes(cl.head.url)
+            anon = [_anon_bytes(cg) - repacked.get(node.spec.name, 0)
+                    for cg, node in zip(cgs, cl.nodes, strict=True)]
+            info["repacked_bytes"] = [repacked.get(node.spec.name, 0) for node in cl.nodes]
     slack = a.mem_slack_mb << 20
     limits = [x + slack + (head_budget if i == 0 else budget) for i, x in enumerate(anon)]
     # room for an even split to fit (k = 1 must fit: the planner never plans a thrashing k=1)

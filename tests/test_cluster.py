@@ -253,6 +253,9 @@ def test_a_head_process_answers_like_one_node(cluster_model: Path, workers: list
         assert [n["role"] for n in cluster["nodes"]] == ["head", "worker", "worker"]
         assert all(n["online"] and n["measured_compute_ms"] is not None
                    for n in cluster["nodes"])
+        # the model fits: each node's windows stay resident, repacked where the CPU can
+        assert all(isinstance(n["repacked_bytes"], int) and n["repacked_bytes"] >= 0
+                   for n in cluster["nodes"])
         n_layer = doc["model"]["n_layers"]
         held = sorted(i for n in cluster["nodes"] for a, b in n["ranges"] for i in range(a, b))
         assert held == list(range(n_layer))

@@ -177,6 +177,7 @@ class ClusterNode:
                     "ranges": self.assignment.ranges, "k": self.assignment.k,
                     "gpu_layers": self.assignment.gpu_layers},
                 "gpu": None if self.model is None else self.model.gpu_status(),
+                "repacked_bytes": 0 if self.model is None else self.model.repacked_bytes,
                 "frames": self.frames_in, "compute_s": round(self.compute_s, 6),
                 "paging": None if self.pager is None else self.pager.as_dict(),
                 "busy": None if self.busy is None else {

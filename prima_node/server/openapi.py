@@ -541,6 +541,11 @@ def _status_document() -> Schema:
                    "null before it holds a plan."),
                 "gpu": _gpu_schema("Its GPU and the memory its GPU layers hold there, read "
                                    "afresh; null without one (or before it reports)."),
+                "repacked_bytes": _t(["integer", "null"], "Ring: anonymous memory holding "
+                                     "repacked copies of its windows' matrices, which decode "
+                                     "steps multiply with while the windows stay resident (0: "
+                                     "it streams, or they would not fit twice); null before "
+                                     "it reports."),
             }, required=["node_id", "name", "role", "online", "address", "layers"])),
             "plan": _obj({
                 "k": _t("integer", "Rounds a token makes around the ring."),
