@@ -81,7 +81,8 @@ class GenerationOptions:
     json_schema: Mapping[str, Any] | None = None
     json_mode: bool = False  # any JSON object (OpenAI's response_format json_object)
     grammar: str | None = None  # a Lark grammar (llguidance), e.g. text.tool_grammar's calls
-    tool_format: str | None = None  # parse tool calls in this syntax (the template's)
+    tool_format: str | None = None  # parse tool calls in this syntax (harmony: its channels,
+    #                                  with or without tools)
     special: bool = False  # show every control token's text
     continuation: bool = False  # the answer continues the prompt's text (keep a leading space)
 
