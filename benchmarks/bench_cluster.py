@@ -838,37 +838,40 @@ class WifiLab:
 
 
 def _llama_main(argv: Sequence[str]) -> int:
-    """llama.cpp (llama-cpp-python, mmap) decoding greedily; run inside the memory group."""
+    """llama.cpp (its own default settings, mmap) decoding greedily; run inside the memory
+    group. ``--no-repack`` is llama.cpp's ``--no-repack``: its default copies the matrices it
+    can repack into anonymous memory, which a limit below the model's size cannot hold."""
     p = argparse.ArgumentParser(prog="bench_cluster.py _llama")
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--cgroup", default=None)
+    p.add_argument("--no-repack", action="store_true")
     a = p.parse_args(argv)
-    import llama_cpp
+    import numpy as np
 
-    llm = llama_cpp.Llama(model_path=a.model, n_ctx=CTX, n_batch=512, n_threads=a.threads,
-                          n_threads_batch=a.threads, use_mmap=True, verbose=False)
+    from prima_node.model_file import ModelFile
+    from prima_node.reference import LlamaCpp
+    from prima_node.text.tokenizer import Tokenizer
+
+    with contextlib.closing(ModelFile.open(a.model)) as mf:
+        ids = Tokenizer.from_model_file(mf).encode(PROMPT)  # llama.cpp's ids (tested parity)
+    llm = LlamaCpp.defaults(a.model, n_ctx=CTX, threads=a.threads,
+                            repack=False if a.no_repack else None)
     cgroups = [a.cgroup] if a.cgroup else []
-    ids = llm.tokenize(PROMPT.encode())
     # warm-up: a few tokens (the first touches every page), as the engine's runs have
-    gen = llm.generate(ids, temp=0.0, top_k=1)
-    for _ in range(4):
-        next(gen)
-    gen.close()
+    llm.greedy(ids, 4)
     llm.reset()
-    gen = llm.generate(ids, temp=0.0, top_k=1)  # never stops at end-of-generation
-    next(gen)
+    token = int(np.argmax(llm.eval(ids)))
     first = snapshot([os.getpid()], cgroups)
     t0 = time.perf_counter()
     steps = []
-    for _ in range(a.tokens - 1):
+    for _ in range(a.tokens - 1):  # never stops at end-of-generation
         t = time.perf_counter()
-        next(gen)
+        token = int(np.argmax(llm.eval([token])))
         steps.append(1e3 * (time.perf_counter() - t))
     t_end = time.perf_counter()
     last = snapshot([os.getpid()], cgroups)
-    gen.close()
     llm.close()
     print(json.dumps({"tokens": a.tokens, "ms_per_token": 1e3 * (t_end - t0) / (a.tokens - 1),
                       "median_gap_ms": statistics.median(steps),
@@ -1467,23 +1470,23 @@ def _cg_summary(cg: Path) -> dict[str, Any]:
 
 def _llama_under_limit(ctx: Ctx, model: Path, limit: int, threads: int, io_group: Path
                        ) -> Row | None:
+    """llama.cpp alone under the head's limits, as its user would run it: its defaults, and
+    where the OOM killer ends those (its repacked copy is anonymous memory, which a limit below
+    the model's size cannot hold), again with ``--no-repack``."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         ctx.rows.append(Row("memory", "alone (llama.cpp)", 1, 1, threads,
                             note="llama_cpp is not installed"))
         return None
-    drop_pages(model)
-    with MemoryGroups(f"{ctx.tag}-llama") as groups:
-        cg = groups.make("llama", limit)
-        cmd = in_groups([cg, io_group], [
-            sys.executable, str(Path(__file__).resolve()), "_llama", "--model", str(model),
-            "--threads", str(threads), "--tokens", str(ctx.args.mem_tokens), "--cgroup",
-            str(cg)])
-        ctx.log("memory: llama.cpp alone under the same limit")
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False,
-                             start_new_session=True)
-        summary = _cg_summary(cg)
+    how = "llama.cpp's defaults, mmap"
+    res, summary = _llama_run(ctx, model, limit, threads, io_group, no_repack=False)
+    if res.returncode == -signal.SIGKILL:
+        ctx.log("memory: llama.cpp was killed (the OOM killer: its repacked copy is anonymous "
+                "memory); again with --no-repack")
+        how = ("llama.cpp with --no-repack, mmap (its defaults were killed by the OOM killer: "
+               "the repacked copy does not fit)")
+        res, summary = _llama_run(ctx, model, limit, threads, io_group, no_repack=True)
     if res.returncode != 0:
         tail = "\n".join(f"    | {x}" for x in res.stderr.splitlines()[-LOG_TAIL:])
         ctx.log(f"memory: llama.cpp failed ({res.returncode}):\n{tail}")
@@ -1491,11 +1494,26 @@ def _llama_under_limit(ctx: Ctx, model: Path, limit: int, threads: int, io_group
                    note=f"failed with status {res.returncode} (killed by the OOM killer if -9)")
     run = json.loads(res.stdout.strip().splitlines()[-1])
     row = row_from("memory", "alone (llama.cpp)", 1, threads, {"runs": [run], "status": None},
-                   f"llama-cpp-python mmap, same limits as the head: {limit / 2**20:.0f} MiB, "
-                   f"its disk")
+                   f"{how}, same limits as the head: {limit / 2**20:.0f} MiB, its disk")
     row.detail["cgroups"] = [summary]
     ctx.log(f"memory: llama.cpp alone: {row.ms_per_token:.1f} ms/token")
     return row
+
+
+def _llama_run(ctx: Ctx, model: Path, limit: int, threads: int, io_group: Path, *,
+               no_repack: bool) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    drop_pages(model)
+    with MemoryGroups(f"{ctx.tag}-llama") as groups:
+        cg = groups.make("llama", limit)
+        cmd = in_groups([cg, io_group], [
+            sys.executable, str(Path(__file__).resolve()), "_llama", "--model", str(model),
+            "--threads", str(threads), "--tokens", str(ctx.args.mem_tokens), "--cgroup",
+            str(cg), *(["--no-repack"] if no_repack else [])])
+        ctx.log("memory: llama.cpp alone under the same limit"
+                + (" (--no-repack)" if no_repack else ""))
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False,
+                             start_new_session=True)
+        return res, _cg_summary(cg)
 
 
 # -- main ---------------------------------------------------------------------------------------

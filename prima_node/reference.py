@@ -60,12 +60,14 @@ class LlamaCpp:
 
     @classmethod
     def defaults(cls, path: Path | str, *, n_ctx: int, threads: int,
-                 gpu_layers: int = 0) -> LlamaCpp:
+                 gpu_layers: int = 0, repack: bool | None = None) -> LlamaCpp:
         """llama.cpp at its own default settings (the speed reference), ``gpu_layers`` of
-        the model offloaded (n_layer + 1: the output layer too)."""
+        the model offloaded (n_layer + 1: the output layer too). ``repack=False`` is its
+        ``--no-repack``, which a user gives where the repacked copy does not fit in memory."""
         lp = lc.llama_context_default_params()
-        return cls(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
-                   repack=bool(lc.llama_model_default_params().use_extra_bufts),
+        if repack is None:
+            repack = bool(lc.llama_model_default_params().use_extra_bufts)
+        return cls(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, repack=repack,
                    flash_attn=None, batch=int(lp.n_batch), ubatch=int(lp.n_ubatch))
 
     def reset(self) -> None:
