@@ -210,7 +210,7 @@ def cmd_generate(args: argparse.Namespace, demo: Callable[[], Path]) -> int:
                       "were given to the template, but calls cannot be recognised in the answer",
                       file=sys.stderr)
             if fmt == "harmony":  # answers in channels: the reasoning kept apart
-                opts = dataclasses.replace(opts, tool_format=fmt)
+                opts = dataclasses.replace(opts, tool_format=fmt, tools_offered=bool(tools))
             if tools and fmt is not None:
                 opts = dataclasses.replace(opts, tool_format=fmt)
                 if args.tool_choice != "auto":

@@ -83,6 +83,7 @@ class GenerationOptions:
     grammar: str | None = None  # a Lark grammar (llguidance), e.g. text.tool_grammar's calls
     tool_format: str | None = None  # parse tool calls in this syntax (harmony: its channels,
     #                                  with or without tools)
+    tools_offered: bool = True  # False: harmony's unsolicited calls are dropped, not returned
     special: bool = False  # show every control token's text
     continuation: bool = False  # the answer continues the prompt's text (keep a leading space)
 
@@ -138,10 +139,13 @@ class Finished:
 Event = TextDelta | ReasoningDelta | ToolCall | Finished
 
 
-def answer_parser(tool_format: str | None) -> ToolCallParser | HarmonyParser:
+def answer_parser(tool_format: str | None, *, tools_offered: bool = True
+                  ) -> ToolCallParser | HarmonyParser:
     """What splits an answer in this syntax into text, calls (and reasoning, for harmony,
-    whose answers are in channels with or without tools)."""
-    return HarmonyParser() if tool_format == "harmony" else ToolCallParser(tool_format)
+    whose answers are in channels with or without tools: without, its calls are dropped)."""
+    if tool_format == "harmony":
+        return HarmonyParser(calls=tools_offered)
+    return ToolCallParser(tool_format)
 
 
 def _markers(tool_format: str | None) -> tuple[str, ...]:
@@ -295,7 +299,7 @@ class Generator:
         budget = n_ctx - len(prompt)
         max_tokens = budget if opts.max_tokens is None else min(opts.max_tokens, budget)
         stops = StopStrings(opts.stop)
-        parser = answer_parser(opts.tool_format)
+        parser = answer_parser(opts.tool_format, tools_offered=opts.tools_offered)
         constraint = None
         if opts.grammar is not None:
             if opts.json_schema is not None or opts.json_mode:

@@ -25,9 +25,9 @@ CALL = ("<|channel|>analysis<|message|>Turn on the kitchen light.<|end|>"
         "<|message|>{\"name\": \"light\", \"area\": \"kitchen\"}")
 
 
-def parse(text: str, chunk: int = 0) -> list[Any]:
+def parse(text: str, chunk: int = 0, *, calls: bool = True) -> list[Any]:
     """Events for ``text`` fed whole, or in pieces of ``chunk`` characters, merged."""
-    parser = HarmonyParser()
+    parser = HarmonyParser(calls=calls)
     pieces = [text] if not chunk else [text[i:i + chunk] for i in range(0, len(text), chunk)]
     events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
     merged: list[Any] = []
@@ -87,6 +87,17 @@ def test_arguments_that_are_not_an_object_are_passed_on_as_text(
     with caplog.at_level(logging.WARNING, logger="prima_node.text"):
         assert parse(text) == [TextDelta("[1, 2")]
     assert "not a JSON object" in caplog.text
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_call_the_request_did_not_offer_tools_for_is_dropped(
+        chunk: int, caplog: pytest.LogCaptureFixture) -> None:
+    """As llama.cpp's parser consumes it: a client that sent no tools never gets a call."""
+    with caplog.at_level(logging.WARNING, logger="prima_node.text"):
+        events = parse(CALL + "<|call|><|start|>assistant<|channel|>final<|message|>Done.",
+                       chunk, calls=False)
+    assert events == [ReasoningDelta("Turn on the kitchen light."), TextDelta("Done.")]
+    assert "'HassTurnOn', but the request offered no tools" in caplog.text
 
 
 def test_output_that_is_not_harmony_is_text() -> None:
@@ -154,3 +165,39 @@ def test_a_forced_call_and_a_plain_answer_through_the_generation_loop(
     assert events[-1].finish_reason == "tool_calls"  # type: ignore[union-attr]
     assert not any(isinstance(e, TextDelta) and e.text.strip() for e in events)
     assert any(isinstance(e, TextDelta) for e in plain)
+
+
+def test_the_generation_loop_drops_calls_where_no_tools_were_offered(
+        make_model: ModelFactory) -> None:
+    """The same forced call, for a request without tools: no call, and the answer ends as a
+    plain one (never finish_reason "tool_calls" for a client that offered none)."""
+    from prima_node.text.tool_grammar import tool_call_grammar
+
+    with Generator.open(make_model("gpt-oss", "tiny", "MXFP4_MOE"), threads=1,
+                        n_ctx=1024) as g:
+        ids = g.chat_prompt([{"role": "user", "content": "Kitchen light on"}], tools=[LIGHT])
+        grammar = tool_call_grammar("harmony", [LIGHT], g.tokenizer)
+        opts = GenerationOptions(sampling=SamplingParams(temperature=0.9, seed=5),
+                                 max_tokens=200, grammar=grammar, tool_format="harmony",
+                                 tools_offered=False)
+        events = list(g.generate(ids, opts))
+    assert not any(isinstance(e, ToolCall) for e in events)
+    assert events[-1].finish_reason == "stop"  # type: ignore[union-attr]
+
+
+def test_the_server_offers_calls_only_where_the_request_has_tools(
+        make_model: ModelFactory) -> None:
+    """What the head's prompting tells the generation loop: harmony's channels are parsed
+    for every request, calls only kept where tools were offered and not refused."""
+    from prima_node.server.prompting import chat_prompt
+    from prima_node.server.protocol import parse_chat_request
+
+    messages = [{"role": "user", "content": "Kitchen light on"}]
+    with Generator.open(make_model("gpt-oss", "tiny", "MXFP4_MOE"), threads=1,
+                        n_ctx=1024) as g:
+        def options(**fields: Any) -> GenerationOptions:
+            return chat_prompt(g, parse_chat_request({"messages": messages, **fields}))[1]
+
+        assert [(o.tool_format, o.tools_offered) for o in (
+            options(), options(tools=[LIGHT], tool_choice="none"), options(tools=[LIGHT]))] \
+            == [("harmony", False), ("harmony", False), ("harmony", True)]

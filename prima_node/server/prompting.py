@@ -89,7 +89,7 @@ def chat_prompt(gen: Generator, req: ChatRequest) -> tuple[list[int], Generation
         raise RequestError(str(exc), param="messages") from None
     if fmt == "harmony":
         # its answers are in channels with or without tools: reasoning apart from the answer
-        opts = dataclasses.replace(opts, tool_format=fmt)
+        opts = dataclasses.replace(opts, tool_format=fmt, tools_offered=bool(tools))
     if tools and fmt is not None:
         opts = dataclasses.replace(opts, tool_format=fmt)
         if req.tool_choice in ("required", "function"):

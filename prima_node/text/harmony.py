@@ -17,7 +17,10 @@ Events, as :mod:`prima_node.text.tool_calls` gives them: reasoning as :class:`Re
 (OpenAI-compatible servers' ``reasoning_content``: never spoken, never mixed into the answer),
 the answer and preambles as :class:`TextDelta`, calls as :class:`ToolCall` once their
 arguments are complete (re-serialised JSON; a body that is not a JSON object is logged and
-passed on as text, so a confused model never makes a request fail). Text streams as it comes,
+passed on as text, so a confused model never makes a request fail). Where the request offered
+no tools, a call is unsolicited (gpt-oss was trained with built-in tools such as
+``browser.search``): it is logged and dropped, as llama.cpp's parser consumes it, never
+returned as a call the client did not ask for. Text streams as it comes,
 less a tail that could still be the start of a marker. A model that writes no header at all
 (it never reaches ``<|message|>`` within :data:`MAX_HEADER` characters, or the output ends
 first) has its output passed on as text.
@@ -67,9 +70,10 @@ class _Message:
 class HarmonyParser:
     """Splits a harmony answer into reasoning, text and calls; ``feed`` each new piece of
     detokenised output, ``finish`` once at the end (a call still open there is complete: the
-    generation stopped at its ``<|call|>``)."""
+    generation stopped at its ``<|call|>``). ``calls``: whether the request offered tools."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, calls: bool = True) -> None:
+        self._calls = calls
         self._buf = ""
         self._message: _Message | None = None  # None: reading a header
         self._plain = False  # the output is not harmony: everything is text
@@ -169,6 +173,10 @@ class HarmonyParser:
             log.warning("the model's call of %r has arguments that are not a JSON object; "
                         "passed on as text", message.recipient)
             self._out.append(TextDelta(message.body))
+            return
+        if not self._calls:
+            log.warning("the model called %r, but the request offered no tools: the call was "
+                        "dropped", message.recipient)
             return
         call_id = "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
         self._out.append(ToolCall(call_id, message.recipient,
