@@ -146,6 +146,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for t, k in prof.kernels.items():
         print(f"  {t:6s} decode {k['decode_flops'] / gb:6.1f} GFLOP/s   prefill "
               f"{k['prefill_flops'] / gb:6.1f} GFLOP/s")
+    if prof.layer_decode:
+        ld = prof.layer_decode
+        print(f"  a real layer of the model: {ld['measured_s'] * 1e3:.2f} ms a token, "
+              f"{ld['measured_s'] / ld['kernel_s']:.2f}x what the kernels alone price (the "
+              "planner scales their speeds by this)")
     for d in prof.gpu.get("devices") or []:
         print(f"  GPU {d['name']} ({d['backend']}): {d['description']}, "
               f"{d['vram_free'] / gb:.2f} GB free of {d['vram_total'] / gb:.2f} GB"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prima_node.planner.cluster_file import (
+    LAYER_SCALE_LIMIT,
     cluster_from_json,
     flops_from_bandwidth,
     load_cluster,
@@ -159,6 +160,29 @@ def test_a_measured_profile_becomes_a_planner_device() -> None:
     assert dev.mem_available == 6e9 and dev.cpu_flops == {"Q4_K": 5e10}
     linux = cluster_from_json([{**doc, "os": "Linux"}]).devices[0]
     assert linux.disk_bytes_per_s == 3e9
+
+
+def test_a_measured_layer_scales_the_kernels_to_what_the_model_really_costs() -> None:
+    """A real layer slower than its kernels price it (smaller matrices, norms, attention,
+    the graph) makes every speed slower by the ratio; a ratio beyond the limit (a busy
+    device) is held to it."""
+    doc = {"format": "prima-device-profile/1", "name": "pc", "os": "Linux",
+           "memory": {"available": 6e9}, "disk": {"sequential_bytes_per_s": 3e9},
+           "kernels": {"Q4_K": {"decode_flops": 6e10}, "Q6_K": {"decode_flops": 3e10}}}
+
+    def speeds(layer_decode: object) -> dict[str, float]:
+        return cluster_from_json([{**doc, "layer_decode": layer_decode}]).devices[0].cpu_flops
+
+    assert speeds(None) == {"Q4_K": 6e10, "Q6_K": 3e10}
+    assert speeds({"layer": 0, "measured_s": 3e-3, "kernel_s": 2e-3}) == pytest.approx(
+        {"Q4_K": 4e10, "Q6_K": 2e10})
+    assert speeds({"layer": 0, "measured_s": 1.0, "kernel_s": 1e-3}) == pytest.approx(
+        {"Q4_K": 6e10 / LAYER_SCALE_LIMIT, "Q6_K": 3e10 / LAYER_SCALE_LIMIT})
+    for bad, message in [("fast", "layer_decode is not an object"),
+                         ({"measured_s": 1e-3, "kernel_s": 0}, "'kernel_s' must be a positive"),
+                         ({"kernel_s": 1e-3}, "'measured_s' is missing")]:
+        with pytest.raises(ValueError, match=message):
+            speeds(bad)
 
 
 def test_a_cluster_file_with_nan_is_refused(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ itself (every type it runs, importance-matrix types included), is repeated to fi
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -194,3 +195,30 @@ def copy_seconds(device: int, n_embd: int, repeats: int = 20) -> float:
     finally:
         b.free()
         backend.close()
+
+
+def layer_decode_seconds(model: str | os.PathLike[str], threads: int, layer: int = 0,
+                         steps: int = 8, passes: int = 4) -> float:
+    """Time of one decode step through one real layer of the model, its weights in memory and
+    laid out as in the file (as a streaming node runs them): the best of ``passes`` runs of
+    the same ``steps`` tokens (the first touches the pages; a mixture then routes the same
+    tokens to the same, now resident, experts), as the kernel probes take their best run.
+
+    The probes above price each weight type alone on one big matrix; a real layer also runs
+    smaller matrices (each with its start-up cost), norms, RoPE, attention, routing and the
+    graph around them. On this machine that made the 1b presets' layers 1.2-1.3x slower than
+    the kernels alone priced them: the profile records both, and the planner scales the
+    kernels' speeds by the ratio."""
+    from ..engine.model import Model
+
+    with Model.open(model, threads=threads, n_ctx=64, repack=False) as m:
+        window = m.window(layer, layer + 1)
+        hidden = m.embed(np.arange(1, steps + 1) % m.config.n_vocab)  # real hidden states
+        best = float("inf")
+        for _ in range(passes):
+            window.clear("profile")
+            t0 = time.perf_counter()
+            for i in range(steps):
+                window.forward(hidden[i:i + 1], np.array([i], np.int64), "profile")
+            best = min(best, (time.perf_counter() - t0) / steps)
+    return best

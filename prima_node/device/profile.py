@@ -44,6 +44,9 @@ class DeviceProfile:
     kernels: dict[str, dict[str, float]]  # weight type -> decode_flops / prefill_flops
     gpu: dict[str, Any] = field(default_factory=lambda: {"backend": None, "devices": []})
     model_file: str | None = None
+    #: one real layer of the model decoding here: {"layer", "measured_s", "kernel_s" (what
+    #: ``kernels`` price it at)}; the planner scales the kernels by the ratio (None: no model)
+    layer_decode: dict[str, Any] | None = None
     measured_at: str = ""
     measure_s: float = 0.0
     version: str = __version__
@@ -144,6 +147,9 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
             prof = DeviceProfile.from_json(json.loads(cache.read_text()))
         except (ValueError, json.JSONDecodeError):
             prof = None  # unreadable or from another version: measure again
+        if prof is not None and path is not None and path.suffix == ".gguf" \
+                and prof.layer_decode is None:
+            prof = None  # measured before profiles timed a real layer
         if prof is not None:
             prof.memory = memory_info().as_dict()
             _gpu_vram_now(prof.gpu)
@@ -160,7 +166,8 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         used = {t for layer in mp.layers for t in layer.flops_by_type}
         used |= set(mp.output_flops_by_type)
         types = sorted(used)
-    steps = 2 + (path is not None and path.suffix == ".gguf") + len(types) + (gpu is not None)
+    steps = 2 + 2 * (path is not None and path.suffix == ".gguf") + len(types) \
+        + (gpu is not None)
     done = 0
 
     def step() -> None:
@@ -184,6 +191,10 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         kernels.update(kernel_flops([t], threads=threads,
                                     weight_mib=bandwidth_buffer_mib(mem["available"])))
         step()
+    layer_decode = None
+    if path is not None and path.suffix == ".gguf":
+        layer_decode = _layer_decode(path, threads, kernels)
+        step()
     gpus: dict[str, Any] = {"backend": None, "devices": []}
     if gpu is not None:
         n_embd = 4096
@@ -199,6 +210,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         machine=platform.machine(), cpu=_cpu_name(), cores=os.cpu_count() or 1,
         threads=threads, memory=mem, memory_read_gbps=round(bandwidth, 2), disk=disk,
         kernels=kernels, gpu=gpus, model_file=str(path) if path is not None else None,
+        layer_decode=layer_decode,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         measure_s=round(time.perf_counter() - t0, 2))
     if cache is not None:
@@ -207,3 +219,17 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         tmp.write_text(json.dumps(prof.to_json(), indent=1))
         tmp.replace(cache)
     return prof
+
+
+def _layer_decode(path: Path, threads: int, kernels: dict[str, dict[str, float]]
+                  ) -> dict[str, Any] | None:
+    """The model's first layer decoding here, beside what the kernel probes price it at."""
+    from ..planner.model_profile import ModelProfile
+    from .compute import layer_decode_seconds
+
+    flops = ModelProfile.load(path).layers[0].flops_by_type
+    kernel_s = sum(f / kernels[t]["decode_flops"] for t, f in flops.items() if t in kernels)
+    if kernel_s <= 0:
+        return None
+    return {"layer": 0, "measured_s": layer_decode_seconds(path, threads, layer=0),
+            "kernel_s": kernel_s}

@@ -171,10 +171,11 @@ def device_from_profile(doc: Mapping[str, Any]) -> Device:
     if not isinstance(kernels, dict) or not kernels:
         raise ValueError(f"{where} has no kernel speeds")
     cpu = {}
+    scale = _layer_scale(doc.get("layer_decode"), where)
     for t, k in kernels.items():
         if t not in GGMLQuantizationType.__members__ or not isinstance(k, dict):
             raise ValueError(f"{where}: kernel entry {t!r} is not a weight type's speeds")
-        cpu[t] = _number(k, "decode_flops", f"{where}, kernel {t}", positive=True)
+        cpu[t] = _number(k, "decode_flops", f"{where}, kernel {t}", positive=True) / scale
     disk_key = "sequential_bytes_per_s" if os_ == "Linux" else "random_bytes_per_s"
     gpu_flops, vram, unified = _profiled_gpu(doc.get("gpu"), where)
     return Device(name=name, os=os_,
@@ -183,6 +184,25 @@ def device_from_profile(doc: Mapping[str, Any]) -> Device:
                   cpu_flops=cpu, gpu_flops=gpu_flops, vram_free=vram,
                   metal=unified,  # GPU layers in the host's memory (Apple, any iGPU)
                   gpu_compute_buffer=GPU_RESERVE_BYTES if gpu_flops else 0.0)
+
+
+#: a measured layer more than this many times off its kernels' price is a disturbed
+#: measurement (the device was busy), not the model's overhead: the scale is held to it
+LAYER_SCALE_LIMIT = 3.0
+
+
+def _layer_scale(entry: Any, where: str) -> float:
+    """How much slower a real layer of the model decodes here than the kernel probes price
+    it (``prima-node profile --model``'s ``layer_decode``): the kernels' speeds are divided
+    by it, so the compute term prices the layer's other operations and its smaller matrices
+    too. 1 for a profile without one (hand-written, or measured without the model)."""
+    if entry is None:
+        return 1.0
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: layer_decode is not an object")
+    measured = _number(entry, "measured_s", f"{where}, layer_decode", positive=True)
+    kernel = _number(entry, "kernel_s", f"{where}, layer_decode", positive=True)
+    return min(max(measured / kernel, 1 / LAYER_SCALE_LIMIT), LAYER_SCALE_LIMIT)
 
 
 def _profiled_gpu(gpu: Any, where: str) -> tuple[dict[str, float] | None, float, bool]:
