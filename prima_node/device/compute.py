@@ -206,7 +206,7 @@ def layer_decode_seconds(model: str | os.PathLike[str], threads: int, layer: int
 
     The probes above price each weight type alone on one big matrix; a real layer also runs
     smaller matrices (each with its start-up cost), norms, RoPE, attention, routing and the
-    graph around them. On this machine that made the 1b presets' layers 1.2-1.3x slower than
+    graph around them. On this machine that made the 1b presets' layers 1.1-1.5x slower than
     the kernels alone priced them: the profile records both, and the planner scales the
     kernels' speeds by the ratio."""
     from ..engine.model import Model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..errors import PrimaError
 from ..ggml import PINNED_VERSION
 from .memory import memory_info
 
+_LOG = logging.getLogger("prima.device")
 FORMAT = "prima-device-profile/1"
 DEFAULT_TYPES = ("Q4_K", "Q6_K", "Q8_0", "F16")
 
@@ -144,11 +147,12 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
     cache = _cache_path(cache_dir, path, threads, gpu) if cache_dir is not None else None
     if cache is not None and cache.exists() and not refresh:
         try:
-            prof = DeviceProfile.from_json(json.loads(cache.read_text()))
+            doc = json.loads(cache.read_text())
+            prof = DeviceProfile.from_json(doc)
         except (ValueError, json.JSONDecodeError):
             prof = None  # unreadable or from another version: measure again
         if prof is not None and path is not None and path.suffix == ".gguf" \
-                and prof.layer_decode is None:
+                and "layer_decode" not in doc:
             prof = None  # measured before profiles timed a real layer
         if prof is not None:
             prof.memory = memory_info().as_dict()
@@ -231,5 +235,11 @@ def _layer_decode(path: Path, threads: int, kernels: dict[str, dict[str, float]]
     kernel_s = sum(f / kernels[t]["decode_flops"] for t, f in flops.items() if t in kernels)
     if kernel_s <= 0:
         return None
-    return {"layer": 0, "measured_s": layer_decode_seconds(path, threads, layer=0),
-            "kernel_s": kernel_s}
+    try:
+        measured = layer_decode_seconds(path, threads, layer=0)
+    except (PrimaError, MemoryError, OSError) as exc:
+        # the kernels' figures still plan the device, only less exactly: never fail for it
+        _LOG.warning("could not time a layer of %s on this device (%s): its kernels' speeds "
+                     "are used as measured", path.name, exc)
+        return None
+    return {"layer": 0, "measured_s": measured, "kernel_s": kernel_s}
