@@ -100,6 +100,22 @@ def test_a_call_the_request_did_not_offer_tools_for_is_dropped(
     assert "'HassTurnOn', but the request offered no tools" in caplog.text
 
 
+def test_a_call_of_a_built_in_tool_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Only ``functions.*`` are the request's tools; gpt-oss's own (browser, python) are never
+    offered, so a call of one is not passed on as if it were."""
+    text = ("<|channel|>analysis<|message|>Search the web.<|end|>"
+            "<|start|>assistant<|channel|>commentary to=browser.search <|constrain|>json"
+            "<|message|>{\"query\": \"weather\"}<|call|>"
+            "<|start|>assistant<|channel|>commentary to=functions.HassTurnOn json"
+            "<|message|>{\"name\": \"light\"}")
+    with caplog.at_level(logging.WARNING, logger="prima_node.text"):
+        events = parse(text)
+    assert events[0] == ReasoningDelta("Search the web.")
+    assert [(e.name, json.loads(e.arguments)) for e in events[1:]] == [
+        ("HassTurnOn", {"name": "light"})]
+    assert "built-in tool 'browser.search'" in caplog.text
+
+
 def test_output_that_is_not_harmony_is_text() -> None:
     assert parse("Just words, no channels.") == [TextDelta("Just words, no channels.")]
     long = "word " * (MAX_HEADER // 5 + 10)

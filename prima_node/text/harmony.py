@@ -18,9 +18,10 @@ Events, as :mod:`prima_node.text.tool_calls` gives them: reasoning as :class:`Re
 the answer and preambles as :class:`TextDelta`, calls as :class:`ToolCall` once their
 arguments are complete (re-serialised JSON; a body that is not a JSON object is logged and
 passed on as text, so a confused model never makes a request fail). Where the request offered
-no tools, a call is unsolicited (gpt-oss was trained with built-in tools such as
-``browser.search``): it is logged and dropped, as llama.cpp's parser consumes it, never
-returned as a call the client did not ask for. Text streams as it comes,
+no tools, a call is unsolicited, and so is a call outside the ``functions`` namespace where the
+request's tools live (gpt-oss was trained with built-in tools such as ``browser.search`` and
+``python``, which are never offered here): it is logged and dropped, as llama.cpp's parser
+consumes it, never returned as a call the client did not ask for. Text streams as it comes,
 less a tail that could still be the start of a marker. A model that writes no header at all
 (it never reaches ``<|message|>`` within :data:`MAX_HEADER` characters, or the output ends
 first) has its output passed on as text.
@@ -127,8 +128,7 @@ class HarmonyParser:
         recipient = _RECIPIENT.search(header)
         channel = _CHANNEL.search(header)
         if recipient is not None and recipient.group(1) != "assistant":
-            name = recipient.group(1).removeprefix("functions.")
-            self._message = _Message("call", name)
+            self._message = _Message("call", recipient.group(1))
         elif channel is not None and channel.group(1) == "analysis":
             self._message = _Message("reasoning")
         else:  # final, a commentary preamble, or a channel-less message: the answer
@@ -169,18 +169,22 @@ class HarmonyParser:
             arguments = json.loads(message.body) if message.body.strip() else {}
         except ValueError:
             arguments = None
-        if not isinstance(arguments, dict) or not message.recipient:
+        name = message.recipient.removeprefix("functions.")
+        if not isinstance(arguments, dict) or not name:
             log.warning("the model's call of %r has arguments that are not a JSON object; "
-                        "passed on as text", message.recipient)
+                        "passed on as text", name)
             self._out.append(TextDelta(message.body))
             return
         if not self._calls:
             log.warning("the model called %r, but the request offered no tools: the call was "
-                        "dropped", message.recipient)
+                        "dropped", name)
+            return
+        if not message.recipient.startswith("functions."):
+            log.warning("the model called its built-in tool %r, which is not offered here: "
+                        "the call was dropped", message.recipient)
             return
         call_id = "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
-        self._out.append(ToolCall(call_id, message.recipient,
-                                  json.dumps(arguments, ensure_ascii=False)))
+        self._out.append(ToolCall(call_id, name, json.dumps(arguments, ensure_ascii=False)))
 
     def _flush(self) -> list[Event | ReasoningDelta]:
         out: list[Event | ReasoningDelta] = []
