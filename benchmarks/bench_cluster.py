@@ -24,8 +24,8 @@ has exactly N tokens):
    - ``k=1, even split``: planned with room for 1.1 shares per node, then the real limits
      (one window per node: nothing can be prefetched without evicting what is used next, so
      the page cache re-reads what does not fit);
-   - one node alone, and llama.cpp (llama-cpp-python, mmap) alone, under the head's memory
-     and disk limits.
+   - one node alone, and llama.cpp (llama-cpp-python, mmap, its defaults; ``--no-repack``
+     where the OOM killer ends those) alone, under the head's memory and disk limits.
 3. ``wifi``: nodes in network namespaces joined by a user-space switch with a one-way delay
    and a per-sender rate (this kernel has neither sch_netem nor sch_fq: see ``_hub_main``);
    Halda's k, k = 1 and a forced larger k, with Halda's predicted and the head's measured
