@@ -741,6 +741,47 @@ def test_a_two_node_ring_of_the_tiny_preset_gives_one_node_s_logits(
         assert worker.stop() == 0, worker.log()
 
 
+def test_a_long_prompt_evaluated_again_after_a_kill_is_cut_as_it_was_the_first_time(
+        make_model: ModelFactory, tmp_path: Path, profile_cache: Path) -> None:
+    """A prompt long enough to cross the ring in micro-batches, then decode steps; both
+    workers die. The head alone would cut the prompt into other micro-batches, and ggml's
+    results depend on the cut: the cache must be evaluated again in the cuts it was first
+    evaluated in, so that the next step's logits are bit for bit the undisturbed ones (a
+    greedy answer then goes on unchanged, whatever the prompt's length)."""
+    model = make_model("llama", "small", "Q8_0", layers=8)
+    nodes = [_node(model, tmp_path / f"w{i}", profile_cache) for i in range(2)]
+    head: InProcessHead | None = None
+    try:
+        for n in nodes:
+            n.wait_ready()
+        head = InProcessHead(model, [f"127.0.0.1:{n.port}" for n in nodes], profile_cache)
+        assert len(head.plan(1).ring) == 3
+        n_prompt = 300
+        assert micro_batches(n_prompt, 3, DEFAULT_BATCH) != micro_batches(n_prompt, 1,
+                                                                          DEFAULT_BATCH)
+        prompt = np.random.default_rng(11).integers(0, 1000, n_prompt).tolist()
+        steps = [5, 9, 13, 17]
+        for session in ("undisturbed", "killed"):
+            head.ring.forward(prompt, session=session)
+            for t in steps:
+                head.ring.forward([t], session=session)
+        want = head.ring.forward([21], session="undisturbed")
+        for victim in nodes:
+            assert victim.proc is not None
+            victim.proc.kill()
+            victim.proc.wait(10)
+        got = head.ring.forward([21], session="killed")  # the head alone, evaluating again
+        assert len(head.head.plan.ring) == 1
+        np.testing.assert_array_equal(got, want)
+        assert head.ring.n_cached("killed") == n_prompt + len(steps) + 1
+    finally:
+        if head is not None:
+            head.close()
+        for n in nodes:
+            if n.proc is not None and n.proc.poll() is None:
+                assert n.stop() == 0, n.log()
+
+
 def _spoil_profiles(cache: Path, factor: float = 50.0) -> dict[Path, dict[str, float]]:
     """Divide the cached profiles' decode speeds by ``factor`` (a profile "measured" while
     something else ran); the real speeds, per file."""

@@ -165,22 +165,53 @@ def test_a_hello_with_a_non_ascii_mac_is_refused_not_a_crash() -> None:
 
 
 def test_the_evaluated_chunks_follow_the_cache_operations_and_the_plan() -> None:
-    """What a new ring evaluates again: the chunks as they were evaluated, cut where the
-    cache was truncated, nothing of a cleared session, nothing at all after another plan."""
-    from prima_node.cluster.ring import CacheOp, EvaluatedChunks
+    """What a new ring evaluates again: the forwards as they were evaluated, in their
+    micro-batches; one a truncation cut short is kept whole and truncated after (evaluating
+    only its first positions would cut it otherwise); nothing of a cleared session, nothing at
+    all after another plan."""
+    from prima_node.cluster.ring import CacheOp, EvaluatedChunks, Evaluation
+
+    def seen(session: str) -> list[object]:
+        return [e if isinstance(e, int) else (e.ids.tolist(), e.parts)
+                for e in log.history(session)]
 
     log = EvaluatedChunks()
     log.follow(7)
-    for chunk in ([1, 2, 3, 4], [5, 6], [7]):
-        log.add("s", np.array(chunk, dtype=np.int64))
-    log.add("t", np.array([9], dtype=np.int64))
+    for chunk, parts in (([1, 2, 3, 4], [(0, 2), (2, 4)]), ([5, 6], [(0, 2)]), ([7], [(0, 1)])):
+        log.add("s", np.array(chunk, dtype=np.int64), parts)
+    log.add("t", np.array([9], dtype=np.int64), [(0, 1)])
     log.apply(CacheOp.TRUNCATE, "s", 5)
-    assert [c.tolist() for c in log.chunks("s")] == [[1, 2, 3, 4], [5]]
-    log.apply(CacheOp.TRUNCATE, "s", 4)
-    assert [c.tolist() for c in log.chunks("s")] == [[1, 2, 3, 4]]
+    assert seen("s") == [([1, 2, 3, 4], [(0, 2), (2, 4)]), ([5, 6], [(0, 2)]), 5]
+    log.add("s", np.array([8], dtype=np.int64), [(0, 1)])
+    log.apply(CacheOp.TRUNCATE, "s", 6)  # the truncation to 5 stays: the 6th is 8
+    assert seen("s") == [([1, 2, 3, 4], [(0, 2), (2, 4)]), ([5, 6], [(0, 2)]), 5,
+                         ([8], [(0, 1)])]
+    log.apply(CacheOp.TRUNCATE, "s", 3)
+    assert seen("s") == [([1, 2, 3, 4], [(0, 2), (2, 4)]), 3]
+    log.apply(CacheOp.TRUNCATE, "s", 4)  # nothing beyond 3 is held: nothing changes
+    assert seen("s") == [([1, 2, 3, 4], [(0, 2), (2, 4)]), 3]
     log.apply(CacheOp.CLEAR, "t")
-    assert log.chunks("t") == []
+    assert log.history("t") == []
     log.follow(7)
-    assert len(log.chunks("s")) == 1
+    assert len(log.history("s")) == 2
     log.follow(8)
-    assert log.chunks("s") == []
+    assert log.history("s") == []
+    assert isinstance(Evaluation(np.zeros(1, np.int64), [(0, 1)]), Evaluation)
+
+
+def test_decode_steps_are_evaluated_again_as_one_pipelined_forward_in_their_own_parts(
+        ) -> None:
+    """Runs of forwards merge up to the largest forward, each keeping its micro-batches (so
+    every window evaluates each decode token alone, as it did); a truncation ends a run."""
+    from prima_node.cluster.ring import Evaluation, replay_batches
+
+    def ev(ids: list[int], parts: list[tuple[int, int]]) -> Evaluation:
+        return Evaluation(np.array(ids, dtype=np.int64), parts)
+
+    history: list[Evaluation | int] = [ev([1, 2, 3], [(0, 2), (2, 3)]), ev([4], [(0, 1)]),
+                                       ev([5], [(0, 1)]), 4, ev([6], [(0, 1)]),
+                                       ev([7], [(0, 1)]), ev([8], [(0, 1)])]
+    got = [e if isinstance(e, int) else (e.ids.tolist(), e.parts)
+           for e in replay_batches(history, largest=4)]
+    assert got == [([1, 2, 3, 4], [(0, 2), (2, 3), (3, 4)]), ([5], [(0, 1)]), 4,
+                   ([6, 7, 8], [(0, 1), (1, 2), (2, 3)])]

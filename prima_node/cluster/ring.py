@@ -19,8 +19,9 @@ One ring round, seen from the head (threads in brackets)::
 
 A failure anywhere (a node that dies, hangs or cannot be reached) costs a pause, not the
 answer: the executor has the ring planned again without that node and evaluates again, on the
-new ring, every chunk the session's cache held, in the same chunks as the first time (so the
-new cache is bit for bit the old one and a greedy answer goes on as if nothing happened), then
+new ring, every chunk the session's cache held, cut into the same micro-batches as the first
+time (so the new cache is bit for bit the old one and a greedy answer goes on as if nothing
+happened; runs of decode steps cross the new ring pipelined, one token a micro-batch), then
 the chunk that failed. Only when no ring can be planned does the forward end with a RingError
 naming the node. A ring that broke between requests is planned again before the next one
 (``n_cached`` is where the loop asks, before it evaluates).
@@ -119,38 +120,81 @@ def micro_batches(n: int, ring: int, largest: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+Parts = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One forward: its token ids and the micro-batches ([start, end) within them) they
+    crossed the ring in."""
+
+    ids: np.ndarray
+    parts: Parts
+
+
 class EvaluatedChunks:
-    """The chunks each session's cache holds on the current ring, in the order and sizes they
-    were evaluated: what a new ring evaluates again to hold the same cache. Token ids only,
-    so a few bytes per position."""
+    """What each session's cache holds on the current ring, as it was evaluated: each
+    forward's ids in the micro-batches they crossed the ring in, and the truncations between
+    them (a forward cut short by one is kept whole, then truncated). A new ring evaluates the
+    same again to hold bit for bit the same cache: ggml's results depend on how a prompt is
+    cut, and a ring of fewer nodes would cut it otherwise. Token ids only, so a few bytes per
+    position."""
 
     def __init__(self) -> None:
         self.epoch: int | None = None
-        self._chunks: dict[str, list[np.ndarray]] = {}
+        self._history: dict[str, list[Evaluation | int]] = {}  # int: a truncation
 
     def follow(self, epoch: int) -> None:
         """The ring's plan number now; another plan holds no cache at all."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self._chunks.clear()
+            self._history.clear()
 
-    def chunks(self, session: str) -> list[np.ndarray]:
-        return list(self._chunks.get(session, ()))
+    def history(self, session: str) -> list[Evaluation | int]:
+        return list(self._history.get(session, ()))
 
-    def add(self, session: str, ids: np.ndarray) -> None:
-        self._chunks.setdefault(session, []).append(ids.copy())
+    def restore(self, session: str, history: list[Evaluation | int]) -> None:
+        self._history[session] = list(history)
+
+    def add(self, session: str, ids: np.ndarray, parts: Parts) -> None:
+        self._history.setdefault(session, []).append(Evaluation(ids.copy(), list(parts)))
 
     def apply(self, op: CacheOp, session: str, n: int = 0) -> None:
         if op is not CacheOp.TRUNCATE:
-            self._chunks.pop(session, None)
+            self._history.pop(session, None)
             return
-        kept: list[np.ndarray] = []
-        for chunk in self._chunks.get(session, ()):
-            if n <= 0:
+        kept: list[Evaluation | int] = []
+        pos = 0
+        for entry in self._history.get(session, ()):
+            if isinstance(entry, int):
+                pos = min(pos, entry)
+            elif pos >= n:
                 break
-            kept.append(chunk[:n])
-            n -= chunk.size
-        self._chunks[session] = kept
+            else:
+                pos += entry.ids.size
+            kept.append(entry)
+        if pos > n:
+            kept.append(n)
+        self._history[session] = kept
+
+
+def replay_batches(history: list[Evaluation | int], largest: int
+                   ) -> list[Evaluation | int]:
+    """The history with runs of consecutive forwards merged into forwards of at most
+    ``largest`` ids, each keeping its micro-batches: a run of decode steps (one token each)
+    then crosses the ring as one pipelined forward, every node at work at once, while every
+    window still evaluates each token alone, as it did."""
+    out: list[Evaluation | int] = []
+    for entry in history:
+        last = out[-1] if out else None
+        if (isinstance(entry, Evaluation) and isinstance(last, Evaluation)
+                and last.ids.size + entry.ids.size <= largest):
+            shift = last.ids.size
+            out[-1] = Evaluation(np.concatenate([last.ids, entry.ids]),
+                                 last.parts + [(a + shift, b + shift) for a, b in entry.parts])
+        else:
+            out.append(entry)
+    return out
 
 
 class RingExecutor:
@@ -170,6 +214,7 @@ class RingExecutor:
         self.prefill_chunk = RING_PREFILL_CHUNK if pipeline else max_tokens
         self._step = 0
         self.last_marks: list[tuple[int, int]] = []
+        self.last_parts: Parts = []
         self._evaluated = EvaluatedChunks()  # what each session's cache holds, as evaluated
 
     @property
@@ -198,7 +243,7 @@ class RingExecutor:
             raise ValueError(f"a ring step takes 1 to {self.prefill_chunk} tokens, not "
                              f"{ids.size}")
         logits = self._recovering(session, lambda: self._forward_once(ids, session))
-        self._evaluated.add(session, ids)
+        self._evaluated.add(session, ids, self.last_parts)
         return logits
 
     def _recovering(self, session: str, action: Callable[[], _T]) -> _T:
@@ -229,18 +274,27 @@ class RingExecutor:
                   time.perf_counter() - t0)
 
     def _replay(self, session: str) -> None:
-        """Evaluate the session's cached chunks again on a new ring, in the same chunks."""
-        chunks = self._evaluated.chunks(session)  # kept until all ran: a replay may fail too
+        """Evaluate the session's cache again on a new ring, in the micro-batches it was
+        first evaluated in (runs of decode steps pipelined, see ``replay_batches``), with
+        its truncations."""
+        history = self._evaluated.history(session)  # kept until all ran: a replay may fail
         t0 = time.perf_counter()
-        for chunk in chunks:
-            self._forward_once(chunk, session)
+        for entry in replay_batches(history, self.prefill_chunk):
+            if isinstance(entry, int):
+                apply_cache_op(self.link.slot().windows, CacheOp.TRUNCATE, session, entry)
+                self.link.cache_op(CacheOp.TRUNCATE, session, entry)
+            else:
+                self._forward_once(entry.ids, session, entry.parts)
         self._evaluated.follow(self.link.slot().epoch)  # a new ring: no other cache survived
-        for chunk in chunks:
-            self._evaluated.add(session, chunk)
+        self._evaluated.restore(session, history)
         _LOG.info("evaluated %d position(s) again in %.2f s",
-                  sum(c.size for c in chunks), time.perf_counter() - t0)
+                  sum(e.ids.size for e in history if isinstance(e, Evaluation)),
+                  time.perf_counter() - t0)
 
-    def _forward_once(self, ids: np.ndarray, session: str) -> np.ndarray:
+    def _forward_once(self, ids: np.ndarray, session: str, parts: Parts | None = None
+                      ) -> np.ndarray:
+        """``ids`` around the ring in ``parts`` (micro-batches; None: as many as keep this
+        ring busy, see ``micro_batches``), recorded in ``last_parts``."""
         broken = self.link.broken()
         if broken:
             self.link.mark_broken()
@@ -249,8 +303,10 @@ class RingExecutor:
         pos0 = int(slot.windows[0].n_cached(session))
         t0 = time.perf_counter()
         h = self.model.embed(ids)
-        parts = micro_batches(ids.size, slot.nodes if self.pipeline and not slot.alone else 1,
-                              self.max_tokens)
+        if parts is None:
+            parts = micro_batches(ids.size, slot.nodes if self.pipeline and not slot.alone
+                                  else 1, self.max_tokens)
+        self.last_parts = parts
         try:
             if slot.alone:
                 h = self._alone(slot, h, parts, pos0, session)
