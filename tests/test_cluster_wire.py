@@ -169,7 +169,7 @@ def test_the_evaluated_chunks_follow_the_cache_operations_and_the_plan() -> None
     micro-batches; one a truncation cut short is kept whole and truncated after (evaluating
     only its first positions would cut it otherwise); nothing of a cleared session, nothing at
     all after another plan."""
-    from prima_node.cluster.ring import CacheOp, EvaluatedChunks, Evaluation
+    from prima_node.cluster.ring import CacheOp, EvaluatedChunks
 
     def seen(session: str) -> list[object]:
         return [e if isinstance(e, int) else (e.ids.tolist(), e.parts)
@@ -196,7 +196,6 @@ def test_the_evaluated_chunks_follow_the_cache_operations_and_the_plan() -> None
     assert len(log.history("s")) == 2
     log.follow(8)
     assert log.history("s") == []
-    assert isinstance(Evaluation(np.zeros(1, np.int64), [(0, 1)]), Evaluation)
 
 
 def test_decode_steps_are_evaluated_again_as_one_pipelined_forward_in_their_own_parts(
