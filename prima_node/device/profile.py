@@ -146,14 +146,7 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
     path = Path(model) if model is not None else None
     cache = _cache_path(cache_dir, path, threads, gpu) if cache_dir is not None else None
     if cache is not None and cache.exists() and not refresh:
-        try:
-            doc = json.loads(cache.read_text())
-            prof = DeviceProfile.from_json(doc)
-        except (ValueError, json.JSONDecodeError):
-            prof = None  # unreadable or from another version: measure again
-        if prof is not None and path is not None and path.suffix == ".gguf" \
-                and "layer_decode" not in doc:
-            prof = None  # measured before profiles timed a real layer
+        prof = _cached(cache, path)
         if prof is not None:
             prof.memory = memory_info().as_dict()
             _gpu_vram_now(prof.gpu)
@@ -222,6 +215,19 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(prof.to_json(), indent=1))
         tmp.replace(cache)
+    return prof
+
+
+def _cached(cache: Path, model: Path | None) -> DeviceProfile | None:
+    """The cached measurements, or None where they must be taken again: unreadable, from
+    another version, or taken before profiles timed a real layer of the model."""
+    try:
+        doc = json.loads(cache.read_text())
+        prof = DeviceProfile.from_json(doc)
+    except (ValueError, json.JSONDecodeError):
+        return None
+    if model is not None and model.suffix == ".gguf" and "layer_decode" not in doc:
+        return None
     return prof
 
 
