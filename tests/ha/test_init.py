@@ -231,12 +231,16 @@ async def test_nodes_left_while_stopped_age_and_removal_cleans_up(
     me = doc["cluster"]["nodes"][0]
     listed = {**me, "node_id": "listed-offline", "name": "w", "role": "worker",
               "online": False}
-    coordinator.async_set_updated_data(
-        {**doc, "cluster": {**doc["cluster"], "nodes": [me, listed]}})
+    with_listed = {**doc, "cluster": {**doc["cluster"], "nodes": [me, listed]}}
+    coordinator.async_set_updated_data(with_listed)
     await hass.async_block_till_done()
     device = registry.async_get_device_by_identifier((DOMAIN, "listed-offline"),
                                                      entry.entry_id)
     assert device is not None
+    # the real head may have pushed its own status while the device was being added: the
+    # document listing the node is the one the checks below are about (no await from here on
+    # lets another push in)
+    coordinator.async_set_updated_data(with_listed)
     assert not await async_remove_config_entry_device(hass, entry, device)
     coordinator.last_seen["listed-offline"] = time.monotonic() - 8 * 24 * 3600
     coordinator.remove_stale_devices()
