@@ -17,7 +17,6 @@ llama.cpp's list wins here; llama.cpp's own choice is then platform-dependent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,8 +157,34 @@ def _opt_bool(mf: ModelFile, key: str) -> bool | None:
     return bool(value)
 
 
+@dataclass
+class _KindDefaults:
+    """What a vocabulary kind (and, for gpt2, its pre-tokenizer) implies where the file is
+    silent."""
+
+    pre: PreTokenizer | None
+    merges: list[str]
+    add_space_prefix: bool
+    clean_spaces: bool
+    add_bos: bool
+    add_eos: bool
+    bos: int | None
+    eos: int | None
+    unk: int | None
+
+
+@dataclass
+class _Pieces:
+    tokens: list[str]
+    scores: list[float]
+    attrs: list[int]  # patched in place by the steps below, as llama.cpp does
+    token_to_id: dict[str, int]
+
+
 def read_vocab(mf: ModelFile) -> VocabData:
-    """Read and patch the vocabulary of ``mf`` the way llama.cpp's loader does."""
+    """Read and patch the vocabulary of ``mf`` the way llama.cpp's loader does, in its order:
+    the kind's defaults, the pieces, the special ids (from the file, then by name), the
+    end-of-generation set, the special-token cache, then per-model attributes."""
     model = mf.get("tokenizer.ggml.model")
     if model is None:
         raise _err(mf, "required metadata key 'tokenizer.ggml.model' is missing "
@@ -170,32 +195,57 @@ def read_vocab(mf: ModelFile) -> VocabData:
     pre_name = mf.get("tokenizer.ggml.pre")
     if pre_name is not None and not isinstance(pre_name, str):
         raise _err(mf, "metadata key 'tokenizer.ggml.pre' must be a string")
+    kind = _kind_defaults(mf, model, pre_name)
+    p = _pieces(mf)
+    ids = _special_ids(mf, len(p.tokens), kind)
+    add_bos = _flag(mf, "add_bos_token", kind.add_bos)
+    add_eos = _flag(mf, "add_eos_token", kind.add_eos)
+    if add_bos and ids["bos"] is None:
+        raise _err(mf, "tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id "
+                       "is not set")
+    if add_eos and ids["eos"] is None:
+        raise _err(mf, "tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id "
+                       "is not set")
+    _find_by_name(ids, p)
+    for i, text in enumerate(p.tokens):
+        if p.attrs[i] & ATTR_CONTROL and "unused" in text:
+            p.attrs[i] |= ATTR_UNUSED
+    eog = _end_of_generation(ids, p)
+    # the special-token cache, longest first, as llama.cpp's tokenizer_st_partition walks it
+    special_mask = ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN
+    cache = [i for i in range(len(p.tokens)) if p.attrs[i] & special_mask]
+    cache.sort(key=lambda i: -len(p.tokens[i].encode("utf-8")))
+    _attributes_by_model_name(mf, cache, p)
+    return VocabData(
+        path=str(mf.path), model=model, pre_name=pre_name, pre=kind.pre, tokens=p.tokens,
+        token_to_id=p.token_to_id, scores=p.scores, attrs=p.attrs, merges=kind.merges,
+        bos_id=ids["bos"], eos_id=ids["eos"], eot_id=ids["eot"], eom_id=ids["eom"],
+        unk_id=ids["unk"], pad_id=ids["pad"], add_bos=add_bos, add_eos=add_eos,
+        add_space_prefix=_flag(mf, "add_space_prefix", kind.add_space_prefix),
+        clean_spaces=kind.clean_spaces, eog_ids=frozenset(eog), special_cache=tuple(cache),
+    )
 
-    # -- defaults per kind (and per pre-tokenizer for gpt2) -----------------------------------
-    pre: PreTokenizer | None = None
-    merges: list[str] = []
-    if model == _KIND_BPE:
-        try:
-            pre = pre_tokenizer_for(pre_name or "default")
-        except KeyError as exc:
-            raise _err(mf, str(exc.args[0])) from None
-        merges = _str_list(mf, "tokenizer.ggml.merges")
-        add_space_prefix = False
-        clean_spaces = pre.clean_spaces
-        add_bos, add_eos = pre.add_bos, False
-        bos_default: int | None = None if pre.bos_null else 11
-        eos_default: int | None = 11
-        unk_default: int | None = None
-    else:
-        add_space_prefix = True
-        clean_spaces = False
-        add_bos, add_eos = True, False
-        bos_default, eos_default, unk_default = 1, 2, 0
-    flag = _opt_bool(mf, "tokenizer.ggml.add_space_prefix")
-    if flag is not None:
-        add_space_prefix = flag
 
-    # -- tokens, scores, attributes -------------------------------------------------------------
+def _flag(mf: ModelFile, key: str, default: bool) -> bool:
+    value = _opt_bool(mf, f"tokenizer.ggml.{key}")
+    return default if value is None else value
+
+
+def _kind_defaults(mf: ModelFile, model: str, pre_name: str | None) -> _KindDefaults:
+    if model != _KIND_BPE:
+        return _KindDefaults(None, [], add_space_prefix=True, clean_spaces=False, add_bos=True,
+                             add_eos=False, bos=1, eos=2, unk=0)
+    try:
+        pre = pre_tokenizer_for(pre_name or "default")
+    except KeyError as exc:
+        raise _err(mf, str(exc.args[0])) from None
+    return _KindDefaults(pre, _str_list(mf, "tokenizer.ggml.merges"), add_space_prefix=False,
+                         clean_spaces=pre.clean_spaces, add_bos=pre.add_bos, add_eos=False,
+                         bos=None if pre.bos_null else 11, eos=11, unk=None)
+
+
+def _pieces(mf: ModelFile) -> _Pieces:
+    """Tokens, scores and attributes as the file gives them; every text a unique key."""
     tokens = list(_str_list(mf, "tokenizer.ggml.tokens"))
     n = len(tokens)
     if n == 0:
@@ -212,118 +262,88 @@ def read_vocab(mf: ModelFile) -> VocabData:
         prev = token_to_id.setdefault(text, i)
         if prev != i:
             raise _err(mf, f"duplicate token in vocabulary: {text!r} has ids {prev} and {i}")
+    return _Pieces(tokens, scores, attrs, token_to_id)
 
-    # -- special ids ----------------------------------------------------------------------------
-    def in_range(v: int | None) -> int | None:
-        return v if v is not None and 0 <= v < n else None
+
+def _special_ids(mf: ModelFile, n: int, kind: _KindDefaults) -> dict[str, int | None]:
+    """The special ids the file names (an absent or out-of-range one keeps llama.cpp's
+    default)."""
 
     def special(key: str, default: int | None) -> int | None:
         value = mf.get(f"tokenizer.ggml.{key}")
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
             return value
-        return in_range(default)  # absent or out of range: llama.cpp keeps its default
+        return default if default is not None and 0 <= default < n else None
 
-    bos = special("bos_token_id", bos_default)
-    eos = special("eos_token_id", eos_default)
-    eot = special("eot_token_id", None)
-    eom = special("eom_token_id", None)
-    unk = special("unknown_token_id", unk_default)
-    pad = special("padding_token_id", None)
-    # the deprecated keys are read after the fim_* ones, so they win when both are present
-    fim_pre = special("prefix_token_id", special("fim_pre_token_id", None))
-    fim_suf = special("suffix_token_id", special("fim_suf_token_id", None))
-    fim_mid = special("middle_token_id", special("fim_mid_token_id", None))
-    fim_pad = special("fim_pad_token_id", None)
-    fim_rep = special("fim_rep_token_id", None)
-    fim_sep = special("fim_sep_token_id", None)
+    return {
+        "bos": special("bos_token_id", kind.bos), "eos": special("eos_token_id", kind.eos),
+        "eot": special("eot_token_id", None), "eom": special("eom_token_id", None),
+        "unk": special("unknown_token_id", kind.unk), "pad": special("padding_token_id", None),
+        # the deprecated keys are read after the fim_* ones, so they win when both are present
+        "fim_pre": special("prefix_token_id", special("fim_pre_token_id", None)),
+        "fim_suf": special("suffix_token_id", special("fim_suf_token_id", None)),
+        "fim_mid": special("middle_token_id", special("fim_mid_token_id", None)),
+        "fim_pad": special("fim_pad_token_id", None),
+        "fim_rep": special("fim_rep_token_id", None),
+        "fim_sep": special("fim_sep_token_id", None),
+    }
 
-    flag = _opt_bool(mf, "tokenizer.ggml.add_bos_token")
-    if flag is not None:
-        add_bos = flag
-    flag = _opt_bool(mf, "tokenizer.ggml.add_eos_token")
-    if flag is not None:
-        add_eos = flag
-    if add_bos and bos is None:
-        raise _err(mf, "tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id "
-                       "is not set")
-    if add_eos and eos is None:
-        raise _err(mf, "tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id "
-                       "is not set")
 
-    # -- name heuristics ------------------------------------------------------------------------
-    def force_control(i: int) -> None:
-        attrs[i] |= ATTR_CONTROL
+_NAME_LISTS = {"eot": _EOT_NAMES, "eom": _EOM_NAMES, "fim_pre": _FIM_PRE_NAMES,
+               "fim_suf": _FIM_SUF_NAMES, "fim_mid": _FIM_MID_NAMES, "fim_pad": _FIM_PAD_NAMES,
+               "fim_rep": _FIM_REP_NAMES, "fim_sep": _FIM_SEP_NAMES}
 
-    def find(names: Sequence[str], current: int | None) -> int | None:
-        if current is not None:
-            return current
+
+def _find_by_name(ids: dict[str, int | None], p: _Pieces) -> None:
+    """Ids the file leaves out, found by the token's text (and made CONTROL tokens)."""
+    for key, names in _NAME_LISTS.items():
+        if ids[key] is not None:
+            continue
         for name in names:
-            i = token_to_id.get(name)
+            i = p.token_to_id.get(name)
             if i is not None:
-                force_control(i)
-                return i
-        return None
+                p.attrs[i] |= ATTR_CONTROL
+                ids[key] = i
+                break
 
-    eot = find(_EOT_NAMES, eot)
-    eom = find(_EOM_NAMES, eom)
-    fim_pre = find(_FIM_PRE_NAMES, fim_pre)
-    fim_suf = find(_FIM_SUF_NAMES, fim_suf)
-    fim_mid = find(_FIM_MID_NAMES, fim_mid)
-    fim_pad = find(_FIM_PAD_NAMES, fim_pad)
-    fim_rep = find(_FIM_REP_NAMES, fim_rep)
-    fim_sep = find(_FIM_SEP_NAMES, fim_sep)
 
-    for i, text in enumerate(tokens):
-        if attrs[i] & ATTR_CONTROL and "unused" in text:
-            attrs[i] |= ATTR_UNUSED
-
-    eog: set[int] = {i for i in (fim_pad, fim_rep, fim_sep) if i is not None}
+def _end_of_generation(ids: dict[str, int | None], p: _Pieces) -> set[int]:
+    eog: set[int] = {i for i in (ids["fim_pad"], ids["fim_rep"], ids["fim_sep"]) if i is not None}
     for name in _EOG_NAMES:
-        tid = token_to_id.get(name)
+        tid = p.token_to_id.get(name)
         if tid is not None:
             eog.add(tid)
-            force_control(tid)
+            p.attrs[tid] |= ATTR_CONTROL
     for name in _ALWAYS_RENDERED:
-        tid = token_to_id.get(name)
+        tid = p.token_to_id.get(name)
         if tid is not None:
-            attrs[tid] = ATTR_USER_DEFINED
-    eog.update(i for i in (eos, eot, eom) if i is not None)
-
-    eog_texts = {tokens[i]: i for i in eog}
+            p.attrs[tid] = ATTR_USER_DEFINED
+    eog.update(i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None)
+    eog_texts = {p.tokens[i]: i for i in eog}
     has_call = "<|call|>" in eog_texts or "<|calls|>" in eog_texts
     if "<|end|>" in eog_texts and has_call and ("<|return|>" in eog_texts
                                                  or "<|flush|>" in eog_texts):
         end_id = eog_texts["<|end|>"]  # o200k_harmony / solar-open: <|end|> ends a message only
         eog.discard(end_id)
-        attrs[end_id] = ATTR_USER_DEFINED
+        p.attrs[end_id] = ATTR_USER_DEFINED
     if "<|tool_response>" in eog_texts and "</s>" in eog_texts:
         s_id = eog_texts["</s>"]  # gemma4 / paddleocr
         eog.discard(s_id)
-        attrs[s_id] = ATTR_NORMAL
+        p.attrs[s_id] = ATTR_NORMAL
+    return eog
 
-    # -- special-token cache (longest first, as llama.cpp's tokenizer_st_partition walks it) --
-    special_mask = ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN
-    cache = [i for i in range(n) if attrs[i] & special_mask]
-    cache.sort(key=lambda i: -len(tokens[i].encode("utf-8")))
 
-    # -- per-model attributes llama.cpp sets by name (lstrip / rstrip) ------------------------
+def _attributes_by_model_name(mf: ModelFile, cache: list[int], p: _Pieces) -> None:
+    """lstrip / rstrip that llama.cpp sets by the model's name."""
     name = mf.get("general.name")
     lowered = name.lower() if isinstance(name, str) else ""
     if "phi-3" in lowered or "phi3" in lowered:
         for i in cache:
-            attrs[i] |= ATTR_RSTRIP
+            p.attrs[i] |= ATTR_RSTRIP
         for text, on in (("</s>", True), ("<unk>", False), ("<s>", False),
                          ("<|endoftext|>", False)):
-            tid = token_to_id.get(text)
+            tid = p.token_to_id.get(text)
             if tid is not None:
-                attrs[tid] = attrs[tid] | ATTR_RSTRIP if on else attrs[tid] & ~ATTR_RSTRIP
-    elif "modern-bert" in lowered and "[MASK]" in token_to_id:
-        attrs[token_to_id["[MASK]"]] |= ATTR_LSTRIP
-
-    return VocabData(
-        path=str(mf.path), model=model, pre_name=pre_name, pre=pre, tokens=tokens,
-        token_to_id=token_to_id, scores=scores, attrs=attrs, merges=merges, bos_id=bos,
-        eos_id=eos, eot_id=eot, eom_id=eom, unk_id=unk, pad_id=pad, add_bos=add_bos,
-        add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean_spaces,
-        eog_ids=frozenset(eog),        special_cache=tuple(cache),
-    )
+                p.attrs[tid] = p.attrs[tid] | ATTR_RSTRIP if on else p.attrs[tid] & ~ATTR_RSTRIP
+    elif "modern-bert" in lowered and "[MASK]" in p.token_to_id:
+        p.attrs[p.token_to_id["[MASK]"]] |= ATTR_LSTRIP
