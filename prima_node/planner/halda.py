@@ -560,54 +560,63 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
          default_link: Link = Link(0.002, 50e6)) -> Plan:
     """The fastest plan of the cost model; raises PlanError if none is feasible."""
     opts = options or Options()
-    L = model.n_layer
     hop, variants, ks = _problem(devices, model, opts, links or {}, default_link)
-
     # a device that cannot run one layer in any round count (even with the head's share of
     # the work elsewhere) can only be left out; keep it out of the search
     hopeless = {m for m in range(len(devices)) if m != opts.head and all(
         _device_cost(v.coefs[m], k, k, n) is None
         for v in variants for k in ks for n in (0, 1))}
+    if opts.use_all and hopeless:
+        names = ", ".join(devices[m].name for m in sorted(hopeless))
+        raise PlanError(f"every device must take part, but {names} cannot hold one layer")
+    best, tried = _search(devices, model.n_layer, opts, hop, variants, ks, hopeless)
+    if best is None:
+        raise PlanError(_why_infeasible(devices, model, opts, variants[0].coefs))
+    total, k, ring, _, _, variant = best
+    plans = _device_plans(devices, best, hop)
+    slowest = max(plans, key=lambda d: d.disk_s)
+    limit = (f"disk streaming on {slowest.name}" if slowest.disk_s >= total - 1e-12
+             and slowest.disk_s > 0 else "compute and network")
+    return Plan(k=k, ring=[devices[m].name for m in ring], devices=plans, latency_s=total,
+                output_s=variant.output_s,
+                dropped=_why_dropped(devices, set(ring), total, tried, hopeless, opts),
+                n_layer=model.n_layer, bound=limit, output_on_gpu=variant.output_on_gpu)
+
+
+#: A solved plan: (latency s, k, ring of device indices, layers per ring position, GPU layers
+#: per window per ring position, the variant it was solved for)
+_Found = tuple[float, int, list[int], list[int], list[int], _Variant]
+#: sorted members of a subset tried -> (its best latency, or a lower bound; whether exact)
+_Tried = dict[tuple[int, ...], tuple[float, bool]]
+
+
+def _search(devices: Sequence[Device], L: int, opts: Options, hop: Mapping[tuple[int, int], float],
+            variants: Sequence[_Variant], ks: Sequence[int],
+            hopeless: set[int]) -> tuple[_Found | None, _Tried]:
+    """The best plan over the subsets of devices worth trying: every subset with the head
+    while there are few devices, else the paper's selection (all of them, then again without
+    the devices that hold a single layer a round)."""
     others = [i for i in range(len(devices)) if i != opts.head and i not in hopeless]
-    if opts.use_all:
-        if hopeless:
-            names = ", ".join(devices[m].name for m in sorted(hopeless))
-            raise PlanError(f"every device must take part, but {names} cannot hold one layer")
+    selecting = len(others) + 1 > opts.exhaustive_devices and not opts.use_all
+    if selecting or opts.use_all:
         subsets = [[opts.head, *others]]
-    elif len(others) + 1 <= opts.exhaustive_devices:
+    else:
         # the largest first: they usually hold the best plan, whose latency then rules out
         # most (subset, k) pairs of the others before any program is solved
         subsets = [[opts.head, *s] for r in range(len(others), -1, -1)
                    for s in itertools.combinations(others, r)]
-    else:
-        subsets = [[opts.head, *others]]
-    best: tuple[float, int, list[int], list[int], list[int], _Variant] | None = None
-    tried: dict[tuple[int, ...], tuple[float, bool]] = {}  # members -> (latency, exact)
+    best: _Found | None = None
+    tried: _Tried = {}
     while subsets:
         members = subsets.pop(0)
         ring, ring_s = _ring(members, opts.head, hop) if len(members) > 1 else ([opts.head], 0.0)
-        found: tuple[float, int, list[int], list[int], list[int], _Variant] | None = None
-        pruned = math.inf  # the smallest lower bound of what was not solved
-        for variant in variants:
-            sub = [variant.coefs[m] for m in ring]
-            for bound, k in sorted((_lower_bound(sub, k, L, k * ring_s + variant.output_s), k)
-                                   for k in ks if len(ring) * k <= L):
-                base = k * ring_s + variant.output_s
-                if bound == math.inf:
-                    continue
-                if any(b is not None and bound > b[0] * (1 + 1e-9) for b in (best, found)):
-                    pruned = min(pruned, bound)
-                    continue
-                res = _solve_k(sub, k, L, base)
-                if res is not None and (found is None or res[0] < found[0]):
-                    found = (res[0], k, ring, res[1], res[2], variant)
+        found, pruned = _solve_ring(ring, ring_s, L, variants, ks, best)
         tried[tuple(sorted(members))] = ((found[0], True) if found and found[0] <= pruned
                                          else (pruned, False))
         # ties go to fewer devices: fewer hops to fail
         if found is not None and (best is None or found[0] < best[0] * (1 - 1e-9) or (
                 found[0] <= best[0] * (1 + 1e-9) and len(found[2]) < len(best[2]))):
             best = found
-        selecting = len(others) + 1 > opts.exhaustive_devices and not opts.use_all
         if selecting and len(members) > 1:
             if found is not None:
                 # the paper's selection: drop devices that hold a single layer, solve again
@@ -618,14 +627,39 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
                             key=lambda m: devices[m].mem_available + devices[m].vram_free)]
             if weak:
                 subsets.append([m for m in members if m not in weak])
-    if best is None:
-        raise PlanError(_why_infeasible(devices, model, opts, variants[0].coefs))
-    total, k, ring, layers, n, variant = best
-    coefs = variant.coefs
+    return best, tried
+
+
+def _solve_ring(ring: list[int], ring_s: float, L: int, variants: Sequence[_Variant],
+                ks: Sequence[int], best: _Found | None) -> tuple[_Found | None, float]:
+    """The best plan of one ring over the variants and round counts, and the smallest lower
+    bound of what was not solved (a (variant, k) whose bound is already worse than the best
+    plan so far is not solved)."""
+    found: _Found | None = None
+    pruned = math.inf
+    for variant in variants:
+        sub = [variant.coefs[m] for m in ring]
+        for bound, k in sorted((_lower_bound(sub, k, L, k * ring_s + variant.output_s), k)
+                               for k in ks if len(ring) * k <= L):
+            if bound == math.inf:
+                continue
+            if any(b is not None and bound > b[0] * (1 + 1e-9) for b in (best, found)):
+                pruned = min(pruned, bound)
+                continue
+            res = _solve_k(sub, k, L, k * ring_s + variant.output_s)
+            if res is not None and (found is None or res[0] < found[0]):
+                found = (res[0], k, ring, res[1], res[2], variant)
+    return found, pruned
+
+
+def _device_plans(devices: Sequence[Device], best: _Found,
+                  hop: Mapping[tuple[int, int], float]) -> list[DevicePlan]:
+    """Each ring member's share of the plan: its windows, memory regime and costs."""
+    _, k, ring, layers, n, variant = best
     plans = []
     starts = _window_starts(layers, k)
     for pos, m in enumerate(ring):
-        cf, dev = coefs[m], devices[m]
+        cf, dev = variant.coefs[m], devices[m]
         comp, disk, over = _device_cost(cf, k, layers[pos], n[pos]) or (0.0, 0.0, 0.0)
         # disk streaming runs while the token is elsewhere; it only costs latency where it is
         # the slowest part of the ring (latency = max(compute path, slowest streaming device))
@@ -644,8 +678,13 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
         plans.append(DevicePlan(dev.name, max(sizes), n[pos], layers[pos], regime, comp, disk,
                                 net, held, over, ranges,
                                 0.0 if cf.metal else k * n[pos] * cf.layer_mem))
+    return plans
+
+
+def _why_dropped(devices: Sequence[Device], used: set[int], total: float, tried: _Tried,
+                 hopeless: set[int], opts: Options) -> dict[str, str]:
+    """Why each device left out of the ring is left out, in the user's terms."""
     dropped = {}
-    used = set(ring)
     for m in range(len(devices)):
         if m in used:
             continue
@@ -665,12 +704,7 @@ def plan(devices: Sequence[Device], model: ModelProfile, options: Options | None
             why = (f"every plan with it is slower (at least {1e3 * with_it:.1f} ms/token "
                    f"against {1e3 * total:.1f})")
         dropped[devices[m].name] = why
-    slowest = max(plans, key=lambda d: d.disk_s)
-    limit = (f"disk streaming on {slowest.name}" if slowest.disk_s >= total - 1e-12
-             and slowest.disk_s > 0 else "compute and network")
-    return Plan(k=k, ring=[devices[m].name for m in ring], devices=plans, latency_s=total,
-                output_s=variant.output_s, dropped=dropped, n_layer=L, bound=limit,
-                output_on_gpu=variant.output_on_gpu)
+    return dropped
 
 
 def _window_starts(layers: Sequence[int], k: int) -> list[list[int]]:
