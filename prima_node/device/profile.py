@@ -152,19 +152,29 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
             _gpu_vram_now(prof.gpu)
             return prof
 
+    prof = _measure(path, threads, gpu, progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(prof.to_json(), indent=1))
+        tmp.replace(cache)
+    return prof
+
+
+def _measure(path: Path | None, threads: int, gpu: str | None,
+             progress: Progress | None) -> DeviceProfile:
+    """Every measurement, in the order the progress bar counts them: memory, its bandwidth,
+    the model's disk, the kernels of each weight type the model uses (a default set without
+    a model), a real layer of the model, the GPU."""
+    from ..planner.model_profile import ModelProfile
     from .compute import kernel_flops, memory_read_bandwidth
     from .disk import measure_disk
 
-    types: list[str] = list(DEFAULT_TYPES)
-    if path is not None:
-        from ..planner.model_profile import ModelProfile
-
-        mp = ModelProfile.load(path)
-        used = {t for layer in mp.layers for t in layer.flops_by_type}
-        used |= set(mp.output_flops_by_type)
-        types = sorted(used)
-    steps = 2 + 2 * (path is not None and path.suffix == ".gguf") + len(types) \
-        + (gpu is not None)
+    mp = ModelProfile.load(path) if path is not None else None
+    types = (sorted({t for layer in mp.layers for t in layer.flops_by_type}
+                    | set(mp.output_flops_by_type)) if mp is not None else list(DEFAULT_TYPES))
+    gguf = path is not None and path.suffix == ".gguf"
+    steps = 2 + 2 * gguf + len(types) + (gpu is not None)
     done = 0
 
     def step() -> None:
@@ -179,8 +189,9 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
     bandwidth = memory_read_bandwidth(size_mib=bandwidth_buffer_mib(mem["available"]), repeats=3,
                                       threads=threads)
     step()
-    disk = None
-    if path is not None and path.suffix == ".gguf":
+    disk = layer_decode = None
+    if gguf:
+        assert path is not None
         disk = measure_disk(path).as_dict()
         step()
     kernels: dict[str, dict[str, float]] = {}
@@ -188,21 +199,16 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         kernels.update(kernel_flops([t], threads=threads,
                                     weight_mib=bandwidth_buffer_mib(mem["available"])))
         step()
-    layer_decode = None
-    if path is not None and path.suffix == ".gguf":
+    if gguf:
+        assert path is not None
         layer_decode = _layer_decode(path, threads, kernels)
         step()
     gpus: dict[str, Any] = {"backend": None, "devices": []}
     if gpu is not None:
-        n_embd = 4096
-        if path is not None:
-            from ..planner.model_profile import ModelProfile
-
-            n_embd = ModelProfile.load(path).n_embd
-        measured = measure_gpu(gpu, types, n_embd)
+        measured = measure_gpu(gpu, types, mp.n_embd if mp is not None else 4096)
         gpus = {"backend": measured["backend"], "devices": [measured]}
         step()
-    prof = DeviceProfile(
+    return DeviceProfile(
         name=socket.gethostname(), os=platform.system(), os_release=platform.release(),
         machine=platform.machine(), cpu=_cpu_name(), cores=os.cpu_count() or 1,
         threads=threads, memory=mem, memory_read_gbps=round(bandwidth, 2), disk=disk,
@@ -210,12 +216,6 @@ def profile_device(model: str | Path | None = None, *, threads: int | None = Non
         layer_decode=layer_decode,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         measure_s=round(time.perf_counter() - t0, 2))
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(prof.to_json(), indent=1))
-        tmp.replace(cache)
-    return prof
 
 
 def _cached(cache: Path, model: Path | None) -> DeviceProfile | None:
