@@ -29,7 +29,7 @@ from .text.harmony import MARKERS as HARMONY_MARKERS
 from .text.harmony import HarmonyParser, ReasoningDelta
 from .text.sampler import Sampler, SamplingParams
 from .text.stops import StopStrings
-from .text.tokenizer import Tokenizer
+from .text.tokenizer import Detokenizer, Tokenizer
 from .text.tool_calls import MARKER_TOKENS, TextDelta, ToolCall, ToolCallParser
 
 __all__ = [
@@ -152,6 +152,17 @@ def _markers(tool_format: str | None) -> tuple[str, ...]:
     """The control tokens whose text the answer's parser must see."""
     return HARMONY_MARKERS if tool_format == "harmony" else MARKER_TOKENS.get(tool_format or "",
                                                                                ())
+
+
+def _held_back(stops: StopStrings, detok: Detokenizer, parser: ToolCallParser | HarmonyParser,
+               stopped: bool) -> list[TextDelta | ReasoningDelta | ToolCall]:
+    """The answer's last events, from what is still held back once it ends: a partial
+    character, a partial stop string, an open call."""
+    tail = ""
+    if not stopped:
+        text, stopped = stops.feed(detok.flush())
+        tail = text if stopped else text + stops.flush()
+    return [*(parser.feed(tail) if tail else ()), *parser.finish()]
 
 
 class Generator:
@@ -336,21 +347,12 @@ class Generator:
         cached = self._reuse_prefix(session, prompt)
         history = self._cached[session]
         out: list[int] = []
-        reason = "length"
         stopped = saw_call = False
         t_first = decode_s = 0.0
-        steps = prefilled = 0
-        logits = None
-        chunk = self.executor.prefill_chunk
-        for a in range(cached, len(prompt), chunk):
-            if cancelled():
-                reason = "cancelled"
-                break
-            logits = self._forward(prompt[a:a + chunk], session, history)
-            prefilled += len(prompt[a:a + chunk])
+        steps = 0
+        logits, prefilled = self._prefill(prompt[cached:], session, history, cancelled)
+        reason = "length" if logits is not None else "cancelled"
         t_prefill = time.perf_counter() - t_start
-        if reason == "cancelled":
-            logits = None  # a prompt cut short chooses no token
         while logits is not None:
             t0 = time.perf_counter()
             if run.constraint is not None and run.constraint.is_complete:
@@ -381,12 +383,7 @@ class Generator:
             logits = self._forward([token], session, history)
             steps += 1
             decode_s += busy + time.perf_counter() - t1  # not the time the consumer held us
-        # what is still held back: a partial character, a partial stop string, an open call
-        tail = ""
-        if not stopped:
-            text, stopped = stops.feed(detok.flush())
-            tail = text if stopped else text + stops.flush()
-        for ev in [*(parser.feed(tail) if tail else ()), *parser.finish()]:
+        for ev in _held_back(stops, detok, parser, stopped):
             saw_call |= isinstance(ev, ToolCall)
             yield ev
         if saw_call and reason != "cancelled":
@@ -395,6 +392,19 @@ class Generator:
             prompt_tokens=len(prompt), cached_tokens=cached, prefill_s=t_prefill,
             completion_tokens=len(out), decode_s=decode_s, decode_steps=steps,
             first_token_s=t_first, prefill_tokens=prefilled), tuple(out), sampler.seed)
+
+    def _prefill(self, ids: list[int], session: str, history: list[int],
+                 cancelled: Callable[[], bool]) -> tuple[np.ndarray | None, int]:
+        """The prompt's uncached tokens, a chunk at a time (a cancel stops within one): the
+        last position's logits (None when cancelled: a prompt cut short chooses no token)
+        and the tokens evaluated."""
+        logits = None
+        chunk = self.executor.prefill_chunk
+        for a in range(0, len(ids), chunk):
+            if cancelled():
+                return None, a
+            logits = self._forward(ids[a:a + chunk], session, history)
+        return logits, len(ids)
 
     def _forward(self, ids: list[int], session: str, history: list[int]) -> np.ndarray:
         """Evaluate ids after the session's cache, keeping the record of what it holds honest.
