@@ -9,8 +9,8 @@ differ in corner cases (special-token matching order, SentencePiece space handli
 * ``tokenizer_vocab`` patches token attributes and resolves special ids as llama.cpp's loader
   does (name heuristics, end-of-generation set);
 * special tokens are split out of the text first, longest token first over the whole text, as
-  ``tokenizer_st_partition`` does (control and unknown tokens only with ``parse_special``;
-  user-defined tokens always);
+  ``tokenizer_st_partition`` does (``special_tokens``: control and unknown tokens only with
+  ``parse_special``; user-defined tokens always);
 * the text between them goes through the vocabulary's merge engine, built on the ``tokenizers``
   library: byte-level BPE with llama.cpp's pre-tokenizer regexes (``tokenizer_bpe``), or
   SentencePiece-by-score recast as ranked merges (``tokenizer_spm``).
@@ -24,16 +24,15 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .special_tokens import ASCII_SPACE, SpecialSplitter
 from .tokenizer_bpe import CHAR_TO_BYTE_TABLE, build_bpe, supported_pre_tokenizers
 from .tokenizer_spm import SpmModel, build_spm
 from .tokenizer_vocab import (
     ATTR_BYTE,
     ATTR_CONTROL,
-    ATTR_LSTRIP,
     ATTR_NORMAL,
-    ATTR_RSTRIP,
     ATTR_UNKNOWN,
     ATTR_UNUSED,
     ATTR_USER_DEFINED,
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["Detokenizer", "Tokenizer", "supported_pre_tokenizers"]
 
 _SPM_SPACE = "\u2581"  # "▁"
-_ASCII_SPACE = " \t\n\v\f\r"  # C isspace(): what llama.cpp's lstrip / rstrip remove
 _NOT_LATIN1 = "\U0010ffff"
 # GPT-2 byte characters -> their byte; every other character below 256 must fail the latin-1
 # encode so that it takes the slow path (llama.cpp writes it as "[UNK_BYTE_0x..]").
@@ -58,7 +56,6 @@ _BYTE_TABLE.update(CHAR_TO_BYTE_TABLE)
 _CHAR_TO_BYTE = {chr(c): b for c, b in CHAR_TO_BYTE_TABLE.items()}
 
 _SPECIAL_ATTRS = ATTR_UNKNOWN | ATTR_CONTROL  # hidden by token_to_piece unless special=True
-_TRIE_END = ""  # key marking "a special token ends here" in the trie (never a character)
 
 
 class Tokenizer:
@@ -103,13 +100,7 @@ class Tokenizer:
         else:
             assert data.pre is not None
             self._bpe = build_bpe(data.token_to_id, data.merges, data.pre, data.path)
-        # Special tokens in llama.cpp's partition order; the user-defined subset is what is
-        # split out without parse_special.
-        self._special_all = data.special_cache
-        self._special_user = tuple(i for i in data.special_cache
-                                   if not data.attrs[i] & _SPECIAL_ATTRS)
-        self._special_rank = {t: r for r, t in enumerate(data.special_cache)}
-        self._tries: dict[bool, dict[str, Any]] = {}
+        self._specials = SpecialSplitter(data)
         # token_to_piece results, filled on first use: [special=False, special=True]
         self._pieces: tuple[list[bytes | None], list[bytes | None]] = (
             [None] * self.n_vocab, [None] * self.n_vocab)
@@ -182,7 +173,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        frags = self._partition(text, parse_special)
+        frags = self._specials.partition(text, parse_special)
         out: list[int] = []
         if add_special and self.add_bos:
             assert self.bos_id is not None  # checked at load
@@ -234,80 +225,6 @@ class Tokenizer:
             else:
                 out.append(f)
         return out
-
-    def _trie(self, parse_special: bool) -> dict[str, Any]:
-        trie = self._tries.get(parse_special)
-        if trie is None:
-            trie = {}
-            for tid in self._special_all if parse_special else self._special_user:
-                node = trie
-                for ch in self._tokens[tid]:
-                    node = node.setdefault(ch, {})
-                node[_TRIE_END] = tid
-            self._tries[parse_special] = trie
-        return trie
-
-    def _present_specials(self, text: str, parse_special: bool) -> list[int]:
-        """The special tokens that occur anywhere in ``text``, in llama.cpp's order."""
-        trie = self._trie(parse_special)
-        found: set[int] = set()
-        n = len(text)
-        for first, sub in trie.items():
-            pos = text.find(first)
-            while pos >= 0:
-                node = sub
-                j = pos + 1
-                while True:
-                    tid = node.get(_TRIE_END)
-                    if tid is not None:
-                        found.add(tid)
-                    if j >= n:
-                        break
-                    node = node.get(text[j])
-                    if node is None:
-                        break
-                    j += 1
-                pos = text.find(first, pos + 1)
-        return sorted(found, key=self._special_rank.__getitem__)
-
-    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
-        """llama.cpp's ``tokenizer_st_partition``: text fragments and special token ids.
-
-        Each special token, longest first, is split out of every text fragment left by the
-        longer ones, scanning left to right; LSTRIP / RSTRIP tokens eat the ASCII whitespace
-        next to them.
-        """
-        if not text:
-            return []
-        frags: list[str | int] = [text]
-        for tid in self._present_specials(text, parse_special):
-            piece = self._tokens[tid]
-            lstrip = bool(self._attrs[tid] & ATTR_LSTRIP)
-            rstrip = bool(self._attrs[tid] & ATTR_RSTRIP)
-            split: list[str | int] = []
-            for f in frags:
-                if not isinstance(f, str) or piece not in f:
-                    split.append(f)
-                    continue
-                start = 0
-                while True:
-                    m = f.find(piece, start)
-                    if m < 0:
-                        break
-                    left = f[start:m]
-                    if lstrip:
-                        left = left.rstrip(_ASCII_SPACE)
-                    if left:
-                        split.append(left)
-                    split.append(tid)
-                    start = m + len(piece)
-                    if rstrip:
-                        while start < len(f) and f[start] in _ASCII_SPACE:
-                            start += 1
-                if start < len(f):
-                    split.append(f[start:])
-            frags = split
-        return frags
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -455,7 +372,7 @@ def _byte_level_decode(text: str) -> bytes:
 
 def _strtol_hex(s: str) -> int:
     """C ``strtol(s, NULL, 16)`` on the two characters llama.cpp reads from a byte token."""
-    s = s.lstrip(_ASCII_SPACE)
+    s = s.lstrip(ASCII_SPACE)
     sign = 1
     if s[:1] in ("+", "-"):
         sign = -1 if s[0] == "-" else 1
