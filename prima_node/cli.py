@@ -270,14 +270,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .arch.spec import ARCHITECTURES
-    from .bench import JSON_FIELDS
-    from .synth.presets import PRESETS
-    from .synth.writer import MAKE_TYPES
-
     p = _Parser(prog="prima-node", description=DESCRIPTION, epilog=models_epilog(),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_make_model, _add_bench, _add_generate, _add_chat, _add_profile,
+                _add_model_profile, _add_plan, _add_link, _add_demo, _add_serve):
+        add(sub)
+    return p
+
+
+def _add_make_model(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from .arch.spec import ARCHITECTURES
+    from .synth.presets import PRESETS
+    from .synth.writer import MAKE_TYPES
 
     mk = sub.add_parser("make-model", help="write a synthetic GGUF model (random weights)")
     mk.add_argument("out", help="output .gguf path")
@@ -291,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bpe: byte-level BPE (Llama 3 / Qwen); spm: SentencePiece (Llama 2)")
     mk.add_argument("--layers", type=int, default=None, help="override the preset's depth")
     mk.set_defaults(func=cmd_make_model)
+
+
+def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from .bench import JSON_FIELDS
+    from .cli_text import add_gpu_args
 
     fields = "\n".join(f"  {k}: {v}" for k, v in JSON_FIELDS.items())
     bn = sub.add_parser(
@@ -307,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeats", type=int, default=6,
                     help="rounds in which the engines take turns (ratios: their median)")
     bn.add_argument("--no-llama", action="store_true", help="skip the llama.cpp reference")
-    from .cli_text import add_gpu_args
-
     add_gpu_args(bn)
     bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.set_defaults(func=cmd_bench)
 
+
+def _add_generate(sub: argparse._SubParsersAction[_Parser]) -> None:
     from .cli_text import add_model_args, add_sampling_args
 
     gen = sub.add_parser(
@@ -337,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object (text, tool_calls, finish_reason, timings)")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_chat(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from .cli_text import add_model_args, add_sampling_args
+
     chat = sub.add_parser("chat", help="interactive chat in the terminal (single node)",
                           description="History is kept and its KV cache reused; Ctrl-C stops "
                                       "the current answer, Ctrl-D quits, /reset forgets.")
@@ -345,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+
+def _add_profile(sub: argparse._SubParsersAction[_Parser]) -> None:
     pf = sub.add_parser(
         "profile", help="measure this device for the planner (cached; memory read afresh)",
         description="Kernel speed per weight type the model uses, memory bandwidth, the disk "
@@ -357,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the GPU to measure, by ggml's name (default: the first; none: skip)")
     pf.set_defaults(func=cmd_profile)
 
+
+def _add_model_profile(sub: argparse._SubParsersAction[_Parser]) -> None:
     mp = sub.add_parser(
         "model-profile", help="what a model costs per layer (bytes, FLOPs, KV cache), for plans",
         description="Read a GGUF file's tensor table (no weights are read), or compute the "
@@ -371,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--json", action="store_true", help="print the exchange format")
     mp.set_defaults(func=cmd_model_profile)
 
+
+def _add_plan(sub: argparse._SubParsersAction[_Parser]) -> None:
     pl = sub.add_parser(
         "plan", help="plan a cluster with Halda: who holds which layers, k, predicted latency",
         description="Solve the layer-to-device assignment exactly for the devices in a cluster "
@@ -391,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
 
+
+def _add_link(sub: argparse._SubParsersAction[_Parser]) -> None:
     lk = sub.add_parser(
         "link", help="measure a ring hop to a node: round trip and throughput over a websocket",
         description="Connect to another node's link probe (GET /api/link) the way ring "
@@ -401,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--json", action="store_true", help="print the measurement as JSON")
     lk.set_defaults(func=cmd_link)
 
-    from .server.serve import add_serve_args
 
+def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     demo = sub.add_parser(
         "demo", help="start a cluster of nodes on this machine, answer a chat prompt, stop",
         description="Start --nodes node processes on 127.0.0.1 (workers, then a head with a "
@@ -421,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads per node (default 1: the nodes share this machine)")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from .server.serve import add_serve_args
+
     srv = sub.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API, alone or as a "
                       "cluster node",
@@ -431,7 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "head (--head --peer HOST:PORT ...), which plans the ring and serves the API.")
     add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
