@@ -116,6 +116,45 @@ def load_config(mf: ModelFile) -> ModelConfig:
         return float(_number(mf, full, value, integer=False, minimum=0.0))
 
     n_embd = count("embedding_length")
+    n_head, n_head_kv, head_dim, n_rot = _heads(mf, a, count, n_embd)
+    rope_scale, yarn = _rope_scaling(mf, a, count, real)
+    rms_eps = real("attention.layer_norm_rms_epsilon")
+    rope_base = real("rope.freq_base", 10000.0)
+    if rms_eps <= 0 or rope_base <= 0:
+        raise ModelLoadError(mf.path, f"{a}.attention.layer_norm_rms_epsilon and "
+                                      f"{a}.rope.freq_base must be positive (they are "
+                                      f"{rms_eps} and {rope_base}): the file is corrupt")
+    factors = (_rope_factors(mf, n_rot) if "rope_freqs" in spec.optional
+               and "rope_freqs.weight" in mf.tensors else None)
+    n_vocab = _vocab_size(mf, n_embd)
+    n_ff, experts = _feed_forward(mf, spec, count, real)
+    if spec.swa_pattern:
+        experts.update(_sliding_window(mf, spec, count, real, rope_base, rope_scale))
+    experts["final_softcap"] = real("final_logit_softcapping", 0.0)
+    return ModelConfig(
+        arch=spec,
+        n_layer=count("block_count"),
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_rot=n_rot,
+        n_vocab=n_vocab,
+        n_ctx_train=count("context_length", 4096),
+        rms_eps=rms_eps,
+        rope_base=rope_base,
+        rope_scale=rope_scale,
+        rope_factors=factors,
+        tied_embeddings="output.weight" not in mf.tensors,
+        yarn=yarn,
+        **experts,
+    )
+
+
+def _heads(mf: ModelFile, a: str, count: Any, n_embd: int) -> tuple[int, int, int, int]:
+    """Attention heads, key/value heads, the head size and the rotated dimensions, checked
+    against each other."""
     n_head = count("attention.head_count")
     n_head_kv = count("attention.head_count_kv", n_head)
     if n_head % n_head_kv:
@@ -130,53 +169,32 @@ def load_config(mf: ModelFile) -> ModelConfig:
     if n_rot > head_dim or n_rot % 2:
         raise ModelLoadError(mf.path, f"{a}.rope.dimension_count is {n_rot}; it must be even "
                                       f"and at most the head size {head_dim}")
-    rope_scale, yarn = _rope_scaling(mf, a, count, real)
-    rms_eps = real("attention.layer_norm_rms_epsilon")
-    rope_base = real("rope.freq_base", 10000.0)
-    if rms_eps <= 0 or rope_base <= 0:
-        raise ModelLoadError(mf.path, f"{a}.attention.layer_norm_rms_epsilon and "
-                                      f"{a}.rope.freq_base must be positive (they are "
-                                      f"{rms_eps} and {rope_base}): the file is corrupt")
-    factors = None
-    if "rope_freqs" in spec.optional and "rope_freqs.weight" in mf.tensors:
-        t = mf.tensors["rope_freqs.weight"]
-        factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        if factors.size != n_rot // 2:
-            raise ModelLoadError(
-                mf.path, f"rope_freqs.weight has {factors.size} values, expected {n_rot // 2}"
-            )
-        if not np.all(np.isfinite(factors)) or np.any(factors <= 0):
-            raise ModelLoadError(mf.path, "rope_freqs.weight holds values that are not "
-                                          "positive numbers: the file is corrupt")
+    return n_head, n_head_kv, head_dim, n_rot
+
+
+def _vocab_size(mf: ModelFile, n_embd: int) -> int:
+    """The vocabulary's size, from the embedding matrix (which must match the model's width)."""
     emb = mf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[1] != n_embd:
         raise ModelLoadError(
             mf.path, f"token_embd.weight has shape {emb.shape[::-1]} (GGUF order), expected "
             f"({n_embd}, vocabulary size)"
         )
-    n_ff, experts = _feed_forward(mf, spec, count, real)
-    if spec.swa_pattern:
-        experts.update(_sliding_window(mf, spec, count, real, rope_base, rope_scale))
-    experts["final_softcap"] = real("final_logit_softcapping", 0.0)
-    return ModelConfig(
-        arch=spec,
-        n_layer=count("block_count"),
-        n_embd=n_embd,
-        n_ff=n_ff,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=head_dim,
-        n_rot=n_rot,
-        n_vocab=emb.shape[0],
-        n_ctx_train=count("context_length", 4096),
-        rms_eps=rms_eps,
-        rope_base=rope_base,
-        rope_scale=rope_scale,
-        rope_factors=factors,
-        tied_embeddings="output.weight" not in mf.tensors,
-        yarn=yarn,
-        **experts,
-    )
+    return int(emb.shape[0])
+
+
+def _rope_factors(mf: ModelFile, n_rot: int) -> np.ndarray:
+    """Llama 3's per-frequency RoPE divisors (rope_freqs.weight), one per rotated pair."""
+    t = mf.tensors["rope_freqs.weight"]
+    factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    if factors.size != n_rot // 2:
+        raise ModelLoadError(
+            mf.path, f"rope_freqs.weight has {factors.size} values, expected {n_rot // 2}"
+        )
+    if not np.all(np.isfinite(factors)) or np.any(factors <= 0):
+        raise ModelLoadError(mf.path, "rope_freqs.weight holds values that are not "
+                                      "positive numbers: the file is corrupt")
+    return factors
 
 
 def _rope_scaling(mf: ModelFile, a: str, count: Any, real: Any) -> tuple[float, Yarn | None]:
