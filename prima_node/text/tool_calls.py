@@ -145,6 +145,18 @@ class _JsonScan:
             self.length += 1
 
     def _step(self, ch: str) -> bool:
+        """One character: False where it cannot continue the JSON."""
+        if self._token:
+            consumed = self._in_token(ch)
+            if consumed is not None:
+                return consumed
+        if ch in _WS:
+            return True
+        return self._structural(ch)
+
+    def _in_token(self, ch: str) -> bool | None:
+        """A character inside a string, number or literal: whether it fits, or None where it
+        ends a number without being part of it (it is then read as structure)."""
         if self._token == "str":
             if self._escape:
                 self._escape = False
@@ -165,17 +177,18 @@ class _JsonScan:
                 return False
             self._token = ""
             self._value_done()
-        elif self._token == "lit":
-            self._lexeme += ch
-            word = _LITERALS[self._lexeme[0]]
-            if not word.startswith(self._lexeme):
-                return False
-            if len(self._lexeme) == len(word):
-                self._token = ""
-                self._value_done()
-            return True
-        if ch in _WS:
-            return True
+            return None
+        self._lexeme += ch  # a literal: true, false, null
+        word = _LITERALS[self._lexeme[0]]
+        if not word.startswith(self._lexeme):
+            return False
+        if len(self._lexeme) == len(word):
+            self._token = ""
+            self._value_done()
+        return True
+
+    def _structural(self, ch: str) -> bool:
+        """A character between tokens: what the parser expects next decides."""
         expect = self._expect
         if expect in ("value", "value_or_close"):
             if ch == "]" and expect == "value_or_close":
