@@ -2,8 +2,9 @@
 
 ``Model`` owns the memory-mapped file and offers the three steps a ring is made of: ``embed``
 (the ring's first node only), ``window(a, b)`` (any node), ``output`` (final norm + output
-projection, the ring's first node only). On one machine, ``forward`` runs all three as one ggml
-graph per step (what llama.cpp does), which is what ``logits`` and the generation loop use.
+projection, the ring's first node only; both in ``ends``). On one machine, ``forward`` runs all
+three as one ggml graph per step (what llama.cpp does), which is what ``logits`` and the
+generation loop use.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..arch.config import ModelConfig, load_config
 from ..model_file import ModelFile
 from ..quant_types import type_name
 from .backend import Backend, Compute, FileBuffer
+from .ends import Ends, end_tensors
 from .gpu import (
     Accelerator,
     GpuUnavailableError,
@@ -31,10 +33,7 @@ from .gpu import (
 )
 from .graph import (
     EndTensors,
-    StepGraph,
     StepShape,
-    build_embed,
-    build_output,
     build_step,
     kv_length,
 )
@@ -54,13 +53,6 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
-
-
-def _end_tensors(ws: WeightSet, cfg: ModelConfig, *, packed: bool = False) -> EndTensors:
-    output = ws.packed(output_name(cfg)) if packed else ws[output_name(cfg)]
-    return EndTensors(token_embd=ws["token_embd.weight"], output_norm=ws["output_norm.weight"],
-                       output=output, rope_freqs=ws.get("rope_freqs.weight"),
-                       output_bias=ws.get("output.bias"))
 
 
 def should_repack(mf: ModelFile, available: int) -> bool:
@@ -99,13 +91,11 @@ class Model:
             self.backend.close()
             raise
         self._weights.append(ends)
-        self.shared = Shared(mf, cfg, self.buffer, self.compute, _end_tensors(ends, cfg), n_ctx)
+        self.shared = Shared(mf, cfg, self.buffer, self.compute, end_tensors(ends, cfg), n_ctx)
         self._windows: weakref.WeakSet[Window] = weakref.WeakSet()
         #: guards ``_windows``: status pages sum over it from the event loop while the model
         #: thread adds windows
         self._windows_lock = threading.Lock()
-        self._ends_graphs: dict[tuple[str, int], StepGraph] = {}
-        self._packed_output: WeightSet | None = None  # a ring head's, see repack_output
         self._full: Window | None = None
         self._full_lock = threading.Lock()
         #: layers ``forward`` runs on the GPU (the first ones); ring windows say their own
@@ -117,6 +107,7 @@ class Model:
             except BaseException:
                 self.close()
                 raise
+        self.ends = Ends(self.shared, self.compute, self.accel)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], threads: int | None = None,
@@ -196,7 +187,7 @@ class Model:
                     out = WeightSet(self.file, self.buffer, infos,
                                     repack=[output_name(self.config)])
                     self._weights.append(out)
-                    ends = _end_tensors(out, self.config, packed=True)
+                    ends = end_tensors(out, self.config, packed=True)
                 self._full = self._make_window(0, self.config.n_layer, self.gpu_layers,
                                                repack=repack, packed_ends=ends)
                 self._register(self._full)
@@ -206,7 +197,7 @@ class Model:
     def repacked_bytes(self) -> int:
         """Anonymous memory holding repacked matrices (0 until ``forward`` first runs, or
         without repacking)."""
-        extra = sum(w.repacked_bytes for w in self._weights)
+        extra = sum(w.repacked_bytes for w in self._weights) + self.ends.repacked_bytes
         return extra + sum(w.repacked_bytes for w in self._window_list())
 
     @property
@@ -230,8 +221,7 @@ class Model:
 
     def embed(self, token_ids: Any) -> np.ndarray:
         """Embedding rows (tokens, n_embd) for token ids."""
-        ids = self._check_ids(token_ids)
-        return self._run_end("embed", ids.astype(np.int32))
+        return self.ends.embed(self._check_ids(token_ids))
 
     def window(self, start: int, end: int, gpu_layers: int = 0, *,
                repack: bool = False) -> Window:
@@ -275,76 +265,17 @@ class Model:
         """Final norm and output projection: logits (tokens, n_vocab) for hidden states;
         ``decode``: of a decode step, which uses the repacked projection if there is one
         (``repack_output``), as ``forward`` does."""
-        h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
-        if h.ndim != 2 or h.shape[1] != self.config.n_embd:
-            raise ValueError(f"hidden states of shape {h.shape} are not (tokens, "
-                             f"{self.config.n_embd})")
-        return self._run_end("output-packed" if decode and h.shape[0] == 1 else "output", h)
+        return self.ends.output(h, decode=decode)
 
     def repack_output(self, on: bool) -> None:
         """Give decode steps' output projection a repacked copy (a ring head holding its share
         resident) or none."""
-        with self.compute.lock:
-            self._require_open()
-            for key in [k for k in self._ends_graphs if k[0] == "output-packed"]:
-                self._ends_graphs.pop(key).free()
-            if self._packed_output is not None:
-                self._weights.remove(self._packed_output)
-                self._packed_output.close()
-                self._packed_output = None
-            if on:
-                self._packed_output = WeightSet(self.file, self.buffer,
-                                                end_tensor_infos(self.file, self.config),
-                                                repack=[output_name(self.config)])
-                self._weights.append(self._packed_output)
+        self.ends.repack_output(on)
 
     def output_on_gpu(self, on: bool) -> None:
         """Compute the output projection on the model's GPU (a copy of it there; a ring
         head's plan may say so) or on the CPU from the file."""
-        with self.compute.lock:
-            self._require_open()
-            if self.accel is None:
-                if on:
-                    raise GpuUnavailableError("the plan puts the output on a GPU, but this "
-                                              "model was opened without one")
-                return
-            for key in [k for k in self._ends_graphs if k[0] == "output-gpu"]:
-                self._ends_graphs.pop(key).free()  # they point at the copy being freed
-            self.accel.hold_output(on)
-
-    def _run_end(self, kind: str, values: np.ndarray) -> np.ndarray:
-        """The embedding lookup or the output projection alone (a ring's first node); the
-        output on the GPU where it holds a copy, or a decode step's with the repacked copy."""
-        n = int(values.shape[0])
-        with self.compute.lock:
-            self._require_open()
-            accel = self.accel if kind != "embed" else None
-            if accel is not None and not accel.has_output:
-                accel = None
-            packed = self._packed_output
-            if kind == "output-packed" and (packed is None or accel is not None):
-                kind = "output"  # nothing repacked (or the GPU's copy computes it)
-            compute = accel.compute if accel is not None else self.compute
-            key = ("output-gpu" if accel is not None else kind, n)
-            graph = self._ends_graphs.get(key)
-            if graph is None or graph.generation not in (-1, compute.generation):
-                if graph is not None:
-                    graph.free()
-                build = build_embed if kind == "embed" else build_output
-                if accel is not None:
-                    ends = accel.ends
-                elif kind == "output-packed" and packed is not None:
-                    ends = _end_tensors(packed, self.config, packed=True)
-                else:
-                    ends = self.shared.ends
-                graph = build(self.config, ends, n)
-            out = graph.run(compute, {"tokens" if kind == "embed" else "hidden": values},
-                            once=n > 1)
-            if n == 1:
-                self._ends_graphs[key] = graph
-            else:
-                graph.free()
-        return out
+        self.ends.output_on_gpu(on)
 
     # -- conveniences -------------------------------------------------------------------------
 
@@ -410,9 +341,8 @@ class Model:
             self.shared.closed = True
             for w in self._window_list():
                 w.close()
-            for graph in self._ends_graphs.values():
-                graph.free()
-            self._ends_graphs.clear()
+            if hasattr(self, "ends"):
+                self.ends.close()
             for ws in self._weights:
                 ws.close()
             if self.accel is not None:
