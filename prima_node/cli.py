@@ -118,8 +118,9 @@ def cmd_model_profile(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
+    from . import ggml
     from .device.profile import profile_device
-    from .engine.gpu import find_gpus
+    from .engine.gpu import find_gpus, no_gpu_reason
 
     gpus = find_gpus()
     gpu = args.gpu if args.gpu is not None else gpus[0].name if gpus else None
@@ -160,8 +161,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             print(f"    {t:6s} decode {k['decode_flops'] / gb:6.1f} GFLOP/s   prefill "
                   f"{k['prefill_flops'] / gb:6.1f} GFLOP/s")
     if not prof.gpu.get("devices"):
-        print("  GPU: none" + ("" if gpus else " (this build has no GPU backend: "
-                                               "docs/install.md, PRIMA_GPU)"))
+        print("  GPU: none" + ("" if gpus else f" ({no_gpu_reason(ggml.load().backends())})"))
     return 0
 
 

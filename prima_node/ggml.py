@@ -190,6 +190,10 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_dev_type": (c_int, [_P]),
     "ggml_backend_dev_memory": (None, [_P, POINTER(c_size_t), POINTER(c_size_t)]),
     "ggml_backend_reg_name": (c_char_p, [_P]),
+    # the backends a build registered, and how many devices each found
+    "ggml_backend_reg_count": (c_size_t, []),
+    "ggml_backend_reg_get": (_P, [c_size_t]),
+    "ggml_backend_reg_dev_count": (c_size_t, [_P]),
     "ggml_backend_buffer_clear": (None, [_P, ctypes.c_uint8]),
     "ggml_backend_buffer_is_host": (c_bool, [_P]),
     "ggml_backend_synchronize": (None, [_P]),
@@ -295,6 +299,13 @@ class Ggml:
     def shape(self, ptr: int) -> tuple[int, ...]:
         """ggml's ne[] (fastest-varying first), all four dimensions."""
         return tuple(self.tensor(ptr).ne)
+
+    def backends(self) -> dict[str, int]:
+        """Every backend the build registered (CPU, CUDA, Metal, ...) and the devices it
+        found (a GPU backend whose driver is missing or too old finds none)."""
+        regs = [self.ggml_backend_reg_get(i) for i in range(self.ggml_backend_reg_count())]
+        return {(self.ggml_backend_reg_name(r) or b"?").decode(): int(
+            self.ggml_backend_reg_dev_count(r)) for r in regs}
 
     def devices(self) -> list[int]:
         """Every device the build registered (the CPU, and any GPU its backends found)."""

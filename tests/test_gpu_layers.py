@@ -26,6 +26,8 @@ from prima_node.engine.gpu import (
     SplitWindow,
     auto_gpu_layers,
     find_gpus,
+    idle_gpu_backends,
+    no_gpu_reason,
 )
 from prima_node.engine.tensors import layer_tensor_infos, output_name
 
@@ -143,10 +145,27 @@ def test_gpu_layers_out_of_range_and_unknown_gpus_are_clear_errors(
 @pytest.mark.skipif(bool(find_gpus()), reason="this build has a GPU backend")
 def test_a_build_without_a_gpu_says_how_to_get_one(make_model: ModelFactory) -> None:
     path = make_model("llama", "tiny", "F16")
-    with pytest.raises(GpuUnavailableError, match="PRIMA_GPU=cuda, metal or vulkan"):
+    backends = ggml.load().backends()
+    assert backends["CPU"] >= 1
+    with pytest.raises(GpuUnavailableError) as err:
         Model.open(path, n_ctx=64, gpu_layers=1)
+    assert no_gpu_reason(backends) in str(err.value)
     with Model.open(path, n_ctx=64, gpu_layers="auto") as m:  # auto: none, and no error
         assert m.gpu_layers == 0 and m.accel is None
+
+
+def test_why_there_is_no_gpu_names_the_build_or_the_driver() -> None:
+    """A CPU-only build is told how to get a GPU backend; a build whose GPU backend found no
+    device (a driver missing or too old: a CUDA build on this machine says "CUDA driver
+    version is insufficient") is told that, not to rebuild."""
+    assert "PRIMA_GPU=cuda, metal or vulkan" in no_gpu_reason({"CPU": 1})
+    assert "PRIMA_GPU" in no_gpu_reason({"CPU": 1, "BLAS": 1, "RPC": 0})
+    assert idle_gpu_backends({"CPU": 1, "RPC": 0}) == []
+    for backends in ({"CUDA": 0, "CPU": 1}, {"CPU": 1, "Vulkan": 0, "CUDA": 1}):
+        reason = no_gpu_reason(backends)
+        idle = idle_gpu_backends(backends)
+        assert len(idle) == 1 and f"this build's {idle[0]} backend found no GPU" in reason
+        assert "driver" in reason and "PRIMA_GPU" not in reason
 
 
 def test_auto_fits_layers_and_their_caches_in_free_memory(make_model: ModelFactory) -> None:

@@ -29,11 +29,11 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from .. import __version__
+from .. import __version__, ggml
 from ..device.link import measure_over, serve_probe
 from ..device.profile import profile_device
 from ..device.vitals import vitals
-from ..engine.gpu import find_gpus
+from ..engine.gpu import find_gpus, idle_gpu_backends, no_gpu_reason
 from ..engine.model import DEFAULT_BATCH, Model
 from ..engine.paging import WindowPages
 from ..engine.window import Window
@@ -134,6 +134,9 @@ class ClusterNode:
             if gpu is None:
                 gpus = find_gpus()
                 gpu = gpus[0].name if gpus else None
+                backends = ggml.load().backends()
+                if not gpus and idle_gpu_backends(backends):  # a GPU the user expects, idle
+                    _LOG.warning("every layer runs on the CPU: %s", no_gpu_reason(backends))
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
                                     n_ctx=self.config.n_ctx,
                                     gpu=None if gpu == "none" else gpu)

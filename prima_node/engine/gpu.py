@@ -78,6 +78,27 @@ def find_gpus() -> list[GpuInfo]:
             if g.ggml_backend_dev_type(d) in (ggml.DEVICE_GPU, ggml.DEVICE_IGPU)]
 
 
+#: backends that drive no GPU (a build lists them among its backends)
+_HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC"})
+
+
+def idle_gpu_backends(backends: dict[str, int]) -> list[str]:
+    """The GPU backends among a build's (name -> devices found) that found no device."""
+    return sorted(name for name, n in backends.items() if name not in _HOST_BACKENDS and n == 0)
+
+
+def no_gpu_reason(backends: dict[str, int]) -> str:
+    """Why a build with these backends (name -> devices found) has no GPU to use, in the
+    user's terms: none was built in, or one was and found no device (its driver)."""
+    idle = idle_gpu_backends(backends)
+    if not idle:
+        return ("this build of ggml has no GPU backend: install with PRIMA_GPU=cuda, metal or "
+                "vulkan (docs/install.md)")
+    return (f"this build's {' and '.join(idle)} backend found no GPU: its driver is missing "
+            "or too old for this build (ggml printed why on stderr as it started; nvidia-smi "
+            "shows the driver's CUDA version)")
+
+
 def gpu_device(name: str | None = None) -> int:
     """The ggml handle of the GPU named ``name`` (ggml's name: CUDA0, Metal...; "CPU" makes
     the CPU stand in for one), or of the first GPU. GpuUnavailableError says why not."""
@@ -86,9 +107,8 @@ def gpu_device(name: str | None = None) -> int:
     if name is None:
         if not gpus:
             raise GpuUnavailableError(
-                "this build of ggml has no GPU backend, so no layer can run on a GPU: install "
-                "with PRIMA_GPU=cuda, metal or vulkan (docs/install.md), or leave --gpu-layers "
-                "at 0")
+                f"no layer can run on a GPU: {no_gpu_reason(g.backends())}; or leave "
+                "--gpu-layers at 0")
         name = gpus[0].name
     for d in g.devices():
         if (g.ggml_backend_dev_name(d) or b"").decode() == name:

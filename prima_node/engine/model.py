@@ -9,6 +9,7 @@ generation loop use.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import ggml
 from ..arch.config import ModelConfig, load_config
 from ..model_file import ModelFile
 from ..quant_types import type_name
@@ -29,6 +31,8 @@ from .gpu import (
     SplitWindow,
     find_gpus,
     gpu_device,
+    idle_gpu_backends,
+    no_gpu_reason,
     resolve_gpu_layers,
 )
 from .graph import (
@@ -42,6 +46,8 @@ from .tensors import check_all_tensors_used, end_tensor_infos, output_name
 from .weights import WeightSet
 from .window import LayerWindow, Shared, Window
 
+_LOG = logging.getLogger("prima.engine")
+
 #: Prompt tokens the generation loop evaluates per step (a chunk): bounds the activations and
 #: a ring frame. 256 and 512 gave the same prefill throughput; 256 needs half the memory.
 DEFAULT_BATCH = 256
@@ -53,6 +59,15 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def _warn_if_gpu_idle() -> None:
+    """``--gpu-layers auto`` on a build whose GPU backend found no device: every layer runs on
+    the CPU, and the log says why (a driver missing or too old), not nothing."""
+    backends = ggml.load().backends()
+    if idle_gpu_backends(backends):
+        _LOG.warning("--gpu-layers auto: every layer runs on the CPU: %s",
+                     no_gpu_reason(backends))
 
 
 def should_repack(mf: ModelFile, available: int) -> bool:
@@ -137,6 +152,8 @@ class Model:
                                      "--gpu-layers out")
                 gpu, gpu_layers = None, 0
             wants = gpu is not None or (gpu_layers != 0 and (gpu_layers != "auto" or find_gpus()))
+            if gpu_layers == "auto" and not wants:
+                _warn_if_gpu_idle()
             device = gpu_device(gpu) if wants else None
             n_gpu = resolve_gpu_layers(gpu_layers, mf, cfg, n_ctx, device)
             model = cls(mf, cfg, n_ctx, threads or default_threads(), repack, gpu=device,
