@@ -26,9 +26,9 @@ from greedy import engine_greedy  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 from prima_node import Model  # noqa: E402
-from prima_node.errors import PrimaError  # noqa: E402
 from prima_node.default_model import default_model  # noqa: E402
 from prima_node.engine.gpu import find_gpus  # noqa: E402
+from prima_node.errors import PrimaError  # noqa: E402
 from prima_node.reference import LlamaCpp  # noqa: E402
 from prima_node.synth.writer import write_model  # noqa: E402
 

@@ -26,6 +26,7 @@ from prima_node.engine.gpu import (
     SplitWindow,
     auto_gpu_layers,
     find_gpus,
+    gpu_unavailable,
     idle_gpu_backends,
     no_gpu_reason,
 )
@@ -231,6 +232,10 @@ def test_a_node_serving_alone_with_gpu_layers_answers_as_the_cpu_does_and_says_s
     assert answers[0] == answers[1]
     cpu, gpu = docs
     assert cpu["model"]["gpu"] is None and cpu["cluster"]["nodes"][0]["gpu"] is None
+    # what this build says of its GPU (a CPU-only one: nothing; a driverless CUDA one: why)
+    assert cpu["cluster"]["nodes"][0]["gpu_unavailable"] == gpu_unavailable()
+    if not idle_gpu_backends(ggml.load().backends()):
+        assert gpu_unavailable() is None
     assert gpu["model"]["gpu_layers"] == gpu["cluster"]["nodes"][0]["gpu_layers"] == 4
     assert gpu["model"]["gpu"] == gpu["cluster"]["nodes"][0]["gpu"]  # both read afresh
     node_gpu = gpu["cluster"]["nodes"][0]["gpu"]

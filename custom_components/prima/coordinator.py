@@ -201,31 +201,8 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
                                           "node_version": str(doc.get("version"))})
         else:
             ir.async_delete_issue(hass, DOMAIN, self.issue_id("api_version"))
-        head_version = doc.get("version")
         for node_id, node in self.known_nodes.items():
-            issue = self.issue_id("node_offline", node_id)
-            away = now - self.last_seen.get(node_id, now)
-            if away >= NODE_OFFLINE_ISSUE_S:  # (until its device goes: remove_stale_devices)
-                # when it was last seen, to the minute: the same text at every check
-                since = dt_util.as_local(dt_util.utc_from_timestamp(
-                    (time.time() - away) // 60 * 60)).strftime("%Y-%m-%d %H:%M")
-                ir.async_create_issue(
-                    hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
-                    translation_key="node_offline",
-                    translation_placeholders={"name": str(node.get("name") or node_id),
-                                              "since": since})
-            else:
-                ir.async_delete_issue(hass, DOMAIN, issue)
-            mismatch = self.issue_id("node_version", node_id)
-            if node.get("version") not in (None, head_version):
-                ir.async_create_issue(
-                    hass, DOMAIN, mismatch, is_fixable=False, severity=ir.IssueSeverity.ERROR,
-                    translation_key="node_version",
-                    translation_placeholders={"name": str(node.get("name") or node_id),
-                                              "version": str(node.get("version")),
-                                              "head_version": str(head_version)})
-            else:
-                ir.async_delete_issue(hass, DOMAIN, mismatch)
+            self._node_issues(node_id, node, now, doc.get("version"))
         state = doc.get("state")
         error = doc.get("error")
         no_fit = state == "failed" and isinstance(error, str) and "fits" in error
@@ -237,6 +214,43 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
                 translation_placeholders={"error": str(error)})
         else:
             ir.async_delete_issue(hass, DOMAIN, issue)
+
+    def _node_issues(self, node_id: str, node: dict[str, Any], now: float,
+                     head_version: Any) -> None:
+        """A node's own repair issues: away too long, another version than the head's, a GPU
+        its build cannot use (the user bought a GPU build; every layer runs on the CPU)."""
+        hass = self.hass
+        name = str(node.get("name") or node_id)
+        issue = self.issue_id("node_offline", node_id)
+        away = now - self.last_seen.get(node_id, now)
+        if away >= NODE_OFFLINE_ISSUE_S:  # (until its device goes: remove_stale_devices)
+            # when it was last seen, to the minute: the same text at every check
+            since = dt_util.as_local(dt_util.utc_from_timestamp(
+                (time.time() - away) // 60 * 60)).strftime("%Y-%m-%d %H:%M")
+            ir.async_create_issue(
+                hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
+                translation_key="node_offline",
+                translation_placeholders={"name": name, "since": since})
+        else:
+            ir.async_delete_issue(hass, DOMAIN, issue)
+        mismatch = self.issue_id("node_version", node_id)
+        if node.get("version") not in (None, head_version):
+            ir.async_create_issue(
+                hass, DOMAIN, mismatch, is_fixable=False, severity=ir.IssueSeverity.ERROR,
+                translation_key="node_version",
+                translation_placeholders={"name": name, "version": str(node.get("version")),
+                                          "head_version": str(head_version)})
+        else:
+            ir.async_delete_issue(hass, DOMAIN, mismatch)
+        gpu_issue = self.issue_id("gpu_unused", node_id)
+        reason = node.get("gpu_unavailable")
+        if isinstance(reason, str) and reason:
+            ir.async_create_issue(
+                hass, DOMAIN, gpu_issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
+                translation_key="gpu_unused",
+                translation_placeholders={"name": name, "reason": reason})
+        else:
+            ir.async_delete_issue(hass, DOMAIN, gpu_issue)
 
     def remove_stale_devices(self) -> None:
         """Remove the devices of nodes gone for longer than ``STALE_NODE_S`` that the head
@@ -254,8 +268,8 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
                 registry.async_remove_device(device.id)
             self.last_seen.pop(node_id, None)
             self.known_nodes.pop(node_id, None)
-            ir.async_delete_issue(self.hass, DOMAIN, self.issue_id("node_offline", node_id))
-            ir.async_delete_issue(self.hass, DOMAIN, self.issue_id("node_version", node_id))
+            for kind in ("node_offline", "node_version", "gpu_unused"):
+                ir.async_delete_issue(self.hass, DOMAIN, self.issue_id(kind, node_id))
             removed = True
         if removed:
             self.async_update_listeners()  # the cluster is no longer degraded by it

@@ -29,11 +29,11 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from .. import __version__, ggml
+from .. import __version__
 from ..device.link import measure_over, serve_probe
 from ..device.profile import profile_device
 from ..device.vitals import vitals
-from ..engine.gpu import find_gpus, idle_gpu_backends, no_gpu_reason
+from ..engine.gpu import find_gpus, gpu_unavailable
 from ..engine.model import DEFAULT_BATCH, Model
 from ..engine.paging import WindowPages
 from ..engine.window import Window
@@ -134,9 +134,8 @@ class ClusterNode:
             if gpu is None:
                 gpus = find_gpus()
                 gpu = gpus[0].name if gpus else None
-                backends = ggml.load().backends()
-                if not gpus and idle_gpu_backends(backends):  # a GPU the user expects, idle
-                    _LOG.warning("every layer runs on the CPU: %s", no_gpu_reason(backends))
+                if gpu_unavailable() is not None:  # a GPU the user expects, idle
+                    _LOG.warning("every layer runs on the CPU: %s", gpu_unavailable())
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
                                     n_ctx=self.config.n_ctx,
                                     gpu=None if gpu == "none" else gpu)
@@ -180,6 +179,7 @@ class ClusterNode:
                     "ranges": self.assignment.ranges, "k": self.assignment.k,
                     "gpu_layers": self.assignment.gpu_layers},
                 "gpu": None if self.model is None else self.model.gpu_status(),
+                "gpu_unavailable": None if self.config.gpu == "none" else gpu_unavailable(),
                 "repacked_bytes": 0 if self.model is None else self.model.repacked_bytes,
                 "frames": self.frames_in, "compute_s": round(self.compute_s, 6),
                 "paging": None if self.pager is None else self.pager.as_dict(),

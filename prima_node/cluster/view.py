@@ -44,6 +44,7 @@ def _node(m: Member, membership: Membership, planning: Planning) -> dict[str, An
         "disk_read_bytes_per_s": planning.disk_speed.get(m.node_id),
         "paging": {key: paging.get(key) for key in PAGING_FIELDS} if paging else None,
         "gpu": info.get("gpu"),
+        "gpu_unavailable": info.get("gpu_unavailable"),
         "repacked_bytes": info.get("repacked_bytes"),
     }
 

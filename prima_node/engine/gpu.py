@@ -17,6 +17,7 @@ machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -97,6 +98,19 @@ def no_gpu_reason(backends: dict[str, int]) -> str:
     return (f"this build's {' and '.join(idle)} backend found no GPU: its driver is missing "
             "or too old for this build (ggml printed why on stderr as it started; nvidia-smi "
             "shows the driver's CUDA version)")
+
+
+@functools.cache
+def gpu_unavailable() -> str | None:
+    """Why a GPU backend this build has goes unused (it found no device), or None: it found
+    one, or the build has no GPU backend, which is nothing the user expects to work. Fixed for
+    the process: ggml registers its backends once (a ggml that cannot load is reported where
+    the model fails to load)."""
+    try:
+        backends = ggml.load().backends()
+    except ggml.GgmlUnavailableError:
+        return None
+    return no_gpu_reason(backends) if idle_gpu_backends(backends) and not find_gpus() else None
 
 
 def gpu_device(name: str | None = None) -> int:

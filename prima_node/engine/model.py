@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import ggml
 from ..arch.config import ModelConfig, load_config
 from ..model_file import ModelFile
 from ..quant_types import type_name
@@ -31,8 +30,7 @@ from .gpu import (
     SplitWindow,
     find_gpus,
     gpu_device,
-    idle_gpu_backends,
-    no_gpu_reason,
+    gpu_unavailable,
     resolve_gpu_layers,
 )
 from .graph import (
@@ -64,10 +62,9 @@ def default_threads() -> int:
 def _warn_if_gpu_idle() -> None:
     """``--gpu-layers auto`` on a build whose GPU backend found no device: every layer runs on
     the CPU, and the log says why (a driver missing or too old), not nothing."""
-    backends = ggml.load().backends()
-    if idle_gpu_backends(backends):
-        _LOG.warning("--gpu-layers auto: every layer runs on the CPU: %s",
-                     no_gpu_reason(backends))
+    reason = gpu_unavailable()
+    if reason is not None:
+        _LOG.warning("--gpu-layers auto: every layer runs on the CPU: %s", reason)
 
 
 def should_repack(mf: ModelFile, available: int) -> bool:

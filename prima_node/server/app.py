@@ -105,7 +105,7 @@ def make_app(config: ServerConfig, open_generator: Callable[[], Generator] | Non
                       on_change=lambda: hub.changed())
     status = Status(runtime, config.node_id, config.model_path, config.n_ctx, config.host,
                     config.port, cluster_view=cluster.view if cluster is not None else None,
-                    name=config.name)
+                    name=config.name, gpu_off=config.gpu == "none")
     hub = StatusHub(status.document)
     metrics = _metrics(runtime)
     app[CONFIG], app[RUNTIME], app[STATUS], app[HUB], app[METRICS] = (

@@ -541,6 +541,10 @@ def _status_document() -> Schema:
                    "null before it holds a plan."),
                 "gpu": _gpu_schema("Its GPU and the memory its GPU layers hold there, read "
                                    "afresh; null without one (or before it reports)."),
+                "gpu_unavailable": _t(["string", "null"], "Why a GPU backend its build has "
+                                      "goes unused (it found no device: the driver is missing "
+                                      "or too old), every layer then on its CPU; null when it "
+                                      "found one, or the build has none, or --gpu none."),
                 "repacked_bytes": _t(["integer", "null"], "Ring: anonymous memory holding "
                                      "repacked copies of its windows' matrices, which decode "
                                      "steps multiply with while the windows stay resident (0: "

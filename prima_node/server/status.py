@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..device.vitals import vitals
+from ..engine.gpu import gpu_unavailable
 from .runtime import Runtime
 
 API_VERSION = 1
@@ -53,6 +54,8 @@ class Status:
     #: the ring's view (nodes, plan, timings) on a cluster's head; None on a lone node
     cluster_view: Callable[[], dict[str, Any]] | None = None
     name: str = "node"
+    #: --gpu none: a GPU backend without a device is then no surprise worth reporting
+    gpu_off: bool = False
 
     def document(self) -> dict[str, Any]:
         rt = self.runtime
@@ -89,6 +92,7 @@ class Status:
                            "layers": [0, n_layers] if n_layers else None,
                            "version": __version__, "memory": vitals(),
                            "disk_read_bytes_per_s": None, "gpu": gpu,
+                           "gpu_unavailable": None if self.gpu_off else gpu_unavailable(),
                            "gpu_layers": model.get("gpu_layers", 0)}],
                 "plan": None,
             },

@@ -254,3 +254,50 @@ async def test_nodes_left_while_stopped_age_and_removal_cleans_up(
     assert await hass.config_entries.async_remove(entry.entry_id)
     await hass.async_block_till_done()
     assert not [i for (d, i) in ir.async_get(hass).issues if d == DOMAIN]
+
+
+async def test_a_node_whose_gpu_goes_unused_raises_a_repair_issue(
+        hass: HomeAssistant, head: ServerProcess) -> None:
+    """A node built for a GPU that finds none (its driver missing or too old) runs every layer
+    on the CPU: Home Assistant says so, with the node's reason, until the node finds its GPU
+    or leaves. The head here is a CPU build, which expects no GPU and says nothing; the
+    document of a driverless GPU build is the head's own with the reason such a build gives."""
+    from homeassistant.helpers import issue_registry as ir
+
+    entry = entry_for(head)
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    coordinator = entry.runtime_data.coordinator
+    doc = head.status()
+    me = doc["cluster"]["nodes"][0]
+    assert me["gpu_unavailable"] is None  # a CPU build: nothing the user expects is missing
+    issues = ir.async_get(hass)
+    issue_id = coordinator.issue_id("gpu_unused", me["node_id"])
+    assert issues.async_get_issue(DOMAIN, issue_id) is None
+
+    reason = ("this build's CUDA backend found no GPU: its driver is missing or too old for "
+              "the CUDA version it was built with")
+    driverless = {**doc, "cluster": {**doc["cluster"],
+                                     "nodes": [{**me, "gpu_unavailable": reason}]}}
+    coordinator._track(driverless)  # what a pushed or polled document goes through
+    coordinator.async_set_updated_data(driverless)
+    issue = issues.async_get_issue(DOMAIN, issue_id)
+    assert issue is not None
+    assert issue.translation_key == "gpu_unused"
+    assert issue.severity == ir.IssueSeverity.WARNING
+    assert issue.translation_placeholders == {"name": me["name"], "reason": reason}
+
+    # the node's next document has its GPU (the driver was installed): the issue goes
+    coordinator._track(doc)
+    coordinator.async_set_updated_data(doc)
+    assert issues.async_get_issue(DOMAIN, issue_id) is None
+
+    # a node that leaves for good takes its issue along
+    coordinator._track(driverless)
+    assert issues.async_get_issue(DOMAIN, issue_id) is not None
+    coordinator.last_seen[me["node_id"]] = time.monotonic() - 8 * 24 * 3600
+    coordinator.data = {**doc, "cluster": {**doc["cluster"], "nodes": []}}
+    coordinator.remove_stale_devices()
+    assert issues.async_get_issue(DOMAIN, issue_id) is None
+    assert await hass.config_entries.async_unload(entry.entry_id)
