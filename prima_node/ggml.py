@@ -74,6 +74,28 @@ class InitParams(ctypes.Structure):
     _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
 
 
+class DevCaps(ctypes.Structure):
+    """``struct ggml_backend_dev_caps``."""
+
+    _fields_ = [("async_ops", c_bool), ("host_buffer", c_bool),
+                ("buffer_from_host_ptr", c_bool), ("events", c_bool), ("mmap_support", c_bool)]
+
+
+class DevProps(ctypes.Structure):
+    """``struct ggml_backend_dev_props``."""
+
+    _fields_ = [("name", c_char_p), ("description", c_char_p), ("memory_free", c_size_t),
+                ("memory_total", c_size_t), ("type", c_int), ("device_id", c_char_p),
+                ("caps", DevCaps)]
+
+
+class _DevPropsRoom(ctypes.Union):
+    """Room for the props struct with a margin: ggml writes into it, and a build whose struct
+    grew would otherwise write past ours."""
+
+    _fields_ = [("props", DevProps), ("_margin", ctypes.c_uint8 * 512)]
+
+
 class TensorStruct(ctypes.Structure):
     """``struct ggml_tensor``: read for shapes, strides and the fields ggml leaves to callers
     (``extra`` tells whether a weight was repacked); never written."""
@@ -189,6 +211,8 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_dev_name": (c_char_p, [_P]),
     "ggml_backend_dev_type": (c_int, [_P]),
     "ggml_backend_dev_memory": (None, [_P, POINTER(c_size_t), POINTER(c_size_t)]),
+    "ggml_backend_dev_get_props": (None, [_P, c_void_p]),
+    "ggml_backend_dev_buffer_from_host_ptr": (_P, [_P, c_void_p, c_size_t, c_size_t]),
     "ggml_backend_reg_name": (c_char_p, [_P]),
     # the backends a build registered, and how many devices each found
     "ggml_backend_reg_count": (c_size_t, []),
@@ -316,6 +340,13 @@ class Ggml:
         free, total = c_size_t(0), c_size_t(0)
         self.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
         return int(free.value), int(total.value)
+
+    def caps(self, device: int) -> DevCaps:
+        """A device's capabilities. Asking fills its props, memory included: on CUDA that
+        creates a context on the card, so only for a device in use."""
+        room = _DevPropsRoom()
+        self.ggml_backend_dev_get_props(device, ctypes.byref(room))
+        return DevCaps.from_buffer_copy(room.props.caps)
 
     def extra_buffer_types(self) -> dict[str, int]:
         """The CPU device's extra buffer types by name (``CPU_REPACK``, ...)."""

@@ -88,6 +88,41 @@ def test_gpu_layers_compute_from_copies_and_count_their_memory(
         assert m.device_bytes == before
 
 
+def test_a_gpu_sharing_the_host_s_memory_reads_the_mapping_in_place(
+        make_model: ModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metal on Apple silicon wraps the file's mapping in its own buffers instead of copying
+    the GPU layers (one memory: a copy would hold them twice). The CPU stand-in takes that
+    path when told to map as Metal does (ggml's CPU device can wrap host memory too): the
+    same logits, the GPU layers' weights read from the mapping, paged like CPU layers, and
+    the GPU's memory holds only their caches."""
+    from prima_node.engine import gpu
+
+    g = ggml.load()
+    assert g.caps(g.cpu_device).buffer_from_host_ptr  # what the stand-in's mapping needs
+    path = make_model("qwen3", "tiny", "Q8_0", layers=4)
+    with Model.open(path, n_ctx=64, repack=False) as m:
+        ids = _prompt(19, m.config.n_vocab)
+        ref = m.logits(ids)
+    with Model.open(path, n_ctx=64, repack=False, gpu=STAND_IN, gpu_layers=2) as m:
+        assert m.accel is not None and m.accel.map_on is None  # the stand-in copies
+    monkeypatch.setattr(gpu, "reads_file_mapping",
+                        lambda device, info: bool(ggml.load().caps(device).buffer_from_host_ptr))
+    for n in (2, 4):  # a split window, and every layer with the output
+        with Model.open(path, n_ctx=64, repack=False, gpu=STAND_IN, gpu_layers=n) as m:
+            assert m.accel is not None and m.accel.map_on is not None
+            np.testing.assert_array_equal(m.logits(ids), ref)
+            w = m.window(0, 4, gpu_layers=n)
+            assert isinstance(w, SplitWindow)
+            mapping = (m.buffer.base, m.buffer.base + m.buffer.size)
+            assert all(mapping[0] <= g.tensor(t).data < mapping[1]
+                       for t in w.gpu.weights.tensors.values())
+            assert w.byte_ranges() == m.window(0, 4).byte_ranges()
+            assert w.device_bytes == 0 and m.accel.device_bytes == 0
+            w.forward(m.embed(ids[:5]), np.arange(5), "s")
+            assert w.device_bytes == n * 2 * m.config.n_embd_kv * 64 * 2  # only caches
+            w.close()
+
+
 def test_a_failing_cpu_part_leaves_both_parts_at_the_same_position(
         make_model: ModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU part runs first; if the CPU part then fails (its compute buffer cannot be

@@ -3,21 +3,23 @@
 A node runs the first ``gpu_layers`` layers of each of its windows on a GPU (the plan's n_m)
 and the rest on the CPU from the file mapping, as two graphs one after the other ("our own
 split" rather than ggml's scheduler: each part keeps its decode graphs from token to token, as
-CPU windows do). The GPU part's weights are copied into the GPU's memory once per plan (a GPU
-cannot read the page cache), its KV caches live there, and the hidden states cross to the host
-once per window, where the CPU part or the ring takes them. The embedding table stays in the
-file mapping (a lookup of one row per token is not worth its VRAM); the output projection goes
-to the GPU only when every layer does (a single node offloading the whole model), as
-llama.cpp's full offload does.
+CPU windows do). The GPU part's weights are copied into the GPU's memory once per plan (a
+discrete GPU cannot read the page cache; one sharing the host's memory, Metal on Apple silicon,
+reads the file's mapping in place instead), its KV caches live there, and the hidden states
+cross to the host once per window, where the CPU part or the ring takes them. The embedding
+table stays in the file mapping (a lookup of one row per token is not worth its VRAM); the
+output projection goes to the GPU only when every layer does (a single node offloading the
+whole model), as llama.cpp's full offload does.
 
 Any device of the build can stand in for the GPU, the CPU included (``gpu_device("CPU")``):
 the weights are then copied into ggml's own CPU buffers, which is how the split is tested on
-machines without a GPU.
+machines without a GPU (and, told to map like Metal, how reading in place is).
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -64,12 +66,26 @@ def describe(device: int) -> GpuInfo:
     the card (hundreds of MB), so only the GPU in use is asked (``Accelerator.memory``)."""
     g = ggml.load()
     reg = g.ggml_backend_dev_backend_reg(device)
+    backend = (g.ggml_backend_reg_name(reg) or b"?").decode() if reg else "?"
+    kind = g.ggml_backend_dev_type(device)
     return GpuInfo(
         name=(g.ggml_backend_dev_name(device) or b"?").decode(),
         description=(g.ggml_backend_dev_description(device) or b"").decode(),
-        backend=(g.ggml_backend_reg_name(reg) or b"?").decode() if reg else "?",
-        unified=g.ggml_backend_dev_type(device) == ggml.DEVICE_IGPU
-        or g.ggml_backend_dev_type(device) == ggml.DEVICE_CPU)
+        backend=backend,
+        # ggml's Metal reports a discrete GPU even on Apple silicon, whose memory is one
+        # (an Intel Mac's may be a card of its own: counted as one, the safe side)
+        unified=kind in (ggml.DEVICE_IGPU, ggml.DEVICE_CPU)
+        or (backend == "Metal" and platform.machine() == "arm64"))
+
+
+def reads_file_mapping(device: int, info: GpuInfo) -> bool:
+    """Whether GPU layers read the model file's mapping in place instead of copies: on a GPU
+    that shares the host's memory and can wrap it in its buffers (Metal on Apple silicon), as
+    llama.cpp's mmap does there; a copy would hold the weights twice in the same memory. A
+    discrete GPU copies them into its own memory, and so does the CPU standing in for a GPU,
+    as the stand-in for the usual case."""
+    return (info.unified and info.backend != "CPU"
+            and bool(ggml.load().caps(device).buffer_from_host_ptr))
 
 
 def find_gpus() -> list[GpuInfo]:
@@ -193,13 +209,16 @@ class Accelerator:
         self.backend = Backend(1, device)
         self.compute = Compute(self.backend, lock=shared.compute.lock)
         self.buffer_type = int(self.backend.buffer_type)
+        #: the device, where GPU layers read the file's mapping in place (else copies)
+        self.map_on = device if reads_file_mapping(device, self.info) else None
         self._shared = shared
         self._output: WeightSet | None = None
         cfg, mf = shared.config, shared.file
         wanted = {"output_norm.weight", "rope_freqs.weight", "output.bias"}
         try:
             infos = [t for t in end_tensor_infos(mf, cfg) if t.name in wanted]
-            self._weights = WeightSet(mf, shared.buffer, infos, copy_to=self.buffer_type)
+            self._weights = WeightSet(mf, shared.buffer, infos, copy_to=self.buffer_type,
+                                      map_on=self.map_on)
             ws = self._weights
             self.ends = EndTensors(
                 token_embd=shared.ends.token_embd,  # never read on the GPU (see LayerWindow)
@@ -229,7 +248,7 @@ class Accelerator:
         cfg, mf = self._shared.config, self._shared.file
         name = output_name(cfg)
         self._output = WeightSet(mf, self._shared.buffer, [mf.tensor(name)],
-                                 copy_to=self.buffer_type)
+                                 copy_to=self.buffer_type, map_on=self.map_on)
         self.ends.output = self._output[name]
 
     def memory(self) -> tuple[int, int]:
@@ -331,12 +350,13 @@ class SplitWindow:
         return self.gpu.sessions
 
     def byte_ranges(self) -> list[tuple[int, int]]:
-        """What the CPU part reads from the file (the GPU part reads its copies)."""
-        return self.cpu.byte_ranges() if self.cpu is not None else []
+        """What the window reads from the file: the CPU part's ranges, and the GPU part's
+        where it reads the mapping in place (else it reads its copies)."""
+        return sorted(r for p in self._parts for r in p.byte_ranges())
 
     @property
     def weight_bytes(self) -> int:
-        return self.cpu.weight_bytes if self.cpu is not None else 0
+        return sum(p.weight_bytes for p in self._parts)
 
     @property
     def repacked_bytes(self) -> int:

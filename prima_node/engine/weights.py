@@ -12,7 +12,9 @@ weights outside the page cache. Only for weights a device keeps resident: a repa
 cannot be prefetched or released, so a window streamed from disk never asks for it.
 
 GPU layers (``copy_to``, a device's buffer type) are the exception: their bytes are copied once
-into the device's memory, where ggml's GPU kernels read them.
+into the device's memory, where ggml's GPU kernels read them, except on a GPU that shares the
+host's memory and can wrap it (Metal: ``map_on``, the device), which reads the mapping itself,
+as llama.cpp's mmap does there.
 
 Every tensor was validated by ``ModelFile`` (type, shape against its block size, bytes inside the
 data section, no overlaps) before it gets here: ggml aborts the process on a bad one.
@@ -25,7 +27,7 @@ from collections.abc import Iterable
 from .. import ggml
 from ..errors import ModelLoadError
 from ..model_file import ModelFile, TensorInfo
-from .backend import ComputeError, DeviceBuffer, FileBuffer
+from .backend import ALIGNMENT, ComputeError, DeviceBuffer, FileBuffer
 
 #: The CPU backend's extra buffer type that repacks weights (llama.cpp's CPU_REPACK).
 REPACK_BUFFER = "CPU_REPACK"
@@ -82,7 +84,8 @@ class WeightSet:
     """
 
     def __init__(self, mf: ModelFile, buffer: FileBuffer, infos: Iterable[TensorInfo], *,
-                 repack: Iterable[str] = (), copy_to: int | None = None) -> None:
+                 repack: Iterable[str] = (), copy_to: int | None = None,
+                 map_on: int | None = None) -> None:
         self.g = g = ggml.load()
         infos = list(infos)
         self.ctx = g.ggml_init(ggml.InitParams(g.ggml_tensor_overhead() * (len(infos) + 1),
@@ -94,10 +97,13 @@ class WeightSet:
         self.repacked_bytes = 0
         self._repack_ctx = self._repack_buffer = 0
         self.device: DeviceBuffer | None = None
+        self._mapped = 0  # a device's buffer over the mapping (map_on)
         try:
             for info in infos:
                 self.tensors[info.name] = self._describe(mf, info)
-            if copy_to is None:
+            if map_on is not None and infos:
+                self._map(buffer, infos, map_on)
+            elif copy_to is None:
                 for info in infos:
                     buffer.place(self.tensors[info.name], info.offset)
             else:
@@ -129,6 +135,23 @@ class WeightSet:
         for info in infos:
             self.g.ggml_backend_tensor_set(self.tensors[info.name], buffer.base + info.offset, 0,
                                            info.n_bytes)
+
+    def _map(self, buffer: FileBuffer, infos: list[TensorInfo], device: int) -> None:
+        """Point every tensor at its bytes in the mapping through a buffer of ``device`` over
+        the span they cover: nothing is copied, the page cache holds them as for the CPU."""
+        g = self.g
+        lo = min(i.offset for i in infos) // ALIGNMENT * ALIGNMENT  # the base is aligned
+        hi = max(i.offset + i.n_bytes for i in infos)
+        self._mapped = g.ggml_backend_dev_buffer_from_host_ptr(
+            device, buffer.base + lo, hi - lo, max(i.n_bytes for i in infos))
+        if not self._mapped:
+            name = (g.ggml_backend_dev_name(device) or b"?").decode()
+            raise ComputeError(f"{name} could not map the model file's layers")
+        for info in infos:
+            status = g.ggml_backend_tensor_alloc(self._mapped, self.tensors[info.name],
+                                                 buffer.base + info.offset)
+            if status != ggml.STATUS_SUCCESS:
+                raise ComputeError(f"ggml refused a tensor at file offset {info.offset}")
 
     @property
     def device_bytes(self) -> int:
@@ -173,6 +196,9 @@ class WeightSet:
         if self.device is not None:
             self.device.close()
             self.device = None
+        if self._mapped:
+            g.ggml_backend_buffer_free(self._mapped)
+            self._mapped = 0
         if self._repack_buffer:
             g.ggml_backend_buffer_free(self._repack_buffer)
             self._repack_buffer = 0

@@ -91,8 +91,9 @@ class LayerWindow:
     never one that is streamed. ``packed_ends`` are the model's embedding and output tensors
     with a repacked output projection, for decode steps that end with the logits.
     ``device``: the layers live and compute on a GPU instead (weights and caches copied into
-    its memory); such a window takes hidden states, never token ids (the embedding table stays
-    in the file mapping).
+    its memory, or the weights read in place where it shares the host's memory: Metal); such
+    a window takes hidden states, never token ids (the embedding table stays in the file
+    mapping).
     """
 
     def __init__(self, shared: Shared, start: int, end: int, *, repack: bool = False,
@@ -117,7 +118,8 @@ class LayerWindow:
         self.weights = WeightSet(
             shared.file, shared.buffer, [t for r in roles for t in r.values()],
             repack=[r[k].name for r in roles for k in MATMUL_ROLES if k in r] if repack else (),
-            copy_to=device.buffer_type if device is not None else None)
+            copy_to=device.buffer_type if device is not None else None,
+            map_on=device.map_on if device is not None else None)
         sliding = [cfg.sliding(i) for i in range(start, end)]
         self.layers = [LayerTensors(**{k: self.weights[t.name] for k, t in r.items()},
                                     sliding=swa) for r, swa in zip(roles, sliding, strict=True)]
@@ -178,8 +180,8 @@ class LayerWindow:
 
     def byte_ranges(self) -> list[tuple[int, int]]:
         """File byte ranges of this window's tensors, sorted (for prefetch / release); none
-        for GPU layers, which compute from their copies."""
-        if self.device is not None:
+        for GPU layers that compute from their copies."""
+        if self.device is not None and self.device.map_on is None:
             return []
         return sorted(t.byte_range for t in self._tensors)
 
