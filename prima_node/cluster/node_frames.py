@@ -108,9 +108,15 @@ def _run(node: ClusterNode, a: Assignment, frame: Frame) -> Frame:
     if node.pager is not None:
         node.pager.before_use(frame.round)
     pos = np.arange(frame.pos0, frame.pos0 + frame.n_tokens, dtype=np.int64)
-    h = window.forward(frame.hidden, pos, frame.session)
+    # the model's last layer: only the last token's row goes on (to the head's output), as
+    # one node computes it, and one row crosses the last hop instead of the chunk
+    assert node.model is not None  # a node holding a plan has its model
+    last_only = window.end == node.model.config.n_layer
+    h = window.forward(frame.hidden, pos, frame.session, last_only=last_only)
     dt = time.perf_counter() - t0
     node.compute_s += dt
+    if last_only:
+        frame.pos0 += frame.n_tokens - 1
     frame.hidden = h
     frame.marks.append((a.index, min(int(dt * 1e6), 2**32 - 1)))
     return frame

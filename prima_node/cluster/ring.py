@@ -328,11 +328,14 @@ class RingExecutor:
         window read once per chunk, however many parts; the pager streams as on any node)."""
         marks: list[tuple[int, int]] = []
         x = h
+        n_layer = self.model.config.n_layer
         for r, window in enumerate(slot.windows):
             slot.before_use(r)
             t = time.perf_counter()
+            last_only = window.end == n_layer  # each part's last row (see _send_round)
             x = np.concatenate([window.forward(x[a:b], np.arange(pos0 + a, pos0 + b,
-                                                                   dtype=np.int64), session)
+                                                                   dtype=np.int64), session,
+                                               last_only=last_only)
                                 for a, b in parts])
             marks.append((0, int(1e6 * (time.perf_counter() - t))))
             slot.after_use(r)
@@ -374,7 +377,13 @@ class RingExecutor:
             slot.before_use(r)
         pos = np.arange(p0, p0 + h.shape[0], dtype=np.int64)
         t0 = time.perf_counter()
-        out = slot.windows[r].forward(h, pos, session)
+        window = slot.windows[r]
+        # the model's last layer computes the last row only, as one node's forward does (the
+        # same logits, bit for bit), and only that row goes on: the nodes do the same
+        last_only = window.end == self.model.config.n_layer
+        out = window.forward(h, pos, session, last_only=last_only)
+        if last_only:
+            p0 += h.shape[0] - 1
         mark = (0, int(1e6 * (time.perf_counter() - t0)))
         self._step = (self._step + 1) % 2**32
         self.link.send(Frame(session, slot.epoch, self._step, r, len(slot.windows), p0, out,
