@@ -191,66 +191,53 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
         return time.monotonic() - self.last_seen.get(node_id, time.monotonic())
 
     def _issues(self, doc: dict[str, Any], now: float) -> None:
-        hass = self.hass
         version = doc.get("api_version")
-        if version not in SUPPORTED_API_VERSIONS:
-            ir.async_create_issue(
-                hass, DOMAIN, self.issue_id("api_version"), is_fixable=False,
-                severity=ir.IssueSeverity.ERROR, translation_key="incompatible_version",
-                translation_placeholders={"url": self.client.url, "version": str(version),
-                                          "node_version": str(doc.get("version"))})
-        else:
-            ir.async_delete_issue(hass, DOMAIN, self.issue_id("api_version"))
+        self._set_issue(
+            "api_version", "incompatible_version", ir.IssueSeverity.ERROR,
+            None if version in SUPPORTED_API_VERSIONS else {
+                "url": self.client.url, "version": str(version),
+                "node_version": str(doc.get("version"))})
         for node_id, node in self.known_nodes.items():
             self._node_issues(node_id, node, now, doc.get("version"))
-        state = doc.get("state")
         error = doc.get("error")
-        no_fit = state == "failed" and isinstance(error, str) and "fits" in error
-        issue = self.issue_id("model_does_not_fit")
-        if no_fit:
-            ir.async_create_issue(
-                hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.ERROR,
-                translation_key="model_does_not_fit",
-                translation_placeholders={"error": str(error)})
-        else:
-            ir.async_delete_issue(hass, DOMAIN, issue)
+        no_fit = doc.get("state") == "failed" and isinstance(error, str) and "fits" in error
+        self._set_issue("model_does_not_fit", "model_does_not_fit", ir.IssueSeverity.ERROR,
+                        {"error": str(error)} if no_fit else None)
 
     def _node_issues(self, node_id: str, node: dict[str, Any], now: float,
                      head_version: Any) -> None:
         """A node's own repair issues: away too long, another version than the head's, a GPU
         its build cannot use (the user bought a GPU build; every layer runs on the CPU)."""
-        hass = self.hass
         name = str(node.get("name") or node_id)
-        issue = self.issue_id("node_offline", node_id)
         away = now - self.last_seen.get(node_id, now)
+        since = None
         if away >= NODE_OFFLINE_ISSUE_S:  # (until its device goes: remove_stale_devices)
             # when it was last seen, to the minute: the same text at every check
             since = dt_util.as_local(dt_util.utc_from_timestamp(
                 (time.time() - away) // 60 * 60)).strftime("%Y-%m-%d %H:%M")
-            ir.async_create_issue(
-                hass, DOMAIN, issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
-                translation_key="node_offline",
-                translation_placeholders={"name": name, "since": since})
-        else:
-            ir.async_delete_issue(hass, DOMAIN, issue)
-        mismatch = self.issue_id("node_version", node_id)
-        if node.get("version") not in (None, head_version):
-            ir.async_create_issue(
-                hass, DOMAIN, mismatch, is_fixable=False, severity=ir.IssueSeverity.ERROR,
-                translation_key="node_version",
-                translation_placeholders={"name": name, "version": str(node.get("version")),
-                                          "head_version": str(head_version)})
-        else:
-            ir.async_delete_issue(hass, DOMAIN, mismatch)
-        gpu_issue = self.issue_id("gpu_unused", node_id)
+        self._set_issue("node_offline", "node_offline", ir.IssueSeverity.WARNING,
+                        None if since is None else {"name": name, "since": since}, node_id)
+        version = node.get("version")
+        self._set_issue("node_version", "node_version", ir.IssueSeverity.ERROR,
+                        None if version in (None, head_version) else {
+                            "name": name, "version": str(version),
+                            "head_version": str(head_version)}, node_id)
         reason = node.get("gpu_unavailable")
-        if isinstance(reason, str) and reason:
-            ir.async_create_issue(
-                hass, DOMAIN, gpu_issue, is_fixable=False, severity=ir.IssueSeverity.WARNING,
-                translation_key="gpu_unused",
-                translation_placeholders={"name": name, "reason": reason})
+        self._set_issue("gpu_unused", "gpu_unused", ir.IssueSeverity.WARNING,
+                        {"name": name, "reason": reason}
+                        if isinstance(reason, str) and reason else None, node_id)
+
+    def _set_issue(self, kind: str, key: str, severity: ir.IssueSeverity,
+                   placeholders: dict[str, str] | None, node_id: str | None = None) -> None:
+        """Raise a repair issue with these placeholders, or clear it (None: the cause is
+        gone); raising it again only updates it."""
+        issue_id = self.issue_id(kind, node_id)
+        if placeholders is None:
+            ir.async_delete_issue(self.hass, DOMAIN, issue_id)
         else:
-            ir.async_delete_issue(hass, DOMAIN, gpu_issue)
+            ir.async_create_issue(self.hass, DOMAIN, issue_id, is_fixable=False,
+                                  severity=severity, translation_key=key,
+                                  translation_placeholders=placeholders)
 
     def remove_stale_devices(self) -> None:
         """Remove the devices of nodes gone for longer than ``STALE_NODE_S`` that the head
