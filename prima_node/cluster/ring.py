@@ -379,7 +379,7 @@ class RingExecutor:
         t0 = time.perf_counter()
         window = slot.windows[r]
         # the model's last layer computes the last row only, as one node's forward does (the
-        # same logits, bit for bit), and only that row goes on: the nodes do the same
+        # same kernels on the same rows), and only that row goes on: the nodes do the same
         last_only = window.end == self.model.config.n_layer
         out = window.forward(h, pos, session, last_only=last_only)
         if last_only:
