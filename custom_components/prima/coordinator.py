@@ -197,17 +197,19 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
             None if version in SUPPORTED_API_VERSIONS else {
                 "url": self.client.url, "version": str(version),
                 "node_version": str(doc.get("version"))})
+        online = {n["node_id"] for n in cluster_nodes(doc) if n.get("online", True)}
         for node_id, node in self.known_nodes.items():
-            self._node_issues(node_id, node, now, doc.get("version"))
+            self._node_issues(node_id, node, now, doc.get("version"), node_id in online)
         error = doc.get("error")
         no_fit = doc.get("state") == "failed" and isinstance(error, str) and "fits" in error
         self._set_issue("model_does_not_fit", "model_does_not_fit", ir.IssueSeverity.ERROR,
                         {"error": str(error)} if no_fit else None)
 
     def _node_issues(self, node_id: str, node: dict[str, Any], now: float,
-                     head_version: Any) -> None:
+                     head_version: Any, online: bool) -> None:
         """A node's own repair issues: away too long, another version than the head's, a GPU
-        its build cannot use (the user bought a GPU build; every layer runs on the CPU)."""
+        its build cannot use (the user bought a GPU build; every layer runs on the CPU: said
+        while the node is there, an offline one has its own issue)."""
         name = str(node.get("name") or node_id)
         away = now - self.last_seen.get(node_id, now)
         since = None
@@ -225,7 +227,7 @@ class PrimaCoordinator(DataUpdateCoordinator[dict[str, Any]]):
         reason = node.get("gpu_unavailable")
         self._set_issue("gpu_unused", "gpu_unused", ir.IssueSeverity.WARNING,
                         {"name": name, "reason": reason}
-                        if isinstance(reason, str) and reason else None, node_id)
+                        if online and isinstance(reason, str) and reason else None, node_id)
 
     def _set_issue(self, kind: str, key: str, severity: ir.IssueSeverity,
                    placeholders: dict[str, str] | None, node_id: str | None = None) -> None:

@@ -259,9 +259,10 @@ async def test_nodes_left_while_stopped_age_and_removal_cleans_up(
 async def test_a_node_whose_gpu_goes_unused_raises_a_repair_issue(
         hass: HomeAssistant, head: ServerProcess) -> None:
     """A node built for a GPU that finds none (its driver missing or too old) runs every layer
-    on the CPU: Home Assistant says so, with the node's reason, until the node finds its GPU
-    or leaves. The head here is a CPU build, which expects no GPU and says nothing; the
-    document of a driverless GPU build is the head's own with the reason such a build gives."""
+    on the CPU: Home Assistant says so, with the node's reason, while the node is online and
+    until it finds its GPU or leaves. The head here is a CPU build, which expects no GPU and
+    says nothing; the document of a driverless GPU build is the head's own with the reason
+    such a build gives."""
     from homeassistant.helpers import issue_registry as ir
 
     entry = entry_for(head)
@@ -293,9 +294,17 @@ async def test_a_node_whose_gpu_goes_unused_raises_a_repair_issue(
     coordinator.async_set_updated_data(doc)
     assert issues.async_get_issue(DOMAIN, issue_id) is None
 
-    # a node that leaves for good takes its issue along
+    # a node that goes offline has that issue instead (its GPU is no news until it is back)
     coordinator._track(driverless)
     assert issues.async_get_issue(DOMAIN, issue_id) is not None
+    offline = {**driverless, "cluster": {**doc["cluster"], "nodes": [
+        {**me, "gpu_unavailable": reason, "online": False}]}}
+    coordinator._track(offline)
+    assert issues.async_get_issue(DOMAIN, issue_id) is None
+    coordinator._track(driverless)
+    assert issues.async_get_issue(DOMAIN, issue_id) is not None
+
+    # a node that leaves for good takes its issue along
     coordinator.last_seen[me["node_id"]] = time.monotonic() - 8 * 24 * 3600
     coordinator.data = {**doc, "cluster": {**doc["cluster"], "nodes": []}}
     coordinator.remove_stale_devices()
