@@ -41,7 +41,7 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
                    "auto: as many as fit in its free memory); needs a GPU build "
                    "(docs/install.md)")
     p.add_argument("--gpu", default=None, metavar="NAME",
-                   help="which GPU, by ggml's name (CUDA0, Metal, Vulkan0; default: the first; "
+                   help="which GPU, by ggml's name (CUDA0, MTL0, Vulkan0; default: the first; "
                    "none: the CPU only, whatever the build has)")
 
 

@@ -325,7 +325,7 @@ class Ggml:
         return tuple(self.tensor(ptr).ne)
 
     def backends(self) -> dict[str, int]:
-        """Every backend the build registered (CPU, CUDA, Metal, ...) and the devices it
+        """Every backend the build registered (CPU, CUDA, MTL for Metal, ...) and the devices it
         found (a GPU backend whose driver is missing or too old finds none)."""
         regs = [self.ggml_backend_reg_get(i) for i in range(self.ggml_backend_reg_count())]
         return {(self.ggml_backend_reg_name(r) or b"?").decode(): int(

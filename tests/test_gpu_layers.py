@@ -18,7 +18,7 @@ import pytest
 from conftest import ModelFactory
 
 from prima_node import Model, ggml
-from prima_node.engine.backend import ComputeError
+from prima_node.engine.backend import ALIGNMENT, ComputeError
 from prima_node.engine.gpu import (
     AUTO_KV_SESSIONS,
     AUTO_RESERVE_BYTES,
@@ -93,8 +93,9 @@ def test_a_gpu_sharing_the_host_s_memory_reads_the_mapping_in_place(
     """Metal on Apple silicon wraps the file's mapping in its own buffers instead of copying
     the GPU layers (one memory: a copy would hold them twice). The CPU stand-in takes that
     path when told to map as Metal does (ggml's CPU device can wrap host memory too): the
-    same logits, the GPU layers' weights read from the mapping, paged like CPU layers, and
-    the GPU's memory holds only their caches."""
+    same logits, the GPU layers' weights read from the mapping through buffers that span only
+    their own bytes (Metal keeps what it wraps resident), not paged, and the GPU's memory
+    holds only their caches and the small end tensors' copies."""
     from prima_node.engine import gpu
 
     g = ggml.load()
@@ -105,19 +106,25 @@ def test_a_gpu_sharing_the_host_s_memory_reads_the_mapping_in_place(
         ref = m.logits(ids)
     with Model.open(path, n_ctx=64, repack=False, gpu=STAND_IN, gpu_layers=2) as m:
         assert m.accel is not None and m.accel.map_on is None  # the stand-in copies
+        copied_ends = m.accel.device_bytes
     monkeypatch.setattr(gpu, "reads_file_mapping",
                         lambda device, info: bool(ggml.load().caps(device).buffer_from_host_ptr))
     for n in (2, 4):  # a split window, and every layer with the output
         with Model.open(path, n_ctx=64, repack=False, gpu=STAND_IN, gpu_layers=n) as m:
             assert m.accel is not None and m.accel.map_on is not None
             np.testing.assert_array_equal(m.logits(ids), ref)
+            assert m.accel.device_bytes == copied_ends  # the output projection is mapped
             w = m.window(0, 4, gpu_layers=n)
             assert isinstance(w, SplitWindow)
             mapping = (m.buffer.base, m.buffer.base + m.buffer.size)
             assert all(mapping[0] <= g.tensor(t).data < mapping[1]
                        for t in w.gpu.weights.tensors.values())
-            assert w.byte_ranges() == m.window(0, 4).byte_ranges()
-            assert w.device_bytes == 0 and m.accel.device_bytes == 0
+            own = [t for i in range(n) for t in layer_tensor_infos(m.file, m.config, i).values()]
+            # their own bytes and the alignment padding between them, nothing more
+            assert 0 <= w.gpu.weights.mapped_bytes - sum(t.n_bytes for t in own) \
+                < ALIGNMENT * (len(own) + 1)
+            assert w.byte_ranges() == (m.window(n, 4).byte_ranges() if n < 4 else [])
+            assert w.device_bytes == 0
             w.forward(m.embed(ids[:5]), np.arange(5), "s")
             assert w.device_bytes == n * 2 * m.config.n_embd_kv * 64 * 2  # only caches
             w.close()

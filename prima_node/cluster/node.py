@@ -298,11 +298,9 @@ class ClusterNode:
                 raise
             mf = self.model.file
             pages = [WindowPages.of_window(mf, w) for w in windows]
-            # GPU layers that compute from their copies are not paged; those that read the
-            # mapping in place (Metal) are, as CPU layers
-            accel = self.model.accel
-            copied = 0 if accel is None or accel.map_on is not None else gpu_layers
-            parts = [WindowPages.parts_in_use_order(mf, range(a + copied, b))
+            # GPU layers compute from their copies (or, on Metal, from the mapping it keeps
+            # resident): only the CPU layers are paged
+            parts = [WindowPages.parts_in_use_order(mf, range(a + gpu_layers, b))
                      for a, b in ranges]
             return windows, Pager(pages, enabled=self.config.prefetch, planned_stream=stream,
                                   part_pages=parts)

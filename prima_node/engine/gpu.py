@@ -5,7 +5,8 @@ and the rest on the CPU from the file mapping, as two graphs one after the other
 split" rather than ggml's scheduler: each part keeps its decode graphs from token to token, as
 CPU windows do). The GPU part's weights are copied into the GPU's memory once per plan (a
 discrete GPU cannot read the page cache; one sharing the host's memory, Metal on Apple silicon,
-reads the file's mapping in place instead), its KV caches live there, and the hidden states
+reads the file's mapping in place instead, and keeps it resident), its KV caches live there,
+and the hidden states
 cross to the host once per window, where the CPU part or the ring takes them. The embedding
 table stays in the file mapping (a lookup of one row per token is not worth its VRAM); the
 output projection goes to the GPU only when every layer does (a single node offloading the
@@ -44,6 +45,10 @@ AUTO_KV_SESSIONS = 2
 AUTO_RESERVE_BYTES = 700 << 20
 
 
+#: ggml's name for its Metal backend (its devices are MTL0, MTL1...)
+METAL_BACKEND = "MTL"
+
+
 class GpuUnavailableError(PrimaError):
     """GPU layers were asked for, but this build or machine has no such device."""
 
@@ -52,9 +57,9 @@ class GpuUnavailableError(PrimaError):
 class GpuInfo:
     """One GPU as ggml's backend reports it."""
 
-    name: str  # ggml's device name: CUDA0, Metal, Vulkan0
+    name: str  # ggml's device name: CUDA0, MTL0 (Metal), Vulkan0
     description: str  # the card: "NVIDIA GeForce RTX 3070"
-    backend: str  # the backend that drives it: CUDA, Metal, Vulkan
+    backend: str  # the backend that drives it: CUDA, MTL (Metal), Vulkan
     unified: bool  # an integrated GPU sharing the host's memory (Apple silicon, iGPUs)
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,10 +77,10 @@ def describe(device: int) -> GpuInfo:
         name=(g.ggml_backend_dev_name(device) or b"?").decode(),
         description=(g.ggml_backend_dev_description(device) or b"").decode(),
         backend=backend,
-        # ggml's Metal reports a discrete GPU even on Apple silicon, whose memory is one
-        # (an Intel Mac's may be a card of its own: counted as one, the safe side)
+        # ggml's Metal backend (MTL) reports a discrete GPU even on Apple silicon, whose
+        # memory is one (an Intel Mac's may be a card of its own: counted as one, the safe side)
         unified=kind in (ggml.DEVICE_IGPU, ggml.DEVICE_CPU)
-        or (backend == "Metal" and platform.machine() == "arm64"))
+        or (backend == METAL_BACKEND and platform.machine() == "arm64"))
 
 
 def reads_file_mapping(device: int, info: GpuInfo) -> bool:
@@ -130,7 +135,7 @@ def gpu_unavailable() -> str | None:
 
 
 def gpu_device(name: str | None = None) -> int:
-    """The ggml handle of the GPU named ``name`` (ggml's name: CUDA0, Metal...; "CPU" makes
+    """The ggml handle of the GPU named ``name`` (ggml's name: CUDA0, MTL0...; "CPU" makes
     the CPU stand in for one), or of the first GPU. GpuUnavailableError says why not."""
     g = ggml.load()
     gpus = find_gpus()
@@ -217,8 +222,8 @@ class Accelerator:
         wanted = {"output_norm.weight", "rope_freqs.weight", "output.bias"}
         try:
             infos = [t for t in end_tensor_infos(mf, cfg) if t.name in wanted]
-            self._weights = WeightSet(mf, shared.buffer, infos, copy_to=self.buffer_type,
-                                      map_on=self.map_on)
+            # copied even where layers are mapped: a few small tensors, far apart in the file
+            self._weights = WeightSet(mf, shared.buffer, infos, copy_to=self.buffer_type)
             ws = self._weights
             self.ends = EndTensors(
                 token_embd=shared.ends.token_embd,  # never read on the GPU (see LayerWindow)
@@ -350,13 +355,13 @@ class SplitWindow:
         return self.gpu.sessions
 
     def byte_ranges(self) -> list[tuple[int, int]]:
-        """What the window reads from the file: the CPU part's ranges, and the GPU part's
-        where it reads the mapping in place (else it reads its copies)."""
-        return sorted(r for p in self._parts for r in p.byte_ranges())
+        """What the CPU part reads from the file (the GPU part's weights are copies, or on
+        Metal mapped and kept resident by it: not paged either way)."""
+        return self.cpu.byte_ranges() if self.cpu is not None else []
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.weight_bytes for p in self._parts)
+        return self.cpu.weight_bytes if self.cpu is not None else 0
 
     @property
     def repacked_bytes(self) -> int:

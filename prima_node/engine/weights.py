@@ -14,7 +14,7 @@ cannot be prefetched or released, so a window streamed from disk never asks for 
 GPU layers (``copy_to``, a device's buffer type) are the exception: their bytes are copied once
 into the device's memory, where ggml's GPU kernels read them, except on a GPU that shares the
 host's memory and can wrap it (Metal: ``map_on``, the device), which reads the mapping itself,
-as llama.cpp's mmap does there.
+as llama.cpp's mmap does there (Metal keeps what it wraps resident: such layers are not paged).
 
 Every tensor was validated by ``ModelFile`` (type, shape against its block size, bytes inside the
 data section, no overlaps) before it gets here: ggml aborts the process on a bad one.
@@ -41,6 +41,24 @@ def _new_tensor(g: ggml.Ggml, ctx: int, info: TensorInfo) -> int:
     if len(ne) == 2:
         return int(g.ggml_new_tensor_2d(ctx, qtype, ne[0], ne[1]))
     return int(g.ggml_new_tensor_3d(ctx, qtype, *ne))
+
+
+#: the most bytes between two tensors of one mapped run (alignment padding is far less)
+RUN_GAP = 4096
+
+
+def _adjacent_runs(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """Tensors in file order, grouped where each starts within ``RUN_GAP`` of the end of
+    the one before (``ModelFile`` refused overlapping tensors)."""
+    runs: list[list[TensorInfo]] = []
+    end = 0
+    for info in sorted(infos, key=lambda i: i.offset):
+        if runs and info.offset - end <= RUN_GAP:
+            runs[-1].append(info)
+        else:
+            runs.append([info])
+        end = info.offset + info.n_bytes
+    return runs
 
 
 class Repacker:
@@ -97,7 +115,8 @@ class WeightSet:
         self.repacked_bytes = 0
         self._repack_ctx = self._repack_buffer = 0
         self.device: DeviceBuffer | None = None
-        self._mapped = 0  # a device's buffer over the mapping (map_on)
+        self._mapped: list[int] = []  # a device's buffers over the mapping (map_on)
+        self.mapped_bytes = 0  # what they span
         try:
             for info in infos:
                 self.tensors[info.name] = self._describe(mf, info)
@@ -137,21 +156,28 @@ class WeightSet:
                                            info.n_bytes)
 
     def _map(self, buffer: FileBuffer, infos: list[TensorInfo], device: int) -> None:
-        """Point every tensor at its bytes in the mapping through a buffer of ``device`` over
-        the span they cover: nothing is copied, the page cache holds them as for the CPU."""
+        """Point every tensor at its bytes in the mapping through buffers of ``device``, one
+        per run of adjacent tensors (a span from the first to the last could cover most of
+        the file: Metal keeps what it wraps resident). Nothing is copied.
+
+        ggml's Metal returns a buffer even when wrapping fails (and aborts on its first use):
+        short runs of one window's tensors are what keeps that from happening."""
         g = self.g
-        lo = min(i.offset for i in infos) // ALIGNMENT * ALIGNMENT  # the base is aligned
-        hi = max(i.offset + i.n_bytes for i in infos)
-        self._mapped = g.ggml_backend_dev_buffer_from_host_ptr(
-            device, buffer.base + lo, hi - lo, max(i.n_bytes for i in infos))
-        if not self._mapped:
-            name = (g.ggml_backend_dev_name(device) or b"?").decode()
-            raise ComputeError(f"{name} could not map the model file's layers")
-        for info in infos:
-            status = g.ggml_backend_tensor_alloc(self._mapped, self.tensors[info.name],
-                                                 buffer.base + info.offset)
-            if status != ggml.STATUS_SUCCESS:
-                raise ComputeError(f"ggml refused a tensor at file offset {info.offset}")
+        for run in _adjacent_runs(infos):
+            lo = run[0].offset // ALIGNMENT * ALIGNMENT  # the mapping's base is aligned
+            hi = max(i.offset + i.n_bytes for i in run)
+            handle = g.ggml_backend_dev_buffer_from_host_ptr(
+                device, buffer.base + lo, hi - lo, max(i.n_bytes for i in run))
+            if not handle:
+                name = (g.ggml_backend_dev_name(device) or b"?").decode()
+                raise ComputeError(f"{name} could not map the model file's layers")
+            self._mapped.append(handle)
+            self.mapped_bytes += hi - lo
+            for info in run:
+                status = g.ggml_backend_tensor_alloc(handle, self.tensors[info.name],
+                                                     buffer.base + info.offset)
+                if status != ggml.STATUS_SUCCESS:
+                    raise ComputeError(f"ggml refused a tensor at file offset {info.offset}")
 
     @property
     def device_bytes(self) -> int:
@@ -196,9 +222,9 @@ class WeightSet:
         if self.device is not None:
             self.device.close()
             self.device = None
-        if self._mapped:
-            g.ggml_backend_buffer_free(self._mapped)
-            self._mapped = 0
+        for handle in self._mapped:
+            g.ggml_backend_buffer_free(handle)
+        self._mapped = []
         if self._repack_buffer:
             g.ggml_backend_buffer_free(self._repack_buffer)
             self._repack_buffer = 0

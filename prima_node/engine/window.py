@@ -180,8 +180,9 @@ class LayerWindow:
 
     def byte_ranges(self) -> list[tuple[int, int]]:
         """File byte ranges of this window's tensors, sorted (for prefetch / release); none
-        for GPU layers that compute from their copies."""
-        if self.device is not None and self.device.map_on is None:
+        for GPU layers, which compute from their copies (or, on Metal, from the mapping that
+        Metal keeps resident)."""
+        if self.device is not None:
             return []
         return sorted(t.byte_range for t in self._tensors)
 

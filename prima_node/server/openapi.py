@@ -428,9 +428,9 @@ def _model_info(extra: dict[str, Schema], required: list[str]) -> Schema:
 
 def _gpu_schema(description: str) -> Schema:
     return _obj({
-        "name": _t("string", "ggml's name for it: CUDA0, Metal, Vulkan0."),
+        "name": _t("string", "ggml's name for it: CUDA0, MTL0 (Metal), Vulkan0."),
         "description": _t("string", "The card, as its driver names it."),
-        "backend": _t("string", "CUDA, Metal or Vulkan."),
+        "backend": _t("string", "CUDA, MTL (Metal) or Vulkan."),
         "unified": _t("boolean", "An integrated GPU sharing the host's memory (Apple "
                       "silicon)."),
         "memory_free": _t("integer", "Free GPU memory now, bytes."),
