@@ -6,11 +6,10 @@ split" rather than ggml's scheduler: each part keeps its decode graphs from toke
 CPU windows do). The GPU part's weights are copied into the GPU's memory once per plan (a
 discrete GPU cannot read the page cache; one sharing the host's memory, Metal on Apple silicon,
 reads the file's mapping in place instead, and keeps it resident), its KV caches live there,
-and the hidden states
-cross to the host once per window, where the CPU part or the ring takes them. The embedding
-table stays in the file mapping (a lookup of one row per token is not worth its VRAM); the
-output projection goes to the GPU only when every layer does (a single node offloading the
-whole model), as llama.cpp's full offload does.
+and the hidden states cross to the host once per window, where the CPU part or the ring takes
+them. The embedding table stays in the file mapping (a lookup of one row per token is not worth
+its VRAM); the output projection goes to the GPU only when every layer does (a single node
+offloading the whole model), as llama.cpp's full offload does.
 
 Any device of the build can stand in for the GPU, the CPU included (``gpu_device("CPU")``):
 the weights are then copied into ggml's own CPU buffers, which is how the split is tested on
