@@ -161,7 +161,7 @@ class WeightSet:
         the file: Metal keeps what it wraps resident). Nothing is copied.
 
         ggml's Metal returns a buffer even when wrapping fails (and aborts on its first use):
-        short runs of one window's tensors are what keeps that from happening."""
+        short runs of one window's tensors make that unlikely; nothing here can catch it."""
         g = self.g
         for run in _adjacent_runs(infos):
             lo = run[0].offset // ALIGNMENT * ALIGNMENT  # the mapping's base is aligned
