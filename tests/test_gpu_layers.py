@@ -130,6 +130,32 @@ def test_a_gpu_sharing_the_host_s_memory_reads_the_mapping_in_place(
             w.close()
 
 
+def test_gpu_layers_metal_maps_leave_less_room_for_repacked_copies(
+        make_model: ModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring node repacks its CPU layers only when they take at most half the memory
+    available; GPU layers Metal maps stay resident in that same memory, so they count
+    against it (copies to a discrete GPU do not)."""
+    from prima_node.cluster.node import resident_fits
+    from prima_node.engine import gpu
+
+    path = make_model("llama", "tiny", "Q8_0", layers=4)
+
+    def matrices(m: Model, layers: range) -> int:
+        return sum(t.n_bytes for i in layers
+                   for t in layer_tensor_infos(m.file, m.config, i).values() if len(t.shape) >= 2)
+
+    with Model.open(path, n_ctx=64, gpu=STAND_IN) as m:  # the stand-in copies
+        room = 2 * matrices(m, range(2, 4))  # just enough for the CPU layers' copies
+        gpu_part = matrices(m, range(2))
+        assert resident_fits(m, [(0, 4)], 2, available=room)
+        assert not resident_fits(m, [(0, 4)], 2, available=room - 2)
+    monkeypatch.setattr(gpu, "reads_file_mapping", lambda device, info: True)
+    with Model.open(path, n_ctx=64, gpu=STAND_IN) as m:  # mapped, as on Metal
+        assert m.accel is not None and m.accel.map_on is not None
+        assert not resident_fits(m, [(0, 4)], 2, available=room)
+        assert resident_fits(m, [(0, 4)], 2, available=room + gpu_part)
+
+
 def test_a_failing_cpu_part_leaves_both_parts_at_the_same_position(
         make_model: ModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU part runs first; if the CPU part then fails (its compute buffer cannot be

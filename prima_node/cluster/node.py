@@ -87,19 +87,27 @@ class Assignment:
     gpu_layers: int = 0  # of each window, the first ones on the node's GPU
 
 
-def resident_fits(model: Model, ranges: list[tuple[int, int]], gpu_layers: int) -> bool:
+def resident_fits(model: Model, ranges: list[tuple[int, int]], gpu_layers: int,
+                  available: int | None = None) -> bool:
     """Whether a node's windows (their CPU layers) are held resident with room to spare, so
     that decode steps use repacked copies of their matrices, as a lone node's ``forward``
-    does (``engine.model.should_repack``: at most half of the memory available now). The
-    same kernels give the same logits as one node, and decode 10-25 % faster; windows that
+    does (``engine.model.should_repack``: at most half of the memory available now, less
+    the GPU layers Metal maps, which it keeps resident in the same memory). The same
+    kernels give the same logits as one node, and decode 10-25 % faster; windows that
     stream from disk stay in the file mapping, where the pager can move them."""
     from ..device.memory import memory_info
 
-    layers = {i for a, b in ranges for i in range(a + gpu_layers, b)}
-    held = sum(t.n_bytes for name, t in model.file.tensors.items()
-               if name.startswith("blk.") and int(name.split(".")[1]) in layers
-               and len(t.shape) >= 2)
-    return held <= memory_info().available // 2
+    def matrices(layers: set[int]) -> int:
+        return sum(t.n_bytes for name, t in model.file.tensors.items()
+                   if name.startswith("blk.") and int(name.split(".")[1]) in layers
+                   and len(t.shape) >= 2)
+
+    held = matrices({i for a, b in ranges for i in range(a + gpu_layers, b)})
+    mapped = model.accel is not None and model.accel.map_on is not None
+    wired = matrices({i for a, _ in ranges for i in range(a, a + gpu_layers)}) if mapped else 0
+    if available is None:
+        available = memory_info().available
+    return held <= (available - wired) // 2
 
 
 class ClusterNode:
