@@ -142,8 +142,9 @@ class ClusterNode:
             if gpu is None:
                 gpus = find_gpus()
                 gpu = gpus[0].name if gpus else None
-                if gpu_unavailable() is not None:  # a GPU the user expects, idle
-                    _LOG.warning("every layer runs on the CPU: %s", gpu_unavailable())
+                reason = gpu_unavailable()
+                if reason is not None:  # a GPU the user expects, idle
+                    _LOG.warning("every layer runs on the CPU: %s", reason)
             self.model = Model.open(self.config.model_path, threads=self.config.threads,
                                     n_ctx=self.config.n_ctx,
                                     gpu=None if gpu == "none" else gpu)
